@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine (see README):
+#   make demo   create the environment if missing, train and evaluate the tiny model on the digits data
+#   make test   create the environment if missing, run the test suite (what CI runs)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Compiled ops (DeepSpeed's comm op, our Bi-WKV extension) are cached here between runs.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export DS_ACCELERATOR ?= cpu
+export PYTHONUNBUFFERED := 1
+
+.PHONY: env demo test lock clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch/torchvision first: the pinned CUDA 13 builds come from local disk on CI machines.
+	$(PY) -m pip install --quiet -c constraints.txt torch torchvision
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: env
+	$(PY) -m rwkvclip_dist.demo
+
+test: env
+	$(PY) -m pytest tests
+
+# Re-pin after an intentional dependency change.
+lock: env
+	( sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | sort -f ) > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info

@@ -1,0 +1,41 @@
+"""Analytic forward FLOPs per sample (2 FLOPs per multiply-add), for the README table and MFU.
+
+Counts every matrix product and the Bi-WKV state work; elementwise ops, norms and the embedding
+lookup are left out, as is customary for MFU estimates.
+"""
+from __future__ import annotations
+
+from rwkvclip_dist.model.config import ModelConfig
+from rwkvclip_dist.model.mixing import DECAY_LORA_RANK, MIX_LORA_RANK, MIX_TARGETS
+
+
+def block_macs_per_token(width: int, ffn_dim: int, head_size: int) -> int:
+    time_mix = (
+        width * len(MIX_TARGETS) * MIX_LORA_RANK  # first token-mix LoRA
+        + len(MIX_TARGETS) * MIX_LORA_RANK * width  # five second LoRAs
+        + 2 * width * DECAY_LORA_RANK  # decay LoRA
+        + 5 * width * width  # receptance, key, value, gate, output
+        + 4 * width * head_size  # Bi-WKV: state update and read, both directions
+        + width  # bonus term
+    )
+    channel_mix = 2 * width * ffn_dim + width * width
+    return time_mix + channel_mix
+
+
+def tower_forward_flops(config: ModelConfig) -> dict[str, int]:
+    """Forward FLOPs per sample of each tower, projection included."""
+    img, txt = config.image, config.text
+    tokens = img.num_patches + (1 if img.pool == "token" else 0)
+    image_macs = img.num_patches * img.in_channels * img.patch_size ** 2 * img.width
+    image_macs += tokens * img.depth * block_macs_per_token(img.width, img.ffn_dim, img.head_size)
+    text_macs = txt.context_length * txt.depth * block_macs_per_token(txt.width, txt.ffn_dim, txt.head_size)
+    if img.width != config.embed_dim:
+        image_macs += img.width * config.embed_dim
+    if txt.width != config.embed_dim:
+        text_macs += txt.width * config.embed_dim
+    return {"image": 2 * image_macs, "text": 2 * text_macs}
+
+
+def forward_flops_per_sample(config: ModelConfig) -> int:
+    """Forward FLOPs of one image-text pair; a training step costs about 3x this (4x with checkpointing)."""
+    return sum(tower_forward_flops(config).values())

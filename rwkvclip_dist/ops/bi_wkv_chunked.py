@@ -1,0 +1,78 @@
+"""Exact chunked Bi-WKV in plain PyTorch: the CPU path, and the fallback for CUDA without the kernel.
+
+Bi-WKV = the diagonal bonus term + a strictly-past RWKV-6 scan + the same scan on the reversed
+sequence (reversal maps "strictly future" onto "strictly past"), so both directions run as one
+batched call of ``_strictly_past``.
+
+Within a chunk of ``chunk`` tokens the pairwise decays exp(sum of log-decays strictly between s and
+t) are built by a cumulative sum that starts after s, never as a difference of two long prefix
+sums: every exponent is <= 0 and no cancellation occurs, which keeps strong decays (w up to +5)
+and long sequences exact. Between chunks an fp32 N x N state per head carries the past; both
+factors around a chunk boundary have exponents <= 0 as well.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CHUNK = 16
+
+
+def bi_wkv_chunked(r, k, v, w, u, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Bi-WKV for r, k, v, w [B, T, H, N] (w = raw decay) and u [H, N]; fp32 inside (fp64 for fp64
+    inputs), returns the input dtype. Differentiable in all five inputs through autograd."""
+    dtype = r.dtype
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    batch, tokens, heads, size = r.shape
+    r, k, v, w = (x.to(compute) for x in (r, k, v, w))
+    u = u.to(compute)
+
+    def heads_first(x):  # [B, T, H, N] -> [B*H, T, N]
+        return x.permute(0, 2, 1, 3).reshape(batch * heads, tokens, size)
+
+    rh, kh, vh = heads_first(r), heads_first(k), heads_first(v)
+    log_decay = heads_first(-torch.exp(w))
+    both = [torch.cat((x, x.flip(1)), dim=0) for x in (rh, kh, vh, log_decay)]
+    scanned = _strictly_past(*both, chunk=chunk)
+    forward, backward = scanned[: batch * heads], scanned[batch * heads :].flip(1)
+    bonus = (rh * kh * u.repeat(batch, 1)[:, None, :]).sum(-1, keepdim=True) * vh
+    y = (forward + backward + bonus).reshape(batch, heads, tokens, size).permute(0, 2, 1, 3)
+    return y.to(dtype)
+
+
+def _strictly_past(r, k, v, log_decay, chunk: int) -> torch.Tensor:
+    """o[t] = sum_{s<t} (r[t] * exp(sum_{s<p<t} log_decay[p])) . k[s] * v[s]; inputs [G, T, N]."""
+    groups, tokens, size = r.shape
+    pad = (-tokens) % chunk
+    if pad:  # padding at the end never reaches earlier tokens of a strictly-past scan
+        r, k, v, log_decay = (F.pad(x, (0, 0, 0, pad)) for x in (r, k, v, log_decay))
+    n_chunks = (tokens + pad) // chunk
+    r, k, v, ld = (x.reshape(groups, n_chunks, chunk, size) for x in (r, k, v, log_decay))
+
+    # Decay from the chunk start to t-1 (exclusive prefix) and from s+1 to the chunk end (exclusive suffix).
+    prefix = F.pad(ld[:, :, :-1], (0, 0, 1, 0)).cumsum(2)
+    suffix = F.pad(ld.flip(2)[:, :, :-1], (0, 0, 1, 0)).cumsum(2).flip(2)
+    chunk_total = ld.sum(2)  # [G, n, N]
+
+    # Intra-chunk: between[i, m] = sum_{m<p<i} ld[p], grown by a cumsum over i that starts after m.
+    idx = torch.arange(chunk, device=r.device)
+    shifted = F.pad(ld[:, :, :-1], (0, 0, 1, 0))  # shifted[i] = ld[i-1]
+    increments = shifted[:, :, :, None, :] * (idx[:, None] - 1 > idx[None, :]).to(ld.dtype)[None, None, :, :, None]
+    between = increments.cumsum(2)  # [G, n, i, m, N]
+    causal = (idx[:, None] > idx[None, :]).to(ld.dtype)  # [i, m]: m < i
+    weights = torch.exp(between) * causal[None, None, :, :, None]
+    scores = torch.einsum("gnij,gnimj,gnmj->gnim", r, weights, k)
+    intra = scores @ v
+
+    # Inter-chunk: fp32 state before each chunk, swept sequentially over chunks.
+    contributions = torch.einsum("gnmj,gnmc->gnjc", k * torch.exp(suffix), v)
+    carry = torch.exp(chunk_total)
+    state = r.new_zeros(groups, size, size)
+    states = []
+    for n in range(n_chunks):
+        states.append(state)
+        state = carry[:, n, :, None] * state + contributions[:, n]
+    before = torch.stack(states, dim=1)  # [G, n, N, N]
+    inter = (r * torch.exp(prefix)) @ before
+    out = (intra + inter).reshape(groups, n_chunks * chunk, size)
+    return out[:, :tokens]
