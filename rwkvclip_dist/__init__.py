@@ -7,20 +7,30 @@ Public API::
     rwkvclip_dist.create_model_and_transforms(name, pretrained=PATH)   # -> (model, train_tf, eval_tf)
     rwkvclip_dist.get_tokenizer(name)
     rwkvclip_dist.load_checkpoint(model, path)
+
+Names are imported on first use, so tools that never touch a model (the shard builder, the
+description generator) start without importing torch.
 """
-from rwkvclip_dist.model import create_model, get_model_config, list_models
-
 __version__ = "0.1.0"
-__all__ = ["list_models", "create_model", "get_model_config", "create_model_and_transforms", "get_tokenizer",
-           "load_checkpoint"]
 
-_PRETRAINED_API = ("create_model_and_transforms", "get_tokenizer", "load_checkpoint")
+_LAZY = {
+    "list_models": "rwkvclip_dist.model.registry",
+    "create_model": "rwkvclip_dist.model.registry",
+    "get_model_config": "rwkvclip_dist.model.registry",
+    "create_model_and_transforms": "rwkvclip_dist.pretrained",
+    "get_tokenizer": "rwkvclip_dist.pretrained",
+    "load_checkpoint": "rwkvclip_dist.pretrained",
+}
+__all__ = list(_LAZY)
 
 
 def __getattr__(name):
-    # The inference API pulls in the data transforms and safetensors; import it only when asked for.
-    if name in _PRETRAINED_API:
-        from rwkvclip_dist import pretrained
+    if name in _LAZY:
+        import importlib
 
-        return getattr(pretrained, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'rwkvclip_dist' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

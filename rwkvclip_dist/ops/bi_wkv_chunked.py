@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CHUNK = 16
+DEFAULT_CHUNK = 8
 
 
 def bi_wkv_chunked(r, k, v, w, u, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
@@ -66,12 +66,13 @@ def _strictly_past(r, k, v, log_decay, chunk: int) -> torch.Tensor:
 
     # Inter-chunk: fp32 state before each chunk, swept sequentially over chunks.
     contributions = torch.einsum("gnmj,gnmc->gnjc", k * torch.exp(suffix), v)
-    carry = torch.exp(chunk_total)
+    # unbind, not indexing: the backward of x[:, n] would allocate a full-size zero tensor per chunk.
+    carries = torch.exp(chunk_total).unbind(1)
     state = r.new_zeros(groups, size, size)
     states = []
-    for n in range(n_chunks):
+    for carry, contribution in zip(carries, contributions.unbind(1)):
         states.append(state)
-        state = carry[:, n, :, None] * state + contributions[:, n]
+        state = carry[:, :, None] * state + contribution
     before = torch.stack(states, dim=1)  # [G, n, N, N]
     inter = (r * torch.exp(prefix)) @ before
     out = (intra + inter).reshape(groups, n_chunks * chunk, size)
