@@ -64,16 +64,40 @@ def _strictly_past(r, k, v, log_decay, chunk: int) -> torch.Tensor:
     scores = torch.einsum("gnij,gnimj,gnmj->gnim", r, weights, k)
     intra = scores @ v
 
-    # Inter-chunk: fp32 state before each chunk, swept sequentially over chunks.
+    # Inter-chunk: the fp32 state before each chunk, swept sequentially over chunks.
     contributions = torch.einsum("gnmj,gnmc->gnjc", k * torch.exp(suffix), v)
-    # unbind, not indexing: the backward of x[:, n] would allocate a full-size zero tensor per chunk.
-    carries = torch.exp(chunk_total).unbind(1)
-    state = r.new_zeros(groups, size, size)
-    states = []
-    for carry, contribution in zip(carries, contributions.unbind(1)):
-        states.append(state)
-        state = carry[:, :, None] * state + contribution
-    before = torch.stack(states, dim=1)  # [G, n, N, N]
+    before = _StateSweep.apply(torch.exp(chunk_total), contributions)  # [G, n, N, N]
     inter = (r * torch.exp(prefix)) @ before
     out = (intra + inter).reshape(groups, n_chunks * chunk, size)
     return out[:, :tokens]
+
+
+class _StateSweep(torch.autograd.Function):
+    """states[n] = carry[n-1] * states[n-1] + contributions[n-1], states[0] = 0 (the state before chunk n).
+
+    A hand-written backward: autograd through the Python loop would record several ops per chunk,
+    and the reverse sweep needs only one multiply-add per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, carry: torch.Tensor, contributions: torch.Tensor) -> torch.Tensor:
+        # carry [G, n, N] (decay over a whole chunk per key channel), contributions [G, n, N, N]
+        states = torch.empty_like(contributions)
+        state = torch.zeros_like(contributions[:, 0])
+        for n in range(contributions.shape[1]):
+            states[:, n] = state
+            state = torch.addcmul(contributions[:, n], carry[:, n, :, None], state)
+        ctx.save_for_backward(carry, states)
+        return states
+
+    @staticmethod
+    def backward(ctx, grad_states: torch.Tensor):
+        carry, states = ctx.saved_tensors
+        # grad_after[n] = dL/d(state after chunk n) = dL/d states[n+1]; the last chunk's state is unused.
+        grad_after = torch.empty_like(grad_states)
+        running = torch.zeros_like(grad_states[:, 0])
+        for n in range(grad_states.shape[1] - 1, -1, -1):
+            grad_after[:, n] = running
+            running = torch.addcmul(grad_states[:, n], carry[:, n, :, None], running)
+        grad_carry = (grad_after * states).sum(-1)
+        return grad_carry, grad_after
