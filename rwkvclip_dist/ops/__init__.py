@@ -4,9 +4,11 @@
 the per-step decay is exp(-exp(w))); u: [H, N]. Returns [B, T, H, N] in the input dtype, fp32 inside.
 
 Dispatch rule:
-- CUDA tensors and the compiled kernel is available  -> the fused CUDA kernel (``bi_wkv_cuda``).
-- CUDA tensors, kernel unavailable                     -> the exact chunked PyTorch path, with one
-  warning that says why the kernel is unavailable.
+- CUDA tensors in fp32/bf16/fp16 with a head size the kernel is compiled for (16, 64, 80, 128) and
+  the kernel builds                                    -> the fused CUDA kernel (``bi_wkv_cuda``).
+- other CUDA tensors (float64, another head size) or the kernel unavailable
+                                                       -> the exact chunked PyTorch path, with one
+  warning that says why.
 - CPU (any dtype)                                      -> the exact chunked PyTorch path.
 """
 from __future__ import annotations
@@ -37,27 +39,36 @@ def _check_inputs(r, k, v, w, u) -> None:
         raise ValueError("bi_wkv: the sequence must hold at least one token (T >= 1)")
 
 
-def _cuda_kernel():
-    """The CUDA implementation if it is built and usable here, else None (warned once)."""
+def _warn_once(reason: str) -> None:
     global _warned_unavailable
+    if not _warned_unavailable:
+        log.warning("Bi-WKV CUDA kernel not used (%s); running the chunked PyTorch path on CUDA tensors", reason)
+        _warned_unavailable = True
+
+
+def _cuda_kernel(r: torch.Tensor):
+    """The CUDA implementation if it is built and fits these inputs, else None (warned once)."""
     try:
         from rwkvclip_dist.ops import bi_wkv_cuda
-    except ImportError as err:  # the kernel module is optional until it is built
-        reason = f"cannot import rwkvclip_dist.ops.bi_wkv_cuda ({err})"
-        kernel = None
-    else:
-        kernel = bi_wkv_cuda if bi_wkv_cuda.is_available() else None
-        reason = None if kernel else bi_wkv_cuda.unavailable_reason()
-    if kernel is None and not _warned_unavailable:
-        log.warning("Bi-WKV CUDA kernel unavailable (%s); using the chunked PyTorch path on CUDA tensors", reason)
-        _warned_unavailable = True
-    return kernel
+    except ImportError as err:  # a broken install must not stop training: the chunked path is exact
+        _warn_once(f"cannot import rwkvclip_dist.ops.bi_wkv_cuda: {err}")
+        return None
+    if r.dtype not in bi_wkv_cuda.SUPPORTED_DTYPES:
+        _warn_once(f"dtype {r.dtype} is not compiled into the kernel")
+        return None
+    if r.shape[-1] not in bi_wkv_cuda.SUPPORTED_HEAD_SIZES:
+        _warn_once(f"head size {r.shape[-1]} is not one of {bi_wkv_cuda.SUPPORTED_HEAD_SIZES}")
+        return None
+    if not bi_wkv_cuda.is_available():
+        _warn_once(bi_wkv_cuda.unavailable_reason())
+        return None
+    return bi_wkv_cuda
 
 
 def bi_wkv(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     _check_inputs(r, k, v, w, u)
     if r.is_cuda:
-        kernel = _cuda_kernel()
+        kernel = _cuda_kernel(r)
         if kernel is not None:
             return kernel.bi_wkv_cuda(r, k, v, w, u)
     return bi_wkv_chunked(r, k, v, w, u)

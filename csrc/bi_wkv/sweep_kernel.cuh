@@ -1,0 +1,257 @@
+// Bi-WKV (SPEC section 4) as chunked causal sweeps. See docs/cuda.md for the decomposition.
+//
+// One thread block owns one (batch, head) and one direction (blockIdx.y: 0 = forward in time,
+// 1 = backward in time) and walks the sequence in chunks of kChunk tokens, carrying an N x N fp32
+// state in shared memory. Chunks lie on the same time grid in both directions (the reverse sweep
+// meets the ragged chunk first), so states stored by one direction line up with the other's.
+//
+// Generic sweep, positions in sweep order, M_t = sum_{s<t} prod_{s<p<t} w_p a_s b_s^T:
+//   column output y_t = p_t M_t   (forward output y; dv in the backward)
+//   row output    x_t = M_t q_t   (dr; dk in the backward)
+// Inside a chunk every decay factor is exp(sum of log decays strictly between two positions of
+// that chunk) or a Horner product of decays: every exponent is <= 0.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <cstdint>
+
+#include "sweep_params.h"
+
+namespace rwkvclip {
+
+// The input dtype is a run-time argument (uniform over the grid, so the branch costs next to
+// nothing): one compiled kernel per (head size, kind) instead of three, which keeps builds short.
+__device__ __forceinline__ float load_float(const void* base, int64_t i, InputType type) {
+  switch (type) {
+    case InputType::kBFloat16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
+    case InputType::kHalf:
+      return __half2float(static_cast<const __half*>(base)[i]);
+    default:
+      return static_cast<const float*>(base)[i];
+  }
+}
+
+// Shared-memory layout of one block: the state and the tiles of the current chunk.
+template <int N>
+struct Tiles {
+  static constexpr int LD = SweepSmem<N>::LD;
+  static constexpr int TILE = SweepSmem<N>::kTile;
+  float* M;       // state [N][LD]
+  float* a;       // inputs of the chunk, [kChunk][LD] each
+  float* b;
+  float* p;
+  float* q;
+  float* lw;      // clamped log decay
+  float* w;       // decay w = exp(log w)
+  float* cb;      // inclusive cumulative log decay inside the chunk
+  float* pl;      // p_i * exp(cb_{i-1}): p decayed to the chunk start
+  float* al;      // a_m * exp(cb_last - cb_m): a decayed to the chunk end
+  float* inter;   // row output from previous chunks (kKey: for d(w))
+  float* att;     // [kChunk][kChunk] column-output scores, m < i
+  float* dots;    // [kChunk][kChunk] q_i . b_m
+  float* beta;    // [kChunk] sum_j a u p (bonus term)
+
+  __device__ explicit Tiles(float* smem)
+      : M(smem), a(M + N * LD), b(a + TILE), p(b + TILE), q(p + TILE), lw(q + TILE), w(lw + TILE),
+        cb(w + TILE), pl(cb + TILE), al(pl + TILE), inter(al + TILE), att(inter + TILE),
+        dots(att + kChunk * kChunk), beta(dots + kChunk * kChunk) {}
+};
+
+// Where a block is: its (batch, head), direction and chunk on the time grid.
+struct Position {
+  int bh, dir, chunk, chunks, T;
+  int64_t head_base;  // element (b, t=0, h, 0)
+  int64_t t_stride;   // H * N
+  // position i in sweep order -> time index; positions at or past T are padding
+  __device__ int time_of(int i) const { return chunk * kChunk + (dir == 0 ? i : kChunk - 1 - i); }
+  __device__ int64_t offset(int i, int j) const { return head_base + int64_t(time_of(i)) * t_stride + j; }
+};
+
+// kKey only, thread j < N: d(w_raw) of this sweep's term at every position of the chunk, and the
+// bonus gradient. d(log w_p) sums the pairs (query tau, key sigma) with tau < p < sigma, split by
+// where tau and sigma lie (before / inside / after the chunk); no long sums are cancelled.
+// Per-position partial sums live in tiles whose contents the chunk no longer needs (p decayed,
+// w, q), not in registers: register arrays here cost the key sweep its occupancy.
+template <int N>
+__device__ void key_decay_gradient(const SweepParams& prm, const Tiles<N>& s, const Position& pos, int j,
+                                   float& du_acc) {
+  constexpr int L = kChunk;
+  constexpr int LD = Tiles<N>::LD;
+  float* q_out = s.pl;           // [tau][j]: tau inside the chunk, sigma after it
+  float* pair_sums = s.w;        // [n][j]: pairs (tau, n), tau inside the chunk before the position
+  float* keys_in_suffix = s.q;   // [i][j]: sigma inside the chunk after i, tau before the chunk
+  // the opposite query sweep's state entering this chunk: keys after it, in this sweep's order
+  const float* K = prm.states_in + ((int64_t(1 - pos.dir) * prm.BH + pos.bh) * pos.chunks + pos.chunk) * N * N + j * N;
+  float acc[L];  // registers only while the products accumulate
+#pragma unroll
+  for (int i = 0; i < L; ++i) acc[i] = 0.f;
+  float both_out = 0.f;  // tau before the chunk, sigma after it
+  for (int c = 0; c < N; ++c) {
+    const float kv = __ldg(K + c);
+    both_out += s.M[j * LD + c] * kv;
+#pragma unroll
+    for (int i = 0; i < L; ++i) acc[i] += kv * s.b[i * LD + c];
+  }
+#pragma unroll
+  for (int i = 0; i < L; ++i) q_out[i * LD + j] = acc[i];
+  both_out *= expf(s.cb[(L - 1) * LD + j]);
+  float run = 0.f;
+  for (int n = L - 1; n >= 0; --n) {
+    keys_in_suffix[n * LD + j] = run;
+    run += s.p[n * LD + j] * s.inter[n * LD + j];
+    pair_sums[n * LD + j] = 0.f;
+  }
+  float keys_out_prefix = 0.f;  // tau inside the chunk before the position, sigma after the chunk
+  for (int i = 0; i < L; ++i) {
+    float inside = 0.f;
+    for (int n = i + 1; n < L; ++n) inside += pair_sums[n * LD + j];
+    if (pos.time_of(i) < pos.T) {
+      const float lw = s.lw[i * LD + j];
+      const float dlw_dw = lw > kLogDecayMin ? lw : 0.f;  // d(log w)/d(w_raw) = log w; 0 where clamped
+      const float dlw = keys_in_suffix[i * LD + j] + inside + keys_out_prefix + both_out;
+      atomicAdd(prm.dw_out + pos.offset(i, j), dlw * dlw_dw);
+    }
+    keys_out_prefix += s.al[i * LD + j] * q_out[i * LD + j];
+    const float ai = s.a[i * LD + j];
+    const float cbi = s.cb[i * LD + j];
+    for (int n = i + 1; n < L; ++n)
+      pair_sums[n * LD + j] += ai * s.p[n * LD + j] * expf(s.cb[(n - 1) * LD + j] - cbi) * s.dots[n * L + i];
+    if (pos.dir == 0) du_acc += ai * s.p[i * LD + j] * s.dots[i * L + i];
+  }
+}
+
+// Two fp32 additions onto a zeroed buffer commute exactly, so the two directions' atomicAdds
+// give a deterministic result.
+template <int N, Sweep KIND>
+__global__ void __launch_bounds__(kThreads) sweep_kernel(SweepParams prm) {
+  constexpr int L = kChunk;
+  constexpr int LD = Tiles<N>::LD;
+  constexpr bool kCol = KIND != Sweep::kQuery;
+  constexpr bool kRow = KIND != Sweep::kForward;
+  extern __shared__ float smem[];
+  const Tiles<N> s(smem);
+
+  const int tid = threadIdx.x;
+  Position pos;
+  pos.bh = blockIdx.x;
+  pos.dir = blockIdx.y;
+  pos.T = prm.T;
+  pos.chunks = (prm.T + L - 1) / L;
+  const int h = pos.bh % prm.H;
+  pos.head_base = (int64_t(pos.bh / prm.H) * prm.T * prm.H + h) * N;
+  pos.t_stride = int64_t(prm.H) * N;
+  const float* u = prm.u + h * N;
+
+  for (int idx = tid; idx < N * LD; idx += kThreads) s.M[idx] = 0.f;
+  __syncthreads();
+  float du_acc = 0.f;  // kKey, direction 0: thread j < N owns channel j
+
+  for (int step = 0; step < pos.chunks; ++step) {
+    pos.chunk = pos.dir == 0 ? step : pos.chunks - 1 - step;
+
+    // -- load the chunk; padding (t >= T) gets a, b, p, q = 0 and w = 1, so it changes nothing
+    for (int idx = tid; idx < L * N; idx += kThreads) {
+      const int i = idx / N, j = idx % N;
+      const bool ok = pos.time_of(i) < pos.T;
+      const int64_t g = pos.offset(i, j);
+      const int o = i * LD + j;
+      s.a[o] = ok ? load_float(prm.a, g, prm.type) : 0.f;
+      s.b[o] = ok ? load_float(prm.b, g, prm.type) : 0.f;
+      if constexpr (kCol) s.p[o] = ok ? load_float(prm.p, g, prm.type) : 0.f;
+      if constexpr (kRow) s.q[o] = ok ? load_float(prm.q, g, prm.type) : 0.f;
+      float lw = ok ? -expf(load_float(prm.w, g, prm.type)) : 0.f;
+      lw = lw < kLogDecayMin ? kLogDecayMin : lw;  // not fmaxf: a NaN decay must stay NaN
+      s.lw[o] = lw;
+      s.w[o] = expf(lw);
+    }
+    if constexpr (KIND == Sweep::kQuery) {  // what the opposite key sweep needs for d(w)
+      float* dst = prm.states_out + ((int64_t(pos.dir) * prm.BH + pos.bh) * pos.chunks + pos.chunk) * N * N;
+      for (int idx = tid; idx < N * N; idx += kThreads) dst[idx] = s.M[(idx / N) * LD + idx % N];
+    }
+    __syncthreads();
+    if (tid < N) {
+      float run = 0.f;
+#pragma unroll
+      for (int i = 0; i < L; ++i) {
+        run += s.lw[i * LD + tid];
+        s.cb[i * LD + tid] = run;
+      }
+    }
+    __syncthreads();
+
+    // -- decayed tiles, and the [L][L] score / dot-product tiles
+    for (int idx = tid; idx < L * N; idx += kThreads) {
+      const int i = idx / N, j = idx % N;
+      const int o = i * LD + j;
+      s.al[o] = s.a[o] * expf(s.cb[(L - 1) * LD + j] - s.cb[o]);
+      if constexpr (kCol) s.pl[o] = s.p[o] * (i > 0 ? expf(s.cb[o - LD]) : 1.f);
+    }
+    for (int idx = tid; idx < L * L; idx += kThreads) {
+      const int i = idx / L, m = idx % L;
+      if constexpr (kCol) {
+        float acc = 0.f;  // exponent: log decays strictly between m and i, <= 0
+        for (int j = 0; m < i && j < N; ++j)
+          acc += s.p[i * LD + j] * s.a[m * LD + j] * expf(s.cb[(i - 1) * LD + j] - s.cb[m * LD + j]);
+        s.att[idx] = acc;
+      }
+      if constexpr (kRow) {
+        float acc = 0.f;
+        for (int j = 0; j < N; ++j) acc += s.q[i * LD + j] * s.b[m * LD + j];
+        s.dots[idx] = acc;
+      }
+    }
+    if (kCol && pos.dir == 0 && tid < L) {
+      float acc = 0.f;
+      for (int j = 0; j < N; ++j) acc += s.a[tid * LD + j] * u[j] * s.p[tid * LD + j];
+      s.beta[tid] = acc;
+    }
+    __syncthreads();
+
+    // -- outputs of this chunk: column (y or dv) and row (dr or dk), bonus in direction 0
+    for (int idx = tid; idx < L * N; idx += kThreads) {
+      const int i = idx / N, col = idx % N;
+      const bool ok = pos.time_of(i) < pos.T;
+      if constexpr (kCol) {
+        float y = 0.f;
+        for (int m = 0; m < i; ++m) y += s.att[i * L + m] * s.b[m * LD + col];
+        for (int j = 0; j < N; ++j) y += s.pl[i * LD + j] * s.M[j * LD + col];
+        if (pos.dir == 0) y += s.beta[i] * s.b[i * LD + col];
+        if (ok) atomicAdd(prm.col_out + pos.offset(i, col), y);
+      }
+      if constexpr (kRow) {
+        const int j = col;
+        float inter = 0.f;
+        for (int c = 0; c < N; ++c) inter += s.M[j * LD + c] * s.q[i * LD + c];
+        inter *= i > 0 ? expf(s.cb[(i - 1) * LD + j]) : 1.f;
+        float acc = 0.f;  // Horner over m < i: sum_m a_m dots[i,m] prod_{m<p<i} w_p, no exp at all
+        for (int m = 0; m < i; ++m) acc = acc * s.w[m * LD + j] + s.a[m * LD + j] * s.dots[i * L + m];
+        float x = acc + inter;
+        if (pos.dir == 0) x += u[j] * s.a[i * LD + j] * s.dots[i * L + i];
+        s.inter[i * LD + j] = inter;
+        if (ok) atomicAdd(prm.row_out + pos.offset(i, j), x);
+      }
+    }
+    __syncthreads();
+
+    if constexpr (KIND == Sweep::kKey) {
+      if (tid < N) key_decay_gradient<N>(prm, s, pos, tid, du_acc);
+      __syncthreads();
+    }
+
+    // -- carry the state past this chunk: M <- diag(prod w) M + sum_m (a_m decayed to the end) b_m^T
+    for (int idx = tid; idx < N * N; idx += kThreads) {
+      const int j = idx / N, col = idx % N;
+      float acc = s.M[j * LD + col] * expf(s.cb[(L - 1) * LD + j]);
+#pragma unroll
+      for (int m = 0; m < L; ++m) acc += s.al[m * LD + j] * s.b[m * LD + col];
+      s.M[j * LD + col] = acc;
+    }
+    __syncthreads();
+  }
+  if (KIND == Sweep::kKey && pos.dir == 0 && tid < N) prm.du_part[int64_t(pos.bh) * N + tid] = du_acc;
+}
+
+}  // namespace rwkvclip

@@ -1,0 +1,61 @@
+// What the host passes to a Bi-WKV sweep. Plain C++ and the CUDA runtime API only: the .cu files
+// include no torch header, which keeps each of them a few seconds of nvcc instead of a minute.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+
+namespace rwkvclip {
+
+constexpr int kChunk = 16;
+constexpr int kThreads = 256;
+// exp(-60) ~ 1e-26: any stronger decay is numerically zero, and the clamp keeps the chunk-local
+// cumulative sums small enough that their differences stay accurate in fp32.
+constexpr float kLogDecayMin = -60.f;
+
+enum class Sweep : int {
+  kForward = 0,  // a=k, b=v, p=r: column output = y
+  kQuery = 1,    // a=k, b=v, q=dy: row output = dr; stores the state entering every chunk
+  kKey = 2,      // a=r, b=dy, p=k, q=v: row = dk, column = dv, plus d(w) and d(u)
+};
+
+enum class InputType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
+
+// Head sizes with a compiled kernel; keep in step with SUPPORTED_HEAD_SIZES in bi_wkv_cuda.py
+// (tests/test_cuda_build.py compares them).
+#define RWKVCLIP_FOR_EACH_HEAD_SIZE(X) X(16) X(64) X(80) X(128)
+
+template <int N>
+struct SweepSmem {
+  static constexpr int LD = N + 1;  // odd row stride: column walks hit distinct banks
+  static constexpr int kTile = kChunk * LD;
+  // state, 10 [chunk x N] tiles, 2 [chunk x chunk] tiles, 1 [chunk] vector
+  static constexpr size_t kFloats = size_t(N) * LD + 10 * kTile + 2 * kChunk * kChunk + kChunk;
+  static constexpr size_t kBytes = kFloats * sizeof(float);
+};
+
+struct SweepParams {
+  const void* a;
+  const void* b;
+  const void* p;
+  const void* q;
+  const void* w;           // raw decay, [B, T, H, N]
+  const float* u;          // [H, N]
+  float* row_out;          // fp32 [B, T, H, N], accumulated by both directions
+  float* col_out;          // fp32 [B, T, H, N], accumulated by both directions
+  float* dw_out;           // fp32 [B, T, H, N] (kKey)
+  float* du_part;          // fp32 [B*H, N] (kKey, direction 0 only)
+  float* states_out;       // fp32 [2, B*H, chunks, N, N] (kQuery)
+  const float* states_in;  // the same buffer, read by kKey
+  InputType type;          // of a, b, p, q and w
+  int T;
+  int H;
+  int BH;
+};
+
+// Defined in sweep_{forward,query,key}.cu for the three kinds.
+template <Sweep KIND>
+cudaError_t launch_sweep(const SweepParams& prm, int head_size, cudaStream_t stream);
+
+}  // namespace rwkvclip

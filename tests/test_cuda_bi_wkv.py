@@ -1,0 +1,146 @@
+"""The fused CUDA Bi-WKV kernels against exact references, on a GPU (skipped without one).
+
+Forward: the direct float64 formula (``bi_wkv_float64``, on CPU) up to T=1025; at T=4096 its
+O(T^2) tensors would need tens of GiB, so the exact chunked path in float64 stands in (it is
+itself checked against the formula in tests/test_ops_bi_wkv.py). Gradients: autograd through the
+chunked path in float64 (``bi_wkv_float64`` detaches its inputs). bf16 cases compare against the
+references evaluated on the same bf16-rounded inputs. Tolerances are SPEC section 4's, norm-wise.
+Freed memory is filled with NaN before every kernel call, so an output element that a kernel
+forgets to write shows up as NaN instead of a lucky zero.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rwkvclip_dist.ops.bi_wkv_chunked import bi_wkv_chunked
+from rwkvclip_dist.ops.bi_wkv_reference import bi_wkv_float64
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the kernels cannot run on CPU")
+
+TOKENS = [1, 2, 49, 64, 65, 196, 197, 256, 257, 577, 1025, 4096]
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 5e-3}
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    from rwkvclip_dist.ops import bi_wkv_cuda
+
+    assert bi_wkv_cuda.is_available(), f"a GPU is here but the kernel is not: {bi_wkv_cuda.unavailable_reason()}"
+    return bi_wkv_cuda.bi_wkv_cuda
+
+
+def _poison_free_memory(nbytes: int) -> None:
+    junk = torch.full((nbytes // 4 + 1024,), float("nan"), device="cuda")
+    del junk  # the caching allocator hands these NaN-filled blocks to the next allocations
+
+
+def _inputs(batch, tokens, heads, size, dtype, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    shape = (batch, tokens, heads, size)
+    r, k, v, dy = (torch.randn(shape, generator=g, device="cuda") for _ in range(4))
+    # raw decays: from no decay (w=-6) to strong (w=3, per-step decay e^-20), a few past the clamp
+    w = torch.rand(shape, generator=g, device="cuda") * 9 - 6
+    w = torch.where(torch.rand(shape, generator=g, device="cuda") < 0.02, torch.full_like(w, 4.5), w)
+    u = torch.randn(heads, size, generator=g, device="cuda")
+    return [x.to(dtype) for x in (r, k, v, w, dy)] + [u]
+
+
+def _rel(got, want):
+    want = want.double().cpu()
+    return ((got.double().cpu() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def _reference(r, k, v, w, u, dy):
+    leaves = [x.detach().double().requires_grad_() for x in (r, k, v, w, u)]
+    y = bi_wkv_chunked(*leaves)
+    grads = torch.autograd.grad(y, leaves, dy.double())
+    if r.shape[1] <= 1025:
+        y = bi_wkv_float64(*(x.cpu() for x in (r, k, v, w, u)))
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("size", [64, 80])
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_matches_reference(kernel, tokens, size, dtype):
+    # the float64 formula on CPU holds B*H*T*T*N values per intermediate: keep it to a few GiB
+    batch, heads = (1, 1) if tokens > 1025 else (1, 2) if tokens > 300 else (2, 2)
+    r, k, v, w, dy, u = _inputs(batch, tokens, heads, size, dtype, seed=tokens * 1000 + size)
+    want_y, want_grads = _reference(r, k, v, w, u, dy)
+    leaves = [x.detach().clone().requires_grad_() for x in (r, k, v, w, u)]
+    _poison_free_memory(16 * r.numel() * 4 + (tokens // 16 + 1) * size * size * 8 * batch * heads)
+    y = kernel(*leaves)
+    assert y.dtype == dtype and y.shape == r.shape
+    _poison_free_memory(16 * r.numel() * 4 + (tokens // 16 + 1) * size * size * 8 * batch * heads)
+    y.backward(dy)
+    tol = TOLERANCE[dtype]
+    assert _rel(y, want_y) <= tol, f"y: {_rel(y, want_y):.2e}"
+    for name, leaf, want in zip("rkvwu", leaves, want_grads):
+        assert leaf.grad.dtype == leaf.dtype
+        err = _rel(leaf.grad, want)
+        assert err <= tol, f"d{name}: {err:.2e} > {tol:.0e} (T={tokens}, N={size}, {dtype})"
+
+
+def test_bitwise_deterministic(kernel):
+    r, k, v, w, dy, u = _inputs(2, 300, 3, 64, torch.bfloat16, seed=1)
+    runs = []
+    for _ in range(2):
+        leaves = [x.detach().clone().requires_grad_() for x in (r, k, v, w, u)]
+        y = kernel(*leaves)
+        y.backward(dy)
+        runs.append([y] + [x.grad for x in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_fp16_inputs(kernel):
+    r, k, v, w, dy, u = _inputs(2, 130, 2, 64, torch.float16, seed=2)
+    want_y, want_grads = _reference(r, k, v, w, u, dy)
+    leaves = [x.detach().clone().requires_grad_() for x in (r, k, v, w, u)]
+    y = kernel(*leaves)
+    y.backward(dy)
+    assert _rel(y, want_y) <= 5e-3
+    assert all(_rel(x.grad, g) <= 5e-3 for x, g in zip(leaves, want_grads))
+
+
+def test_compile_and_checkpoint_through_the_op(kernel):
+    from torch.utils.checkpoint import checkpoint
+
+    r, k, v, w, dy, u = _inputs(2, 197, 2, 64, torch.float32, seed=3)
+
+    def block(r, k, v, w, u):
+        return checkpoint(lambda *a: kernel(*a).tanh(), r, k, v, w, u, use_reentrant=False)
+
+    results = []
+    for fn in (block, torch.compile(block, fullgraph=True)):
+        leaves = [x.detach().clone().requires_grad_() for x in (r, k, v, w, u)]
+        y = fn(*leaves)
+        y.backward(dy)
+        results.append([y] + [x.grad for x in leaves])
+    for name, a, b in zip(["y", "dr", "dk", "dv", "dw", "du"], *results):
+        assert _rel(a, b) <= 1e-6, name
+
+
+def test_whole_model_matches_the_reference_path(kernel, monkeypatch):
+    """The tiny model on CUDA (kernel) against the same model on CPU (chunked reference path)."""
+    import rwkvclip_dist
+
+    # TF32 convolutions/matmuls on the GPU would differ from CPU by ~1e-3 for reasons unrelated to Bi-WKV
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch.manual_seed(0)
+    model = rwkvclip_dist.create_model("tiny")
+    images = torch.randn(4, 3, 32, 32)
+    tokens = torch.randint(1, 1000, (4, 77))
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        m = model.to(device)
+        m.zero_grad()
+        out = m(images.to(device), tokens.to(device))
+        loss = (out["image_features"] @ out["text_features"].T).sum() * out["logit_scale"]
+        loss.backward()
+        outputs[device] = [out["image_features"], out["text_features"]] + [
+            p.grad.detach().clone() for p in m.parameters() if p.grad is not None]
+    assert len(outputs["cpu"]) == len(outputs["cuda"])
+    for i, (a, b) in enumerate(zip(outputs["cuda"], outputs["cpu"])):
+        assert _rel(a, b) <= 1e-4, f"tensor {i}: {_rel(a, b):.2e}"

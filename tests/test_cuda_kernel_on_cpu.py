@@ -1,0 +1,76 @@
+"""The CUDA kernel source itself, executed on CPU threads, against the float64 references.
+
+csrc/testing/cpu_emulation.cpp compiles csrc/bi_wkv/sweep_kernel.cuh and bi_wkv_host.h with the
+host compiler: each CUDA thread of a block is a std::thread, __syncthreads a std::barrier,
+atomicAdd a std::atomic_ref (a stand-in for the GPU, which this machine lacks). So this runs the
+very lines the GPU runs, through the same host code that allocates and orders the launches:
+indexing, padding of ragged chunks, both directions, the stored states, d(w) and d(u) are all
+checked, and a missing barrier shows up as a race between real threads. What it cannot check:
+warp-level behaviour, the GPU memory model, launch configuration and speed (tests/test_cuda_bi_wkv.py).
+Gradient references: autograd through the exact chunked path in float64.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rwkvclip_dist.ops.bi_wkv_chunked import bi_wkv_chunked
+from rwkvclip_dist.ops.bi_wkv_reference import bi_wkv_float64
+from rwkvclip_dist.ops.build import ToolkitNotFound, build_cpu_emulation
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 5e-3, torch.float16: 5e-3}
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    try:
+        return build_cpu_emulation()
+    except ToolkitNotFound as err:
+        pytest.skip(f"the emulation needs the CUDA headers of a toolkit: {err}")
+
+
+def _inputs(batch, tokens, heads, size, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, tokens, heads, size)
+    r, k, v, dy = (torch.randn(shape, generator=g) for _ in range(4))
+    w = torch.rand(shape, generator=g) * 9 - 6  # per-step decays from ~1 down to e^-20
+    w = torch.where(torch.rand(shape, generator=g) < 0.02, torch.full_like(w, 4.5), w)  # past the clamp
+    u = torch.randn(heads, size, generator=g)
+    return [x.to(dtype) for x in (r, k, v, w, dy)] + [u]
+
+
+def _rel(got, want, floor=1e-6):
+    scale = max(want.double().norm().item(), floor * want.numel() ** 0.5)
+    return (got.double() - want.double()).norm().item() / scale
+
+
+@pytest.mark.parametrize(
+    "tokens, size, dtype",
+    [(1, 16, torch.float32), (2, 16, torch.float32), (15, 16, torch.float32), (16, 64, torch.float32),
+     (17, 80, torch.float32), (49, 16, torch.float32), (65, 64, torch.float32), (40, 128, torch.float32),
+     (197, 16, torch.float32), (33, 64, torch.bfloat16), (33, 80, torch.float16)],
+)
+def test_kernel_source_matches_reference(kernels, tokens, size, dtype):
+    r, k, v, w, dy, u = _inputs(2, tokens, 2, size, dtype, seed=tokens * 100 + size)
+    leaves = [x.double().requires_grad_() for x in (r, k, v, w, u)]
+    want_grads = torch.autograd.grad(bi_wkv_chunked(*leaves), leaves, dy.double())
+    want_y = bi_wkv_float64(r, k, v, w, u)
+
+    y = kernels.forward(r, k, v, w, u)
+    grads = kernels.backward(dy, r, k, v, w, u)
+    tol = TOLERANCE[dtype]
+    assert y.dtype == dtype and _rel(y, want_y) <= tol, f"y: {_rel(y, want_y):.2e}"
+    for name, got, want in zip("rkvwu", grads, want_grads):
+        assert got.dtype == (torch.float32 if name == "u" else dtype)
+        assert _rel(got, want) <= tol, f"d{name}: {_rel(got, want):.2e} (T={tokens}, N={size}, {dtype})"
+
+
+def test_host_checks_name_the_argument(kernels):
+    r, k, v, w, dy, u = _inputs(1, 5, 2, 16, torch.float32, seed=0)
+    with pytest.raises(RuntimeError, match="k has shape"):
+        kernels.forward(r, k[:, :4].contiguous(), v, w, u)
+    with pytest.raises(RuntimeError, match="grad_output has dtype"):
+        kernels.backward(dy.double(), r, k, v, w, u)
+    with pytest.raises(RuntimeError, match="no kernel compiled for head size N=24"):
+        r24 = torch.randn(1, 5, 2, 24)
+        kernels.forward(r24, r24, r24, r24, torch.randn(2, 24))
