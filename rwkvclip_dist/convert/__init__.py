@@ -1,0 +1,1 @@
+"""Checkpoint conversion: the authors' released layout, DeepSpeed ZeRO directories, safetensors I/O."""

@@ -1,0 +1,156 @@
+"""The three conversions behind ``tools/convert_checkpoint.py`` and the ``--verify`` check.
+
+- authors' released state dict -> ours (:func:`authors_to_ours`);
+- DeepSpeed ZeRO directory -> ours (:func:`zero_to_ours`);
+- ours -> authors' layout (:func:`ours_to_authors`).
+Every path checks the complete key set and shapes against the target model before writing anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rwkvclip_dist.convert import authors as layout
+from rwkvclip_dist.convert.io import (
+    StateDictMismatch,
+    check_state_dict,
+    config_record,
+    mismatch_message,
+    state_dict_problems,
+    load_state_dict_file,
+    read_config,
+    save_safetensors,
+)
+from rwkvclip_dist.convert.reference_forward import authors_encode_image, authors_encode_text
+from rwkvclip_dist.model.clip import RWKVCLIP
+from rwkvclip_dist.model.config import ModelConfig
+from rwkvclip_dist.model.registry import get_model_config, list_models
+
+VERIFY_CAPTIONS = ["a photo of a cat sitting on a red sofa", "a diagram of an electronic circuit"]
+
+
+@dataclass
+class VerifyReport:
+    image_cosine: float
+    """Smallest cosine, over the fixed batch, between the two sides' image embeddings."""
+    text_cosine: float
+    """Smallest cosine between the two sides' text embeddings."""
+    image_max_abs: float
+    text_max_abs: float
+
+    def line(self) -> str:
+        return (f"verify: image cosine {self.image_cosine:.8f} (max |diff| {self.image_max_abs:.2e}), "
+                f"text cosine {self.text_cosine:.8f} (max |diff| {self.text_max_abs:.2e})")
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
+    """Parameter shapes of a model with ``config``, without allocating or initialising it."""
+    with torch.device("meta"):
+        model = RWKVCLIP(config, initialize=False)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def _match_config(state: dict[str, torch.Tensor], name: str | None, overrides: dict[str, Any], source: str) -> ModelConfig:
+    """The given config, or the one registry config whose shapes the state dict matches exactly."""
+    if name is not None:
+        config = get_model_config(name, **overrides)
+        check_state_dict(expected_shapes(config), state, source)
+        return config
+    scored = []
+    for candidate in list_models():
+        config = get_model_config(candidate, **overrides)
+        problems = state_dict_problems(expected_shapes(config), state)
+        if not any(problems.values()):
+            return config
+        scored.append((sum(map(len, problems.values())), candidate, problems))
+    _, closest, problems = min(scored)
+    raise StateDictMismatch(f"no registered model matches; closest is {closest!r}:\n{mismatch_message(problems, source)}")
+
+
+def _dtype_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def authors_to_ours(src: str | Path, dst: str | Path, name: str | None = None, dtype: torch.dtype = torch.float32,
+                    overrides: dict[str, Any] | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Converts an authors' ``model_31.pt`` (or .safetensors) and writes ``dst``; returns the
+    config and the authors' state dict (for :func:`verify_authors`)."""
+    theirs = load_state_dict_file(src)
+    image_depth, text_depth = layout.infer_depths(theirs)
+    ours = layout.from_authors(theirs, image_depth, text_depth)
+    config = _match_config(ours, name, overrides or {}, f"{src} (keys shown in rwkvclip_dist naming)")
+    save_safetensors(_dtype_state(ours, dtype), dst, config_record(config, "clip", dtype))
+    return config, theirs
+
+
+def zero_to_ours(checkpoint_dir: str | Path, dst: str | Path, name: str | None = None, dtype: torch.dtype = torch.float32,
+                 overrides: dict[str, Any] | None = None, tag: str | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Consolidates a ZeRO checkpoint into ``dst``; returns the config and the fp32 state dict."""
+    from rwkvclip_dist.convert.zero import load_zero_checkpoint
+
+    state = load_zero_checkpoint(checkpoint_dir, tag)
+    config = _match_config(state, name, overrides or {}, str(checkpoint_dir))
+    save_safetensors(_dtype_state(state, dtype), dst, config_record(config, "clip", dtype))
+    return config, state
+
+
+def ours_to_authors(src: str | Path, dst: str | Path, released_dtypes: bool = False) -> dict[str, torch.Tensor]:
+    """Writes our pretrained file in the authors' layout as a plain tensor dict (``torch.save``)."""
+    config = read_config(src)
+    state = load_state_dict_file(src)
+    check_state_dict(expected_shapes(config), state, str(src))
+    theirs = layout.to_authors(state, config.image.depth, config.text.depth, released_dtypes)
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(theirs, str(dst))
+    return theirs
+
+
+def fixed_batch(config: ModelConfig, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    from rwkvclip_dist.data.tokenizer import tokenize
+
+    size = config.image.image_size
+    images = torch.randn(batch, config.image.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+    captions = (VERIFY_CAPTIONS * batch)[:batch]
+    return images, tokenize(captions, context_length=config.text.context_length)
+
+
+def _compare(a_img, b_img, a_txt, b_txt) -> VerifyReport:
+    return VerifyReport(
+        image_cosine=float(F.cosine_similarity(a_img.double(), b_img.double(), dim=-1).min()),
+        text_cosine=float(F.cosine_similarity(a_txt.double(), b_txt.double(), dim=-1).min()),
+        image_max_abs=float((a_img.double() - b_img.double()).abs().max()),
+        text_max_abs=float((a_txt.double() - b_txt.double()).abs().max()),
+    )
+
+
+def _ours(path: str | Path) -> tuple[RWKVCLIP, ModelConfig]:
+    from rwkvclip_dist.pretrained import create_model
+
+    model = create_model(None, pretrained=path)
+    return model.float(), model.config
+
+
+@torch.no_grad()
+def verify_authors(ours_path: str | Path, theirs: dict[str, torch.Tensor]) -> VerifyReport:
+    """Our model loaded from ``ours_path`` vs the direct float64 evaluation of the authors' state dict."""
+    model, config = _ours(ours_path)
+    images, tokens = fixed_batch(config)
+    ref_img = authors_encode_image(theirs, images, config.image.depth, config.image.head_size, config.image.patch_size)
+    ref_txt = authors_encode_text(theirs, tokens, config.text.depth, config.text.head_size)
+    return _compare(model.encode_image(images), ref_img, model.encode_text(tokens), ref_txt)
+
+
+@torch.no_grad()
+def verify_state(ours_path: str | Path, state: dict[str, torch.Tensor]) -> VerifyReport:
+    """Our model loaded from ``ours_path`` vs the same architecture holding ``state`` (e.g. ZeRO fp32)."""
+    model, config = _ours(ours_path)
+    reference = RWKVCLIP(config, initialize=False).eval()
+    reference.load_state_dict(state, strict=True)
+    images, tokens = fixed_batch(config)
+    return _compare(model.encode_image(images), reference.encode_image(images),
+                    model.encode_text(tokens), reference.encode_text(tokens))

@@ -1,0 +1,60 @@
+"""Frozen-feature extraction, sharded over ranks and gathered, so each data set is encoded once.
+
+Every rank encodes a contiguous slice of the data set (:func:`padded_shard`: equal forward counts
+on every rank, padding discarded) and the slices are gathered into place, so the result is
+identical on every rank and contains each sample exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from rwkvclip_dist.eval.distributed import all_gather_rows, padded_shard, rank
+from rwkvclip_dist.eval.progress import progress
+from rwkvclip_dist.eval.zeroshot import model_device
+
+
+@dataclass
+class LoaderConfig:
+    batch_size: int = 64
+    """Images per forward pass."""
+    num_workers: int = 2
+    """DataLoader worker processes for image decoding."""
+
+
+@torch.no_grad()
+def image_features(
+    model: nn.Module,
+    dataset: Dataset,
+    loader: LoaderConfig | None = None,
+    device: torch.device | str | None = None,
+    normalize: bool = True,
+    desc: str = "image features",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features [N, D] float32, labels [N] long)`` of the whole ``dataset`` on every rank."""
+    if len(dataset) == 0:
+        raise ValueError(f"{desc}: the data set is empty")
+    loader = loader or LoaderConfig()
+    device = torch.device(device) if device is not None else model_device(model)
+    was_training = model.training
+    model.eval()
+    indices, n_real = padded_shard(len(dataset))
+    data = DataLoader(
+        Subset(dataset, indices),
+        batch_size=loader.batch_size,
+        num_workers=loader.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    feats, labels = [], []
+    for images, targets in progress(data, desc=desc, disable=rank() != 0):
+        out = model.encode_image(images.to(device)).float()
+        feats.append(F.normalize(out, dim=-1) if normalize else out)
+        labels.append(torch.as_tensor(targets).to(device).long())
+    model.train(was_training)
+    local_feats, local_labels = torch.cat(feats)[:n_real], torch.cat(labels)[:n_real]
+    return all_gather_rows(local_feats, len(dataset)), all_gather_rows(local_labels, len(dataset))

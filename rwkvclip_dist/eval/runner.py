@@ -1,0 +1,141 @@
+"""The evaluation driver behind ``tools/evaluate.py``: tasks, feature reuse, results table.
+
+Image features of a data set are computed once (:mod:`features`) and shared by every task that
+reads that data set (zero-shot and the linear probe's test split). All ranks compute; rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rwkvclip_dist.eval.datasets import load_class_prompts, open_labelled_images
+from rwkvclip_dist.eval.distributed import all_gather_rows, padded_shard, rank
+from rwkvclip_dist.eval.features import LoaderConfig, image_features
+from rwkvclip_dist.eval.linear_probe import LinearProbeConfig, linear_probe
+from rwkvclip_dist.eval.retrieval import retrieval_recall
+from rwkvclip_dist.eval.retrieval_data import ImageListDataset, load_retrieval_annotations
+from rwkvclip_dist.eval.zeroshot import build_zeroshot_classifier, encode_texts, zeroshot_from_features
+
+TASKS = ("zeroshot", "retrieval", "linear_probe")
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: ["zeroshot"])
+    """Any of 'zeroshot', 'retrieval', 'linear_probe'."""
+    data: str | None = None
+    """Labelled test images (image folder or labelled MDS dir) for zeroshot and linear_probe."""
+    train_data: str | None = None
+    """Labelled training images for linear_probe."""
+    templates: str = "imagenet"
+    """Shipped template-set name or a JSON file (templates, optional classnames and metric)."""
+    classnames: str | None = None
+    """Text file, one class name per line in label order (overrides folder and template-set names)."""
+    annotations: str | None = None
+    """COCO / Karpathy / flat caption JSON for retrieval."""
+    image_root: str | None = None
+    """Directory the retrieval annotation's image paths are relative to."""
+    split: str = "test"
+    """Karpathy split to use for retrieval."""
+    caption_prefix: str = ""
+    """Prepended to every retrieval caption ("a photo of " in the paper)."""
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    text_batch_size: int = 256
+    probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+
+
+class Evaluator:
+    def __init__(self, model: nn.Module, eval_transform, tokenizer, config: EvalConfig, device: torch.device):
+        unknown = set(config.tasks) - set(TASKS)
+        if unknown:
+            raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {TASKS}")
+        self.model, self.transform, self.tokenizer = model, eval_transform, tokenizer
+        self.config, self.device = config, device
+        self._features: dict[str, tuple[torch.Tensor, torch.Tensor, list[str] | None]] = {}
+
+    def labelled_features(self, path: str | None, what: str):
+        if path is None:
+            raise ValueError(f"{what} needs a data directory")
+        if path not in self._features:
+            dataset, folder_names = open_labelled_images(path, self.transform)
+            feats, labels = image_features(self.model, dataset, self.config.loader, self.device, desc=f"features {Path(path).name}")
+            self._features[path] = (feats, labels, folder_names)
+        return self._features[path]
+
+    def classnames(self, prompts: dict, folder_names: list[str] | None) -> list[str]:
+        if self.config.classnames:
+            names = [line.strip() for line in Path(self.config.classnames).read_text().splitlines() if line.strip()]
+        elif prompts.get("classnames"):
+            names = list(prompts["classnames"])
+        elif folder_names:
+            names = folder_names
+        else:
+            raise ValueError(f"{self.config.data}: no class names (give --classnames or a template set with classnames)")
+        if folder_names is not None and len(names) != len(folder_names):
+            raise ValueError(f"{len(names)} class names for {len(folder_names)} class folders in {self.config.data}")
+        return names
+
+    def zeroshot(self) -> dict:
+        feats, labels, folder_names = self.labelled_features(self.config.data, "zeroshot")
+        prompts = load_class_prompts(self.config.templates)
+        names = self.classnames(prompts, folder_names)
+        classifier = build_zeroshot_classifier(self.model, names, prompts["templates"], self.tokenizer,
+                                               self.device, self.config.text_batch_size)
+        result = zeroshot_from_features(feats, labels, classifier)
+        metric = prompts.get("metric", "top1")
+        return {"metric": metric, "score": result[metric], **result, "n_templates": len(prompts["templates"])}
+
+    def linear_probe(self) -> dict:
+        train_feats, train_labels, _ = self.labelled_features(self.config.train_data, "linear_probe (train)")
+        test_feats, test_labels, _ = self.labelled_features(self.config.data, "linear_probe (test)")
+        return linear_probe(train_feats, train_labels, test_feats, test_labels, self.config.probe)
+
+    def retrieval(self) -> dict:
+        if not self.config.annotations or not self.config.image_root:
+            raise ValueError("retrieval needs --annotations and --image-root")
+        data = load_retrieval_annotations(self.config.annotations, self.config.image_root, self.config.split,
+                                          self.config.caption_prefix)
+        images, _ = image_features(self.model, ImageListDataset(data.image_paths, self.transform),
+                                   self.config.loader, self.device, desc="retrieval images")
+        # Captions outnumber images about 5:1 in COCO, so they are sharded over ranks as well.
+        indices, n_real = padded_shard(len(data.captions))
+        local = encode_texts(self.model, [data.captions[i] for i in indices], self.tokenizer, self.device,
+                             self.config.text_batch_size, desc="retrieval captions")[:n_real]
+        texts = all_gather_rows(local, len(data.captions))
+        return retrieval_recall(images, texts, torch.tensor(data.text_to_image, device=images.device))
+
+    def run(self) -> dict:
+        results = {}
+        for task in self.config.tasks:
+            start = time.perf_counter()
+            results[task] = getattr(self, task)()
+            results[task]["seconds"] = round(time.perf_counter() - start, 3)
+        return results
+
+
+def format_table(results: dict) -> str:
+    rows = [("task", "metric", "value")]
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            if isinstance(value, float):
+                rows.append((task, key, f"{value:.4f}"))
+            elif isinstance(value, int) or value is None:
+                rows.append((task, key, str(value)))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_results(results: dict, config: EvalConfig, path: str | Path, model_name: str) -> None:
+    if rank() != 0:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"model": model_name, "config": asdict(config), "results": results}, indent=1) + "\n")

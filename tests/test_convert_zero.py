@@ -1,0 +1,70 @@
+"""A real DeepSpeed ZeRO-2 checkpoint from 2 gloo ranks (CPU accelerator, torch AdamW) is
+consolidated into one safetensors file whose weights equal the engine's, in fp32 and bf16."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from rwkvclip_dist.convert.io import load_state_dict_file, read_record
+from rwkvclip_dist.convert.pipeline import verify_state, zero_to_ours
+from rwkvclip_dist.pretrained import create_model
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_one_step(rank: int, world: int, out: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    import deepspeed
+
+    from rwkvclip_dist.parallel.engine import create_engine, deepspeed_config
+
+    torch.manual_seed(0)
+    model = create_model("tiny").train()
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    config = deepspeed_config(micro_batch=2, accumulation_steps=1, world_size=world, zero_stage=2,
+                              precision="fp32", grad_clip=1.0)
+    # The trainer's own engine setup (it trains the 0-dim logit_scale as shape [1], as DeepSpeed needs).
+    engine = create_engine(model, torch.optim.AdamW(model.parameters(), lr=1e-2), config)
+    generator = torch.Generator().manual_seed(rank)
+    out_ = engine(torch.randn(2, 3, 32, 32, generator=generator), torch.randint(0, 49408, (2, 77), generator=generator))
+    engine.backward((out_["image_features"] * out_["text_features"]).sum())
+    engine.step()
+    engine.save_checkpoint(out)
+    if rank == 0:
+        expected = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+        expected["logit_scale"] = expected["logit_scale"].reshape(())
+        torch.save(expected, os.path.join(out, "expected.pt"))
+
+
+@pytest.mark.slow
+def test_zero2_two_ranks_consolidates_exactly(tmp_path):
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    ckpt = tmp_path / "ckpt"
+    mp.spawn(_train_one_step, args=(2, str(ckpt), _free_port()), nprocs=2)
+    expected = torch.load(ckpt / "expected.pt", weights_only=True)
+    torch.manual_seed(0)
+    initial = create_model("tiny").state_dict()
+
+    config, state = zero_to_ours(ckpt, tmp_path / "fp32.safetensors")
+    written = load_state_dict_file(tmp_path / "fp32.safetensors")
+    assert config.name == "tiny" and set(written) == set(expected)
+    assert all(torch.equal(written[k], expected[k].float()) for k in expected)
+    assert not torch.equal(written["visual.patch_embed.weight"], initial["visual.patch_embed.weight"])  # it trained
+
+    zero_to_ours(ckpt, tmp_path / "bf16.safetensors", "tiny", torch.bfloat16)
+    assert read_record(tmp_path / "bf16.safetensors")["dtype"] == "bfloat16"
+    assert load_state_dict_file(tmp_path / "bf16.safetensors")["visual.pos_embed"].dtype == torch.bfloat16
+    report = verify_state(tmp_path / "bf16.safetensors", state)
+    assert report.image_cosine > 0.999 and report.text_cosine > 0.999

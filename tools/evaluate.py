@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Evaluate an RWKV-CLIP model: zero-shot classification, retrieval, linear probe.
+
+    python tools/evaluate.py --model b32.safetensors --task zeroshot --data imagenet/val --templates imagenet
+    python tools/evaluate.py --model b32.safetensors --task retrieval --annotations coco_karpathy.json \\
+        --image-root coco/ --caption-prefix "a photo of "
+    python tools/evaluate.py --model b32.safetensors --task linear_probe --train-data cifar10/train --data cifar10/test
+    torchrun --nproc_per_node 8 tools/evaluate.py ...   # every rank encodes a shard; rank 0 writes
+
+``--model`` is a pretrained .safetensors file (its JSON config gives the architecture) or a registry
+name (random init, for smoke tests). Results go to ``--output`` (JSON) and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from rwkvclip_dist.eval.features import LoaderConfig  # noqa: E402
+from rwkvclip_dist.eval.linear_probe import LinearProbeConfig  # noqa: E402
+from rwkvclip_dist.eval.runner import TASKS, EvalConfig, Evaluator, format_table, write_results  # noqa: E402
+from rwkvclip_dist.pretrained import create_model_and_transforms, get_tokenizer  # noqa: E402
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="pretrained .safetensors file or registry name")
+    p.add_argument("--task", action="append", choices=TASKS, required=True, help="repeatable")
+    p.add_argument("--data", help="labelled test images: image folder or labelled MDS directory")
+    p.add_argument("--train-data", help="labelled training images (linear_probe)")
+    p.add_argument("--templates", default="imagenet", help="shipped template set or JSON file")
+    p.add_argument("--classnames", help="text file, one class name per line in label order")
+    p.add_argument("--annotations", help="retrieval caption JSON (COCO, Karpathy or flat)")
+    p.add_argument("--image-root", help="directory of the retrieval images")
+    p.add_argument("--split", default="test", help="Karpathy split (retrieval)")
+    p.add_argument("--caption-prefix", default="", help='e.g. "a photo of " (the paper\'s retrieval setting)')
+    p.add_argument("--probe-backend", choices=("torch", "sklearn"), default="torch")
+    p.add_argument("--probe-max-iter", type=int, default=500, help="L-BFGS iterations per probe fit")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--output", default="eval_results.json")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+    is_file = args.model.endswith(".safetensors")
+    model, _, eval_tf = create_model_and_transforms(None if is_file else args.model,
+                                                    pretrained=args.model if is_file else None, device=device)
+    config = EvalConfig(tasks=args.task, data=args.data, train_data=args.train_data, templates=args.templates,
+                        classnames=args.classnames, annotations=args.annotations, image_root=args.image_root,
+                        split=args.split, caption_prefix=args.caption_prefix,
+                        loader=LoaderConfig(args.batch_size, args.workers),
+                        probe=LinearProbeConfig(backend=args.probe_backend, max_iter=args.probe_max_iter))
+    try:
+        results = Evaluator(model, eval_tf, get_tokenizer(args.model), config, device).run()
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        write_results(results, config, args.output, args.model)
+        print(format_table(results))
+        print(f"results written to {args.output}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""Write the image tower of a pretrained RWKV-CLIP file as a standalone vision encoder.
+
+    python tools/export_vision_encoder.py b32.safetensors b32_vision.safetensors [--dtype bf16]
+
+Load it with ``rwkvclip_dist.pretrained.load_vision_encoder(path)``; calling the encoder returns
+``(pooled [B, E], per-patch tokens [B, h*w, C])``, the tokens after the final LayerNorm, which a
+VisualRWKV / LLaVA-style VLM projects into its language model in place of ViT features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rwkvclip_dist.convert.io import StateDictMismatch, parse_dtype  # noqa: E402
+from rwkvclip_dist.pretrained import create_model, save_vision_encoder  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", type=Path, help="pretrained RWKV-CLIP .safetensors (with its JSON config)")
+    parser.add_argument("dst", type=Path, help="output .safetensors (a .json config is written beside it)")
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args(argv)
+    try:
+        model = create_model(None, pretrained=args.src)
+        path = save_vision_encoder(model, args.dst, parse_dtype(args.dtype))
+    except (StateDictMismatch, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} ({model.config.name} image tower, {args.dtype})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
