@@ -1,0 +1,151 @@
+#!/bin/bash
+# A throw-away single-node Slurm cluster on localhost for the tests: munged, slurmctld and slurmd
+# with every state, spool, socket and log file under one directory, so it never touches /etc/slurm
+# or a real cluster's daemons. cgroup-free (proctrack/linuxproc, task/none) because test machines
+# and containers rarely delegate a writable cgroup tree.
+#
+#   tests/slurm/cluster.sh start DIR   # writes DIR/slurm.conf, starts the daemons, waits for "idle"
+#   tests/slurm/cluster.sh stop DIR    # stops what start started (by the pid files in DIR)
+#
+# Clients then need SLURM_CONF=DIR/slurm.conf in their environment. SLURM_TEST_CPUS sets the node's
+# CPU count (default 2). Needs root (munged and slurmd
+# run as root here) and the Debian packages slurm-wlm and munge; start installs them when missing.
+set -euo pipefail
+
+die() { echo "cluster.sh: $*" >&2; exit 1; }
+
+install_packages() {
+    command -v slurmctld >/dev/null && command -v munged >/dev/null && return 0
+    [[ $(id -u) -eq 0 ]] || die "slurm-wlm/munge are missing and installing them needs root"
+    echo "cluster.sh: installing slurm-wlm and munge" >&2
+    apt-get update -q >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >&2
+}
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+write_conf() {
+    local dir=$1 node=$2 ctld_port=$3 slurmd_port=$4 cpus=$5
+    cat >"$dir/slurm.conf" <<CONF
+ClusterName=rwkvclip-test
+SlurmctldHost=$node(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort=$ctld_port
+SlurmdPort=$slurmd_port
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$dir/munge/munge.socket
+StateSaveLocation=$dir/state
+SlurmdSpoolDir=$dir/spool
+SlurmctldPidFile=$dir/slurmctld.pid
+SlurmdPidFile=$dir/slurmd.pid
+SlurmctldLogFile=$dir/log/slurmctld.log
+SlurmdLogFile=$dir/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+SwitchType=switch/none
+ReturnToService=2
+# Seconds between SIGTERM and SIGKILL: the trainer must save its checkpoint inside this window.
+KillWait=30
+MailProg=/bin/true
+SlurmdTimeout=60
+NodeName=$node NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN
+PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP
+CONF
+}
+
+wait_idle() {
+    local node=$1 state=""
+    for _ in $(seq 1 60); do
+        state=$(sinfo --noheader --nodes="$node" --format=%T 2>/dev/null || true)
+        [[ $state == idle ]] && return 0
+        sleep 0.5
+    done
+    die "node $node not idle after 30 s (state: '${state:-none}'); see $SLURM_CONF and the logs beside it"
+}
+
+start() {
+    local dir=$1 node cpus
+    install_packages
+    mkdir -p "$dir"/{munge,state,spool,log}
+    dir=$(cd "$dir" && pwd)
+    chmod 0711 "$dir/munge"
+    # munged refuses keys readable by others and sockets in world-writable directories.
+    dd if=/dev/urandom of="$dir/munge/munge.key" bs=1024 count=1 status=none
+    chmod 0400 "$dir/munge/munge.key"
+    munged --force --key-file="$dir/munge/munge.key" --socket="$dir/munge/munge.socket" \
+        --pid-file="$dir/munge/munged.pid" --log-file="$dir/log/munged.log" \
+        --seed-file="$dir/munge/munged.seed"
+    node=$(hostname -s)
+    cpus=${SLURM_TEST_CPUS:-2}
+    write_conf "$dir" "$node" "$(free_port)" "$(free_port)" "$cpus"
+    export SLURM_CONF=$dir/slurm.conf
+    slurmctld -i
+    slurmd -N "$node"
+    wait_idle "$node"
+    echo "$dir/slurm.conf"
+}
+
+stop_pid() {
+    local pid=$1
+    kill "$pid" 2>/dev/null || return 0
+    for _ in $(seq 1 50); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.2
+    done
+    echo "cluster.sh: pid $pid ignored SIGTERM for 10 s; killing it" >&2
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+stop_pidfile() {
+    local pidfile=$1
+    [[ -f $pidfile ]] || return 0
+    stop_pid "$(cat "$pidfile")"
+    rm -f "$pidfile"
+}
+
+# Step daemons of this cluster (and only this one): they inherited SLURM_CONF from our slurmd.
+cluster_stepds() {
+    local conf=$1 environ
+    for environ in /proc/[0-9]*/environ; do
+        [[ $(cat "${environ%/environ}/comm" 2>/dev/null) == slurmstepd ]] || continue
+        if tr '\0' '\n' <"$environ" 2>/dev/null | grep -qxF "SLURM_CONF=$conf"; then
+            basename "${environ%/environ}"
+        fi
+    done
+}
+
+stop() {
+    local dir=$1 pid
+    export SLURM_CONF=$dir/slurm.conf
+    # Jobs first, so no job step outlives the daemons that track it.
+    if [[ -f $dir/slurmctld.pid ]]; then
+        scancel --full --quiet --user=root 2>/dev/null || true
+        for _ in $(seq 1 60); do
+            [[ -z $(squeue --noheader 2>/dev/null) ]] && break
+            sleep 0.5
+        done
+    fi
+    stop_pidfile "$dir/slurmd.pid"
+    for pid in $(cluster_stepds "$SLURM_CONF"); do
+        stop_pid "$pid"
+    done
+    stop_pidfile "$dir/slurmctld.pid"
+    stop_pidfile "$dir/munge/munged.pid"
+}
+
+[[ $# -eq 2 ]] || die "usage: $0 start|stop DIR"
+case $1 in
+    start) start "$2" ;;
+    stop) stop "$2" ;;
+    *) die "unknown command '$1' (want start or stop)" ;;
+esac

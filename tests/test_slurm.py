@@ -1,0 +1,189 @@
+"""slurm/train_demo.sh under a real Slurm: a single-node cluster on this machine (slurmctld, slurmd and
+munged from Debian's slurm-wlm, started by tests/slurm/cluster.sh), the demo recipe with 2 CPU ranks.
+
+Nothing is simulated: sbatch runs the script, srun starts torchrun, ``scontrol requeue`` kills the
+running job the way a pre-emption does, and ``scancel --batch --signal=USR1`` delivers exactly what
+``#SBATCH --signal=B:USR1@<s>`` delivers before the time limit. Training is cut to a few small steps
+(the full demo takes minutes); what is checked is the orchestration: trained, saved, resumed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from rwkvclip_dist.checkpoint.manager import TAG_PATTERN, tag_for_step
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
+# Small steps: the orchestration is under test, not the learning (tests/test_demo*.py cover that).
+FAST = ["data.batch_size=16", "eval.zeroshot=[]", "logging.every_steps=1", "logging.progress_bar=false",
+        "logging.tensorboard=false"]
+RESUMED = re.compile(r"resumed from \S+ \(step (\d+)\)")
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("slurmctld") is None and os.geteuid() != 0,
+    reason="needs the slurm-wlm and munge packages, or root to install them")
+
+
+@dataclass
+class Cluster:
+    state: Path
+    runs: Path
+    env: dict[str, str]
+
+    def run(self, *args: str) -> str:
+        # From the repository root: that is where sbatch scripts expect to be submitted from.
+        result = subprocess.run(args, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed ({result.returncode}): {result.stderr}")
+        return result.stdout
+
+    def submit(self, name: str, *overrides: str) -> str:
+        out = self.run("sbatch", "--parsable", f"--job-name={name}", f"--output={self.runs}/%x-%j.out",
+                       "slurm/train_demo.sh", *overrides)
+        return out.strip().split(";")[0]
+
+    def job(self, job_id: str) -> dict[str, str]:
+        fields = self.run("scontrol", "show", "job", "--oneliner", job_id).split()
+        return dict(field.split("=", 1) for field in fields if "=" in field)
+
+    def wait(self, what: str, condition, timeout: float, job_id: str, name: str):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = condition()
+            if value:
+                return value
+            time.sleep(0.2)
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; job {job_id}: "
+                             f"{self.job(job_id)}\n{self.batch_log(name, job_id)[-3000:]}")
+
+    def wait_done(self, job_id: str, name: str, timeout: float = 240) -> dict[str, str]:
+        def finished():
+            job = self.job(job_id)
+            return job if job["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
+
+        return self.wait("the job to finish", finished, timeout, job_id, name)
+
+    def start_now(self, job_id: str, name: str) -> None:
+        """Slurm holds a requeued batch job for two minutes (until the old credential expires); the
+        test lets it start in two seconds instead. Not at once: slurmd rejects a job credential issued
+        within the same second as the revocation of the job's previous one."""
+        self.wait("the requeued job to be pending", lambda: self.job(job_id)["JobState"] == "PENDING",
+                  120, job_id, name)
+        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+2")
+
+    def batch_log(self, name: str, job_id: str) -> str:
+        path = self.runs / f"{name}-{job_id}.out"
+        return path.read_text() if path.is_file() else f"({path} does not exist)"
+
+    def node_log(self, name: str, job_id: str, restart: int) -> str:
+        return (self.runs / name / "logs" / f"{job_id}.{restart}" / "node0.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    state = tmp_path_factory.mktemp("slurm")
+    start = subprocess.run(["bash", str(CLUSTER), "start", str(state)], capture_output=True, text=True,
+                           timeout=600)
+    if start.returncode != 0:
+        logs = "\n".join(f"== {p}\n{p.read_text()[-2000:]}" for p in sorted((state / "log").glob("*.log")))
+        subprocess.run(["bash", str(CLUSTER), "stop", str(state)], capture_output=True)
+        pytest.fail(f"could not start the test cluster: {start.stderr}\n{logs}")
+    runs = state / "runs"
+    runs.mkdir()
+    # Variables of an enclosing Slurm job (a CI runner on a cluster) must not leak into the test's jobs.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    env = dict(inherited, SLURM_CONF=start.stdout.strip().splitlines()[-1], RWKVCLIP_RUNS=str(runs),
+               RWKVCLIP_RESIGNAL_SECONDS="1",
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")))
+    yield Cluster(state, runs, env)
+    subprocess.run(["bash", str(CLUSTER), "stop", str(state)], capture_output=True, timeout=120)
+
+
+def _latest_step(run_dir: Path) -> int | None:
+    latest = run_dir / "checkpoints" / "latest"
+    if not latest.is_file():
+        return None
+    match = TAG_PATTERN.match(latest.read_text().strip())
+    return int(match.group(1)) if match else None
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def _status(run_dir: Path) -> str | None:
+    """The trainer's last exit status, or None while metrics.json is absent or half-written."""
+    try:
+        return _metrics(run_dir)["status"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+@pytest.mark.timeout(360)
+def test_sbatch_trains_and_saves(cluster):
+    name = "demo-plain"
+    job_id = cluster.submit(name, "train.steps=3", "checkpoint.every_steps=2", *FAST)
+    job = cluster.wait_done(job_id, name)
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", cluster.batch_log(name, job_id)
+    run_dir = cluster.runs / name
+    assert _latest_step(run_dir) == 3
+    assert (run_dir / "checkpoints" / tag_for_step(2)).is_dir()
+    metrics = _metrics(run_dir)
+    assert (metrics["status"], metrics["steps"], metrics["world_size"]) == ("completed", 3, 2)
+    assert "loss" in json.loads((run_dir / "loss_log.jsonl").read_text().splitlines()[-1])
+    # One log per node and one per rank, under the job id and restart count.
+    log_dir = run_dir / "logs" / f"{job_id}.0"
+    assert (log_dir / "node0.log").is_file()
+    rank_logs = sorted(p.parent.name for p in log_dir.glob("ranks/node0/*/attempt_0/*/stderr.log"))
+    assert rank_logs == ["0", "1"]
+
+
+@pytest.mark.timeout(600)
+def test_requeue_and_time_limit_signal_resume_from_checkpoint(cluster):
+    name, total = "demo-requeue", 12
+    run_dir = cluster.runs / name
+    job_id = cluster.submit(name, f"train.steps={total}", "checkpoint.every_steps=2", *FAST)
+
+    # 1. Pre-emption: requeue the running job once its first checkpoint exists. The ranks get SIGTERM,
+    #    save where they are and exit; Slurm puts the job back in the queue under the same id.
+    first = cluster.wait("the first checkpoint", lambda: _latest_step(run_dir), 240, job_id, name)
+    cluster.run("scontrol", "requeue", job_id)
+    cluster.wait("the requeue", lambda: cluster.job(job_id)["Restarts"] == "1", 120, job_id, name)
+    cluster.wait("the pre-emption checkpoint", lambda: _status(run_dir) == "preempted", 120, job_id, name)
+    saved = _latest_step(run_dir)
+    assert first <= saved < total
+    cluster.start_now(job_id, name)  # returns once the job is pending again, its step and logs closed
+    # torchrun stood aside and let the ranks save instead of tearing them down.
+    preempted_log = cluster.node_log(name, job_id, 0)
+    assert f"saved step {saved}, exiting" in preempted_log and "SignalException" not in preempted_log
+
+    # 2. Time limit: what --signal=B:USR1@<s> sends, here while the ranks are still starting up and
+    #    ignore it. The batch shell forwards USR1 and repeats it (every RWKVCLIP_RESIGNAL_SECONDS) until
+    #    the ranks save and exit 0, then the script requeues the job itself.
+    cluster.wait("the resumed run to start", lambda: "restart 1:" in cluster.batch_log(name, job_id),
+                 180, job_id, name)
+    cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+    cluster.wait("the self-requeue", lambda: cluster.job(job_id)["Restarts"] == "2", 240, job_id, name)
+    before_limit = _latest_step(run_dir)
+    cluster.start_now(job_id, name)
+
+    job = cluster.wait_done(job_id, name, timeout=300)
+    batch_log = cluster.batch_log(name, job_id)
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", batch_log
+    assert "requeueing job" in batch_log  # the self-requeue after USR1 came from slurm/common.sh
+    for restart, expected in ((1, saved), (2, before_limit)):
+        resumed = RESUMED.findall(cluster.node_log(name, job_id, restart))
+        assert resumed == [str(expected)], f"restart {restart}: expected a resume from step {expected}, got {resumed}"
+    metrics = _metrics(run_dir)
+    assert (metrics["status"], metrics["steps"], metrics["resumed_from_step"]) == ("completed", total, before_limit)
+    assert saved < before_limit < total
+    assert _latest_step(run_dir) == total
