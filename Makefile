@@ -11,7 +11,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR ?= cpu
 export PYTHONUNBUFFERED := 1
 
-.PHONY: env demo test lock clean
+.PHONY: env sysdeps demo test lock clean
 
 env: $(STAMP)
 
@@ -26,7 +26,14 @@ $(STAMP): pyproject.toml constraints.txt
 demo: env
 	$(PY) -m rwkvclip_dist.demo
 
-test: env
+# Debian packages the tests use: a real single-node Slurm (slurm-wlm, munge) and shellcheck for slurm/.
+SYSDEPS := slurm-wlm munge shellcheck
+sysdeps:
+	@if command -v slurmctld >/dev/null && command -v munged >/dev/null && command -v shellcheck >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSDEPS) >/dev/null; \
+	else echo "note: install $(SYSDEPS) (Debian) to run the Slurm tests; they are skipped without them"; fi
+
+test: env sysdeps
 	$(PY) -m pytest tests
 
 # Re-pin after an intentional dependency change.
