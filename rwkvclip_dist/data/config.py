@@ -1,0 +1,105 @@
+"""Typed configuration of the data side (the ``data:`` section of a recipe).
+
+Fields are plain types so a recipe YAML maps onto them one to one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rwkvclip_dist.data.columns import TEXT_COLUMNS
+
+
+@dataclass
+class StreamConfig:
+    """One MDS data source mixed into training (e.g. LAION, YFCC)."""
+
+    remote: str
+    """Where the shards live: a local directory, ``s3://``, ``gs://``, ... (anything Streaming reads)."""
+
+    local: str | None = None
+    """Local cache directory for a remote stream; ``None`` reads a local ``remote`` in place."""
+
+    proportion: float | None = None
+    """Relative weight of this stream in the mix (Streaming normalises); set on all streams or none."""
+
+    repeat: float | None = None
+    """Up- or down-sample this stream by this factor per epoch (alternative to ``proportion``)."""
+
+    choose: int | None = None
+    """Take exactly this many samples from this stream per epoch (alternative to ``proportion``)."""
+
+
+@dataclass
+class DataConfig:
+    """The training input pipeline: streams, text choice, shuffling and loader workers."""
+
+    streams: list[StreamConfig] = field(default_factory=list)
+    """MDS streams to mix; at least one is needed to build a loader."""
+
+    batch_size: int = 256
+    """Samples per rank per step (the global batch is this times the world size)."""
+
+    text_weights: dict[str, float] = field(
+        default_factory=lambda: {"raw": 1.0, "synthetic": 1.0, "generated": 1.0})
+    """Relative chance of training on each text kind; renormalised over the texts a sample has."""
+
+    shuffle: bool = True
+    """Shuffle samples each epoch (Streaming's shuffle; the order is a function of the seed)."""
+
+    shuffle_algo: str = "py1e"
+    """Streaming shuffle algorithm: py1e, py1br, py1b, py1s, py2s, naive."""
+
+    shuffle_seed: int = 9176
+    """Seed of the sample order (the training seed drives crops, flips and the text choice)."""
+
+    shuffle_block_size: int | None = None
+    """Samples per shuffle block; ``None`` lets Streaming choose (about 262k)."""
+
+    epoch_size: int | None = None
+    """Samples per epoch over all streams; ``None`` is one pass over every stream."""
+
+    num_workers: int = 4
+    """DataLoader worker processes per rank (decode and augmentation run there)."""
+
+    predownload: int | None = None
+    """Samples to download ahead per worker; ``None`` is Streaming's default (8 x batch size)."""
+
+    cache_limit: str | None = None
+    """Cap on the local cache (e.g. ``"200gb"``); older shards are evicted past it."""
+
+    hflip: float = 0.5
+    """Horizontal flip probability of the training transform (SPEC: 0.5)."""
+
+    image_size: int | None = None
+    """Training resolution in pixels; ``None`` takes the model's ``image.image_size``."""
+
+    num_canonical_nodes: int | None = None
+    """Streaming's canonical node count; fix it to keep the sample order when the node count changes."""
+
+    download_timeout: float = 60.0
+    """Seconds to wait for one shard download before failing."""
+
+    def __post_init__(self) -> None:
+        self.streams = [s if isinstance(s, StreamConfig) else StreamConfig(**s) for s in self.streams]
+        unknown = set(self.text_weights) - set(TEXT_COLUMNS)
+        if unknown:
+            raise ValueError(f"data.text_weights: unknown text kind(s) {sorted(unknown)}; "
+                             f"expected keys among {list(TEXT_COLUMNS)}")
+        bad = {k: v for k, v in self.text_weights.items() if not v >= 0}
+        if bad:
+            raise ValueError(f"data.text_weights: weights must be >= 0, got {bad}")
+        if not any(v > 0 for v in self.text_weights.values()):
+            raise ValueError("data.text_weights: at least one weight must be positive")
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
+        """Build from a parsed YAML mapping, rejecting unknown keys by name."""
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"data: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)

@@ -1,0 +1,158 @@
+"""StreamingDataset over the MDS column contract: decode, augment, pick one text, tokenize.
+
+Yields ``(image [3,S,S] float, tokens [77] long, text_id int)`` (plus ``label`` when asked for).
+All per-sample randomness (crop, flip, text choice) is a function of ``(seed, epoch, sample_id)``, so
+the samples after a mid-epoch resume are bit-identical to those of the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from streaming import StreamingDataset
+from streaming.base.shared import SharedScalar
+from streaming.base.shared.prefix import _get_path
+
+from rwkvclip_dist.data.columns import TEXT_COLUMNS, TEXT_ID
+from rwkvclip_dist.data.tokenizer import CONTEXT_LENGTH, tokenize
+
+log = logging.getLogger(__name__)
+CORRUPT_SHM = "rwkvclip_corrupt"
+
+
+class CorruptSample:
+    """Returned by ``get_item`` for a row that cannot be decoded; ``__iter__`` never yields it."""
+
+    def __init__(self, sample_id: int, key: str, error: str) -> None:
+        self.sample_id, self.key, self.error = sample_id, key, error
+
+    def __repr__(self) -> str:
+        return f"CorruptSample(id={self.sample_id}, key={self.key!r}, {self.error})"
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    # A few integer ops per sample; numpy's SeedSequence/Generator cost ~30 us per sample here.
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_seeds(seed: int, epoch: int, sample_id: int) -> tuple[float, int]:
+    """(uniform in [0, 1) for the text choice, 63-bit torch seed for the augmentation) of one sample."""
+    h = _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ epoch) ^ sample_id)
+    return (h >> 11) / float(1 << 53), _splitmix64(h) >> 1
+
+
+def choose_text(texts: dict[str, str], weights: dict[str, float], u: float) -> str:
+    """Pick a text kind among the non-empty ones, with ``weights`` renormalised over them.
+
+    ``u`` is uniform in [0, 1). A sample whose texts all have weight 0 falls back to a uniform choice
+    among the texts it has, so a missing text is never picked and a sample is never dropped for it.
+    """
+    avail = [k for k in TEXT_COLUMNS if texts.get(k)]
+    if not avail:
+        raise ValueError("sample has no text")
+    w = [max(weights.get(k, 0.0), 0.0) for k in avail]
+    total = sum(w)
+    if total <= 0:
+        w, total = [1.0] * len(avail), float(len(avail))
+    target = u * total
+    for kind, wk in zip(avail, w):
+        if target < wk:
+            return kind
+        target -= wk
+    return next(k for k, wk in zip(reversed(avail), reversed(w)) if wk > 0)  # u*total rounding
+
+
+class ThreeTextDataset(StreamingDataset):
+    """Streaming image-text dataset with per-sample text choice (SPEC section 8)."""
+
+    def __init__(self, *, transform: Callable, text_weights: dict[str, float] | None = None,
+                 sample_seed: int = 0, fixed_text: str | None = None, with_label: bool = False,
+                 context_length: int = CONTEXT_LENGTH, **streaming_kwargs: Any) -> None:
+        super().__init__(**streaming_kwargs)
+        self.transform = transform
+        self.text_weights = dict(text_weights or {k: 1.0 for k in TEXT_COLUMNS})
+        self.sample_seed = sample_seed
+        if fixed_text is not None and fixed_text not in TEXT_COLUMNS:
+            raise ValueError(f"fixed_text must be one of {TEXT_COLUMNS}, got {fixed_text!r}")
+        self.fixed_text = fixed_text
+        self.with_label = with_label
+        self.context_length = context_length
+        self._epoch = 0
+        # Node-wide counter in shared memory, so worker processes' skips are visible to the trainer.
+        self._corrupt = SharedScalar(np.int64, _get_path(self._shm_prefix_int, CORRUPT_SHM))
+
+    @property
+    def num_corrupt(self) -> int:
+        """Samples skipped because they failed to decode, on this node since the dataset was built."""
+        return int(self._corrupt.get())
+
+    def _get_work(self, epoch: int, sample_in_epoch: int):
+        # The only place a worker learns its epoch; it seeds the per-sample randomness below.
+        self._epoch = epoch
+        return super()._get_work(epoch, sample_in_epoch)
+
+    def decode(self, row: dict[str, Any], sample_id: int) -> tuple:
+        """Turn one MDS row into model inputs; raises on an undecodable image."""
+        u, torch_seed = sample_seeds(self.sample_seed, self._epoch, int(sample_id))
+        texts = {k: row.get(k) or "" for k in TEXT_COLUMNS}
+        if self.fixed_text is not None:
+            kind = self.fixed_text if texts[self.fixed_text] else "raw"
+        else:
+            kind = choose_text(texts, self.text_weights, u)
+        img = Image.open(io.BytesIO(row["jpg"]))
+        img.load()
+        # torchvision draws from the global CPU torch RNG; fork it so the main process's RNG (dropout,
+        # init) is untouched when num_workers=0, and seed it per sample for exact resumption.
+        # (torch.manual_seed would also queue lazy CUDA/XPU seeding with a stack trace per call.)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(torch_seed)
+            image = self.transform(img)
+        tokens = tokenize(texts[kind], self.context_length)[0]
+        out = (image, tokens, TEXT_ID[kind])
+        if self.with_label:
+            out = out + (int(row["label"]),)
+        return out
+
+    def get_item(self, sample_id: int, retry: int = 7) -> Any:
+        row = super().get_item(sample_id, retry)
+        try:
+            return self.decode(row, sample_id)
+        except (OSError, SyntaxError, ValueError) as e:
+            return CorruptSample(sample_id, str(row.get("key")), f"{type(e).__name__}: {e}")
+
+    def __iter__(self) -> Iterator[tuple]:
+        """Iterate this worker's partition, replacing undecodable samples.
+
+        A bad sample is replaced by the worker's previous good one (or its next, at the start) rather
+        than dropped: every rank then keeps the same batch size and the sample position that
+        Streaming checkpoints stays exact. Each replacement is logged and counted (``num_corrupt``).
+        """
+        last = None
+        owed = 0
+        for item in super().__iter__():
+            if isinstance(item, CorruptSample):
+                self._corrupt.set(self._corrupt.get() + 1)
+                log.warning("skipping undecodable sample %r", item)
+                if last is None:
+                    owed += 1
+                else:
+                    yield last
+                continue
+            last = item
+            for _ in range(owed + 1):
+                yield item
+            owed = 0
+        if owed:
+            raise RuntimeError(f"all {owed} samples of a data-loader worker's partition failed to "
+                               f"decode; the shards are damaged (see the warnings above)")

@@ -1,0 +1,214 @@
+"""Streaming loader on real MDS shards: rank partition, exact mid-epoch resume, text weights, streams.
+
+Multi-rank tests run two real torch.distributed gloo ranks with Streaming's environment variables.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as tmp
+from PIL import Image
+from scipy.stats import chisquare
+from streaming import MDSWriter
+from streaming.base.util import clean_stale_shared_memory
+
+from rwkvclip_dist.data.columns import COMPRESSION, TEXT_ID, columns
+from rwkvclip_dist.data.config import DataConfig, StreamConfig
+from rwkvclip_dist.data.loader import build_eval_dataloader, build_train_dataloader
+from rwkvclip_dist.data.tokenizer import tokenize
+
+N_RANK_SAMPLES = 96
+ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def jpeg(i: int) -> bytes:
+    rng = np.random.default_rng(i)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_shards(path: str, n: int, prefix: str = "s", synthetic_every: int = 1, corrupt=()) -> None:
+    """``n`` rows with unique texts ``{prefix} raw i`` etc.; rows ``i % synthetic_every != 0`` lack a
+    synthetic caption; rows in ``corrupt`` carry undecodable image bytes."""
+    with MDSWriter(out=path, columns=columns(), compression=COMPRESSION, size_limit=1 << 14) as w:
+        for i in range(n):
+            w.write({"key": f"{prefix}{i}", "jpg": b"\xff\xd8 broken" if i in corrupt else jpeg(i),
+                     "raw": f"{prefix} raw {i}",
+                     "synthetic": f"{prefix} synthetic {i}" if i % synthetic_every == 0 else "",
+                     "generated": f"{prefix} generated {i}", "tags": [], "width": 12, "height": 12,
+                     "source": "test"})
+
+
+def text_index(prefix: str, n: int) -> dict[tuple, tuple[int, str]]:
+    """Token row -> (sample index, text kind), to identify what the loader yielded."""
+    out = {}
+    for kind in TEXT_ID:
+        toks = tokenize([f"{prefix} {kind} {i}" for i in range(n)])
+        out.update({tuple(t.tolist()): (i, kind) for i, t in enumerate(toks)})
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _shm_clean():
+    clean_stale_shared_memory()
+    yield
+    clean_stale_shared_memory()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _epoch(loader, lookup, stop_after=None):
+    """[(sample ids, text kinds, image bytes)] per batch; optionally the state after ``stop_after``."""
+    batches, state = [], None
+    for b, (img, tok, tid) in enumerate(loader):
+        ids = [lookup[tuple(t.tolist())] for t in tok]
+        assert [TEXT_ID[k] for _, k in ids] == tid.tolist()
+        batches.append(([i for i, _ in ids], [k for _, k in ids], img.numpy().tobytes()))
+        if stop_after is not None and b + 1 == stop_after:
+            state = loader.state_dict()
+            break
+    return batches, state
+
+
+def _rank_main(rank: int, world: int, port: int, data: str, result_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        clean_stale_shared_memory()  # a collective once dist is up: every rank calls it
+        cfg = DataConfig(streams=[StreamConfig(remote=data)], batch_size=4, num_workers=2,
+                         shuffle=True, shuffle_seed=3, shuffle_block_size=32)
+        lookup = text_index("s", N_RANK_SAMPLES)
+
+        def run(stop_after=None, state=None):
+            loader, dataset = build_train_dataloader(cfg, image_size=8, seed=11)
+            if state is not None:
+                loader.load_state_dict(state)
+            out = _epoch(loader, lookup, stop_after)
+            del loader, dataset
+            dist.barrier()
+            return out
+
+        full, _ = run()
+        _, state = run(stop_after=5)
+        rest, _ = run(state=state)
+        states = [None] * world
+        dist.all_gather_object(states, state)
+        seen = [None] * world
+        dist.all_gather_object(seen, sorted(i for ids, _, _ in full for i in ids))
+        torch.save({"full": full, "rest": rest, "states": states, "seen": seen},
+                   os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_partition_and_exact_resume(tmp_path):
+    data = str(tmp_path / "data")
+    write_shards(data, N_RANK_SAMPLES)
+    saved = {k: os.environ.get(k) for k in ENV}
+    try:
+        # fork, as under torchrun: a spawned rank would also spawn its DataLoader workers, each
+        # re-importing torch (tens of seconds on two shared cores) for no extra coverage.
+        tmp.start_processes(_rank_main, args=(2, _free_port(), data, str(tmp_path)), nprocs=2,
+                            join=True, start_method="fork")
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    seen0, seen1 = r0["seen"]
+    assert not set(seen0) & set(seen1), "ranks read overlapping samples"
+    assert sorted(seen0 + seen1) == list(range(N_RANK_SAMPLES)), "ranks do not cover the epoch"
+    assert r0["states"][0] == r0["states"][1] and r0["states"][0]["sample_in_epoch"] == 5 * 4 * 2
+    for r in (r0, r1):
+        assert len(r["full"]) == N_RANK_SAMPLES // 8
+        # Same samples, same text choice, bit-identical augmented images after the resume.
+        assert r["rest"] == r["full"][5:]
+
+
+def test_text_choice_matches_weights_and_skips_missing(tmp_path):
+    data = str(tmp_path / "data")
+    n = 400
+    write_shards(data, n, synthetic_every=4)  # 100 rows have all three texts, 300 lack synthetic
+    weights = {"raw": 1.0, "synthetic": 2.0, "generated": 5.0}
+    cfg = DataConfig(streams=[StreamConfig(remote=data)], batch_size=50, num_workers=0,
+                     text_weights=weights)
+    loader, _ = build_train_dataloader(cfg, image_size=8, seed=0)
+    lookup = text_index("s", n)
+    full = {k: 0 for k in weights}
+    partial = {k: 0 for k in weights}
+    for _ in range(3):  # three epochs: fresh draws per epoch, 1200 choices in all
+        for ids, kinds, _ in _epoch(loader, lookup)[0]:
+            for i, k in zip(ids, kinds):
+                (full if i % 4 == 0 else partial)[k] += 1
+    assert partial["synthetic"] == 0, "a missing text was picked"
+    total = sum(weights.values())
+    obs = [full[k] for k in weights]
+    exp = [sum(obs) * w / total for w in weights.values()]
+    # Seeded draws, so this is deterministic; a wrong weighting gives p far below 1e-3.
+    assert chisquare(obs, exp).pvalue > 1e-3, (obs, exp)
+    obs2 = [partial["raw"], partial["generated"]]
+    assert chisquare(obs2, [sum(obs2) / 6, sum(obs2) * 5 / 6]).pvalue > 1e-3, obs2
+
+
+def test_weighted_streams_with_remote_and_local_cache(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    write_shards(a, 40, prefix="a")
+    write_shards(b, 40, prefix="b")
+    cfg = DataConfig(streams=[StreamConfig(remote=a, local=str(tmp_path / "cache_a"), proportion=3),
+                              StreamConfig(remote=b, proportion=1)],
+                     batch_size=8, num_workers=0, epoch_size=64, text_weights={"raw": 1.0})
+    loader, _ = build_train_dataloader(cfg, image_size=8, seed=0)
+    lookup = {**{k: ("a",) + v for k, v in text_index("a", 40).items()},
+              **{k: ("b",) + v for k, v in text_index("b", 40).items()}}
+    got = [lookup[tuple(t.tolist())][0] for _, tok, _ in loader for t in tok]
+    assert (got.count("a"), got.count("b")) == (48, 16)
+    assert os.path.isfile(tmp_path / "cache_a" / "index.json"), "remote stream was not cached locally"
+
+
+def test_corrupt_sample_is_replaced_and_counted(tmp_path):
+    data = str(tmp_path / "data")
+    write_shards(data, 10, corrupt={0, 5})
+    loader, dataset = build_eval_dataloader(data, image_size=8, batch_size=10)
+    (img, tok, tid), = list(loader)
+    lookup = text_index("s", 10)
+    ids = [lookup[tuple(t.tolist())][0] for t in tok]
+    assert ids == [1, 1, 2, 3, 4, 4, 6, 7, 8, 9]
+    assert dataset.num_corrupt == 2
+    assert torch.equal(img[0], img[1]) and tid.tolist() == [0] * 10
+
+
+def test_config_and_stream_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="text_weights.*caption"):
+        DataConfig(text_weights={"caption": 1.0})
+    with pytest.raises(ValueError, match="at least one weight"):
+        DataConfig(text_weights={"raw": 0.0})
+    with pytest.raises(ValueError, match="unknown field.*batchsize"):
+        DataConfig.from_dict({"batchsize": 4})
+    cfg = DataConfig.from_dict({"streams": [{"remote": str(tmp_path), "proportion": 1}], "batch_size": 2})
+    assert cfg.streams[0] == StreamConfig(remote=str(tmp_path), proportion=1)
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*no index.json"):
+        build_train_dataloader(cfg, image_size=8, seed=0)
+
+
+def test_choose_text_edges():
+    from rwkvclip_dist.data.dataset import choose_text
+    texts = {"raw": "r", "synthetic": "", "generated": "g"}
+    assert choose_text(texts, {"raw": 0.0, "synthetic": 1.0, "generated": 0.0}, 0.99) in ("raw", "generated")
+    assert choose_text(texts, {"raw": 1.0, "generated": 3.0}, 0.2) == "raw"
+    assert choose_text(texts, {"raw": 1.0, "generated": 3.0}, 0.3) == "generated"
+    assert choose_text(texts, {"raw": 1.0, "generated": 0.0}, 0.999999999) == "raw"
+    with pytest.raises(ValueError, match="no text"):
+        choose_text({"raw": ""}, {"raw": 1.0}, 0.5)

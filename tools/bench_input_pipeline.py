@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Input-pipeline throughput per core: our MDS loader vs an equivalent webdataset pipeline.
+
+Both read the same JPEGs and do the same work per sample (JPEG decode, SPEC training transform,
+CLIP tokenization, batching) in one process with one torch thread, so samples per CPU-second is
+samples/s per core. Results go in benchmarks/input_pipeline.md.
+
+    python tools/bench_input_pipeline.py --samples 2048 --image-side 320 --image-size 224 --repeats 3
+
+webdataset is needed for the comparison only (pip install webdataset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def make_tar(path: str, n: int, side: int) -> None:
+    """Photo-like JPEGs (smooth gradients plus mild noise; pure noise would inflate decode cost)."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            a, b, c = rng.random(3)
+            base = np.stack([a * xx + (1 - a) * yy, b * yy, c * (1 - xx)], -1) * 255
+            img = (base + rng.normal(0, 8, base.shape)).clip(0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="JPEG", quality=90)
+            text = f"a synthetic gradient picture number {i} with colours {a:.2f} {b:.2f} {c:.2f}"
+            for ext, data in (("jpg", buf.getvalue()), ("txt", text.encode()),
+                              ("json", json.dumps({"key": f"{i:06d}"}).encode())):
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def timed(loader) -> tuple[int, float, float, float]:
+    """(samples, wall s, process CPU s incl. background threads, main-thread CPU s)."""
+    n, wall, cpu, main_cpu = 0, time.perf_counter(), time.process_time(), time.thread_time()
+    for batch in loader:
+        n += len(batch[0])
+    return n, time.perf_counter() - wall, time.process_time() - cpu, time.thread_time() - main_cpu
+
+
+def ours(mds: str, image_size: int, batch: int):
+    from rwkvclip_dist.data.config import DataConfig, StreamConfig
+    from rwkvclip_dist.data.loader import build_train_dataloader
+    cfg = DataConfig(streams=[StreamConfig(remote=mds)], batch_size=batch, num_workers=0,
+                     text_weights={"raw": 1.0})
+    return build_train_dataloader(cfg, image_size, seed=0)[0]
+
+
+def stock_streaming(mds: str, image_size: int, batch: int):
+    """Stock StreamingDataset with the same decode, to separate Streaming's cost from ours."""
+    import torch
+    from PIL import Image
+    from streaming import StreamingDataset
+
+    from rwkvclip_dist.data.tokenizer import tokenize
+    from rwkvclip_dist.data.transforms import train_transform
+    tf = train_transform(image_size)
+
+    class Plain(StreamingDataset):
+        def get_item(self, sample_id: int, retry: int = 7):
+            row = super().get_item(sample_id, retry)
+            img = Image.open(io.BytesIO(row["jpg"]))
+            img.load()
+            return tf(img), tokenize(row["raw"])[0]
+
+    ds = Plain(local=mds, batch_size=batch, shuffle=True)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=0)
+
+
+def webdataset_loader(tar: str, image_size: int, batch: int):
+    import torch
+    import webdataset as wds
+
+    from rwkvclip_dist.data.tokenizer import tokenize
+    from rwkvclip_dist.data.transforms import train_transform
+    tf = train_transform(image_size)
+    ds = (wds.WebDataset(tar, shardshuffle=False).decode("pil").to_tuple("jpg", "txt")
+          .map_tuple(tf, lambda t: tokenize(t)[0]))
+    return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--samples", type=int, default=2048,
+                   help="a multiple of --batch: our loader drops a last partial batch (drop_last)")
+    p.add_argument("--image-side", type=int, default=320, help="stored JPEG side in pixels")
+    p.add_argument("--image-size", type=int, default=224, help="model resolution (crop size)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workdir", default=None)
+    args = p.parse_args(argv)
+    if args.samples % args.batch:
+        p.error("--samples must be a multiple of --batch so both pipelines count the same samples")
+
+    import torch
+    from streaming.base.util import clean_stale_shared_memory
+
+    from rwkvclip_dist.data.builder import BuildOptions, build_shards
+    torch.set_num_threads(1)
+    work = args.workdir or tempfile.mkdtemp(prefix="bench-input-")
+    os.makedirs(work, exist_ok=True)
+    tar, mds = os.path.join(work, "00000.tar"), os.path.join(work, "mds")
+    if not os.path.exists(tar):
+        make_tar(tar, args.samples, args.image_side)
+    if not os.path.exists(os.path.join(mds, "index.json")):
+        build_shards(BuildOptions(inputs=[tar], out=mds, workers=1))
+    clean_stale_shared_memory()
+    pipelines = {"mds (ours)": lambda: ours(mds, args.image_size, args.batch),
+                 "stock StreamingDataset, same decode": lambda: stock_streaming(mds, args.image_size,
+                                                                                 args.batch),
+                 "webdataset": lambda: webdataset_loader(tar, args.image_size, args.batch)}
+    results: dict[str, list[tuple[int, float, float, float]]] = {k: [] for k in pipelines}
+    for _ in range(args.repeats):  # interleaved, so load from other processes hits all alike
+        for name, make in pipelines.items():
+            results[name].append(timed(make()))
+            clean_stale_shared_memory()
+    print(f"{args.samples} samples, JPEG {args.image_side}px -> {args.image_size}px, batch {args.batch}, "
+          f"1 process, 1 torch thread, median of {args.repeats}")
+    print("| pipeline | samples/s (wall) | samples per CPU-second, whole process (per core) "
+          "| samples per CPU-second, main thread |")
+    print("|---|---|---|---|")
+    for name, runs in results.items():
+        wall = statistics.median(n / w for n, w, _, _ in runs)
+        cpu = statistics.median(n / c for n, _, c, _ in runs)
+        main_cpu = statistics.median(n / m for n, _, _, m in runs)
+        print(f"| {name} | {wall:.0f} | {cpu:.0f} | {main_cpu:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
