@@ -4,9 +4,7 @@ float64 evaluation of the authors' state dict. The authors' file is made by expo
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,20 +14,12 @@ from rwkvclip_dist.convert.io import StateDictMismatch, load_state_dict_file
 from rwkvclip_dist.convert.pipeline import authors_to_ours, expected_shapes, ours_to_authors, verify_authors
 from rwkvclip_dist.model.registry import get_model_config
 from rwkvclip_dist.pretrained import create_model, save_pretrained
+from tool_loader import tool_main
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def _tool_main(name: str):
-    """``main`` of tools/<name>.py (tools/ is a script folder, not a package on sys.path)."""
-    path = Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-convert_main = _tool_main("convert_checkpoint")
+convert_main = tool_main("convert_checkpoint")
 
 
 @pytest.fixture(scope="module")

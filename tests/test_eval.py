@@ -3,11 +3,9 @@ folders the tests make and on the digits demo data, single-process and across 2 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,17 +18,11 @@ from rwkvclip_dist.eval.linear_probe import LinearProbeConfig, linear_probe
 from rwkvclip_dist.eval.retrieval import retrieval_recall
 from rwkvclip_dist.eval.retrieval_data import load_retrieval_annotations
 from rwkvclip_dist.pretrained import create_model, save_pretrained
+from tool_loader import tool_main
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def _tool_main(name: str):
-    """``main`` of tools/<name>.py (tools/ is a script folder, not a package on sys.path)."""
-    path = Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
 
@@ -121,7 +113,7 @@ def test_shipped_templates():
 
 
 def test_evaluate_cli_all_tasks_on_image_folder(tmp_path, folder, model_file, capsys):
-    main = _tool_main("evaluate")
+    main = tool_main("evaluate")
     flat = [{"image": p.relative_to(folder).as_posix(), "caption": f"a {p.parent.name} square"}
             for p in sorted(folder.rglob("*.png"))]
     (tmp_path / "captions.json").write_text(json.dumps(flat))

@@ -3,9 +3,7 @@ and the standalone vision encoder. All on the 'tiny' config and the digits demo 
 
 from __future__ import annotations
 
-import importlib.util
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,17 +20,9 @@ from rwkvclip_dist.pretrained import (
     load_vision_encoder,
     save_pretrained,
 )
+from tool_loader import tool_main
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _tool_main(name: str):
-    """``main`` of tools/<name>.py (tools/ is a script folder, not a package on sys.path)."""
-    path = Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +106,7 @@ def test_clip_benchmark_zeroshot_runs_our_model_unchanged(tmp_path, saved, digit
 
 
 def test_vision_encoder_export_loads_alone(tmp_path, saved):
-    main = _tool_main("export_vision_encoder")
+    main = tool_main("export_vision_encoder")
     model, path = saved
     out = tmp_path / "vision.safetensors"
     assert main([str(path), str(out)]) == 0

@@ -287,7 +287,7 @@ def render(facts_list: list[ModelFacts], workloads: tuple[Workload, ...], hw: Ha
         out += ["", f"## {facts.name}: {b} samples per GPU (`{work.recipe}`)", "",
                 f"The recipe runs ZeRO-{work.zero_stage}, activation checkpointing "
                 f"{'on' if work.checkpointing else 'off'}.", "",
-                f"Model states per GPU (GiB: weights + gradients + optimizer = total), by ZeRO stage:", "",
+                "Model states per GPU (GiB: weights + gradients + optimizer = total), by ZeRO stage:", "",
                 "| GPUs | " + " | ".join(f"ZeRO-{s}" for s in ZERO_STAGES) + " |",
                 "|---:|" + "---:|" * len(ZERO_STAGES)]
         for n in GPU_COUNTS:

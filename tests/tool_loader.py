@@ -1,0 +1,13 @@
+"""Load a command-line tool's ``main`` from tools/ (a script folder, not a package on sys.path)."""
+import importlib.util
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+def tool_main(name: str):
+    """``main`` of tools/<name>.py."""
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
