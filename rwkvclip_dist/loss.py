@@ -1,0 +1,100 @@
+"""Contrastive losses over the global batch: CLIP's symmetric InfoNCE and the SigLIP sigmoid loss.
+
+Both take L2-normalised features ``[B, D]`` of this rank and the (exp'd) logit scale, gather the
+other ranks' features through ``parallel.collectives``, and return this rank's loss. The data-parallel
+mean of that loss (which DeepSpeed's gradient averaging applies) is the loss of one process holding
+the concatenated batch, and with ``gather_with_grad`` so is its gradient, for every parameter.
+
+``local_loss`` scores only this rank's rows against all columns: memory ``B x global B`` instead of
+``global B x global B``, same mean and gradient. Without ``gather_with_grad`` the other ranks' copies
+of this rank's features carry no gradient back, so the gradient misses the terms in which this rank's
+features serve as other ranks' negatives (open_clip's cheaper approximation); keep it on for
+exactness.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rwkvclip_dist.parallel import collectives
+
+
+def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+class _GatheringLoss(nn.Module):
+    def __init__(self, local_loss: bool = True, gather_with_grad: bool = True,
+                 rank: int | None = None, world_size: int | None = None) -> None:
+        super().__init__()
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.rank = collectives.rank() if rank is None else rank
+        self.world_size = collectives.world_size() if world_size is None else world_size
+
+    def gather(self, features: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return features
+        if self.gather_with_grad:
+            return collectives.all_gather_with_grad(features)
+        return collectives.all_gather_no_grad(features)
+
+
+class ClipLoss(_GatheringLoss):
+    """Symmetric cross-entropy of image->text and text->image logits (InfoNCE)."""
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                logit_scale: torch.Tensor) -> torch.Tensor:
+        if image_features.shape != text_features.shape:
+            raise ValueError(f"image features {tuple(image_features.shape)} and text features "
+                             f"{tuple(text_features.shape)} must have the same shape")
+        rows = image_features.shape[0]
+        all_image = self.gather(image_features)
+        all_text = self.gather(text_features)
+        if self.local_loss:
+            logits_per_image = logit_scale * image_features @ all_text.T
+            logits_per_text = logit_scale * text_features @ all_image.T
+            labels = torch.arange(rows, device=image_features.device) + rows * self.rank
+        else:
+            logits_per_image = logit_scale * all_image @ all_text.T
+            logits_per_text = logits_per_image.T
+            labels = torch.arange(all_image.shape[0], device=image_features.device)
+        # Float32 logits: bf16 cross-entropy over thousands of negatives loses the small terms.
+        return 0.5 * (F.cross_entropy(_at_least_fp32(logits_per_image), labels)
+                      + F.cross_entropy(_at_least_fp32(logits_per_text), labels))
+
+
+class SigLipLoss(_GatheringLoss):
+    """Pairwise sigmoid loss: every (image, text) pair is a binary match / no-match decision.
+
+    The bias is a fixed recipe constant here (SigLIP learns it); the scale is the model's logit_scale.
+    Normalised per image as in SigLIP: the sum over all pairs of a row, averaged over rows.
+    """
+
+    def __init__(self, bias: float = -10.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.bias = bias
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                logit_scale: torch.Tensor) -> torch.Tensor:
+        rows = image_features.shape[0]
+        all_text = self.gather(text_features)
+        if self.local_loss or self.world_size == 1:
+            images, offset = image_features, rows * self.rank if self.world_size > 1 else 0
+        else:
+            images, offset = self.gather(image_features), 0
+        logits = _at_least_fp32(logit_scale * images @ all_text.T) + self.bias
+        signs = -torch.ones_like(logits)
+        idx = torch.arange(images.shape[0], device=logits.device)
+        signs[idx, idx + offset] = 1.0
+        return -F.logsigmoid(signs * logits).sum(dim=1).mean()
+
+
+def build_loss(kind: str, local_loss: bool = True, gather_with_grad: bool = True,
+               siglip_bias: float = -10.0) -> _GatheringLoss:
+    if kind == "clip":
+        return ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad)
+    if kind == "siglip":
+        return SigLipLoss(bias=siglip_bias, local_loss=local_loss, gather_with_grad=gather_with_grad)
+    raise ValueError(f"loss.kind must be 'clip' or 'siglip', got {kind!r}")

@@ -1,0 +1,86 @@
+"""The few collectives the training code needs, each a no-op when torch.distributed is not set up.
+
+``all_gather_with_grad`` is the one the contrastive loss relies on: the forward concatenates every
+rank's rows; the backward sums the incoming gradient over ranks (every rank's loss depends on every
+rank's features) and hands each rank the slice of its own rows.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = ctx.rank * ctx.rows
+        return grad[start:start + ctx.rows]
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from all ranks along dim 0, differentiably (equal shapes required)."""
+    if world_size() == 1:
+        return tensor
+    return _AllGatherWithGrad.apply(tensor)
+
+
+def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from all ranks along dim 0; gradients flow only into the local rows."""
+    if world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.detach().contiguous())
+    # Keep the local slice attached to the graph so the local rows still receive their gradient.
+    parts[rank()] = tensor
+    return torch.cat(parts, dim=0)
+
+
+def _comm_device() -> torch.device:
+    # NCCL only moves GPU tensors; gloo only CPU ones.
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_max_flag(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (ranks agree on stopping, skipping...)."""
+    if world_size() == 1:
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_comm_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def all_reduce_mean(value: float) -> float:
+    """The mean over ranks of one float, for logging."""
+    if world_size() == 1:
+        return float(value)
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return float(tensor.item()) / world_size()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,104 @@
+"""DeepSpeed engine setup from a recipe, and the few engine operations the train loop needs.
+
+The client optimizer is torch's AdamW (no JIT-built fused op), with our own parameter groups; the
+learning rate is set by ``rwkvclip_dist.schedule`` before each step rather than by a DeepSpeed
+scheduler, so that it is a pure function of the step counter. Gradient accumulation is ours
+(``parallel.accumulation``): DeepSpeed is told the number of micro-batches so it steps only at the
+boundary, and each backward is called with ``scale_wrt_gas=False`` because every micro-batch's loss
+already is the full step's loss.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from rwkvclip_dist.parallel.launch_env import LaunchEnv, export_to_environ
+
+log = logging.getLogger(__name__)
+NEVER = 10**12
+
+
+def init_distributed(launch: LaunchEnv, backend: str = "auto") -> str:
+    """Create the default process group (also for world size 1: DeepSpeed needs one)."""
+    import deepspeed
+
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    export_to_environ(launch)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(launch.local_rank)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    return backend
+
+
+def deepspeed_config(*, micro_batch: int, accumulation_steps: int, world_size: int, zero_stage: int,
+                     precision: str, grad_clip: float, allgather_bucket_size: int = 200_000_000,
+                     reduce_bucket_size: int = 200_000_000, overlap_comm: bool = False) -> dict[str, Any]:
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"parallel.precision must be 'bf16' or 'fp32', got {precision!r}")
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage >= 1:
+        zero.update(allgather_bucket_size=allgather_bucket_size, reduce_bucket_size=reduce_bucket_size,
+                    overlap_comm=overlap_comm, contiguous_gradients=True)
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation_steps,
+        "train_batch_size": micro_batch * accumulation_steps * world_size,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        # torch's AdamW is not on DeepSpeed's list of ZeRO-tested optimizers, but it is a plain
+        # torch.optim.Optimizer, which ZeRO 1-3 handle.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": NEVER,
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }
+
+
+def create_engine(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any]):
+    """``deepspeed.initialize`` with our model, client optimizer and config; returns the engine."""
+    import deepspeed
+
+    # DeepSpeed logs its whole config at INFO on every rank; keep the console for our own lines.
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed views every parameter as bytes to broadcast it (at start-up, and in ZeRO-3's
+    # partitioning), which fails for 0-dim tensors such as logit_scale. They train as shape [1];
+    # ``logit_scale.exp()`` then broadcasts the same way in the loss.
+    for param in model.parameters():
+        if param.dim() == 0:
+            param.data = param.data.reshape(1)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def clamp_parameter_(engine, param: nn.Parameter, low: float, high: float) -> None:
+    """Clamp a parameter in place on every copy the optimizer keeps (fp32 master and model weight).
+
+    Under ZeRO and bf16 the optimizer updates an fp32 master copy and overwrites the model weight from
+    it, so clamping only the model weight would be undone at the next step.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    if engine.zero_optimization_partition_weights():
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            with torch.no_grad():
+                param.clamp_(low, high)
+        # ZeRO-3: clamp is elementwise, so each rank clamps its own slice of the fp32 master.
+        # (safe_set_full_fp32_param cannot set a parameter with fewer elements than ranks.)
+        partition, _ = param._z3_optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False)
+        partition.data.clamp_(low, high)
+        return
+    master = safe_get_full_fp32_param(param)
+    if master is not None:
+        safe_set_full_fp32_param(param, master.clamp(low, high))
+    with torch.no_grad():
+        param.clamp_(low, high)
+

@@ -1,0 +1,38 @@
+"""Graceful stop on SIGTERM / SIGUSR1 (Slurm's pre-emption and time-limit warnings).
+
+The handler only records the request; the train loop asks ``should_stop()`` after each step, and all
+ranks agree through an all-reduce (a signal may reach the ranks at slightly different steps), then
+save a checkpoint and exit 0 so that a requeued job resumes from it.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+
+from rwkvclip_dist.parallel.collectives import all_reduce_max_flag
+
+log = logging.getLogger(__name__)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class PreemptionHandler:
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = {}
+
+    def install(self) -> "PreemptionHandler":
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def _on_signal(self, signum, frame) -> None:
+        self.received = signum
+
+    def should_stop(self) -> bool:
+        """Collective: True on every rank as soon as any rank has received a stop signal."""
+        return all_reduce_max_flag(self.received is not None)
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()

@@ -1,0 +1,69 @@
+"""Learning-rate schedules as pure functions of the step: lr(step) = peak lr x factor(step).
+
+A pure function (no scheduler object with state) means a resumed run recomputes the exact lr of any
+step from the step counter alone, and a skipped step (non-finite loss) does not shift it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Schedule:
+    kind: str
+    total_steps: int
+    warmup_steps: int
+    min_lr_ratio: float = 0.0
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("cosine", "onecycle", "constant"):
+            raise ValueError(f"schedule.kind must be cosine, onecycle or constant, got {self.kind!r}")
+        if self.total_steps < 1:
+            raise ValueError(f"train.steps must be >= 1, got {self.total_steps}")
+        if not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(f"warm-up of {self.warmup_steps} steps does not fit in {self.total_steps} steps")
+
+    def factor(self, step: int) -> float:
+        """Multiplier of the peak lr for optimizer step ``step`` (0-based)."""
+        if self.kind == "constant":
+            return 1.0
+        if self.kind == "cosine":
+            if step < self.warmup_steps:
+                return (step + 1) / self.warmup_steps
+            span = max(1, self.total_steps - self.warmup_steps)
+            progress = min(1.0, (step - self.warmup_steps) / span)
+            return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return self._onecycle(step)
+
+    def _onecycle(self, step: int) -> float:
+        # Cosine annealing both ways (torch's OneCycleLR with anneal_strategy='cos'):
+        # peak/div_factor -> peak over the warm-up, then -> peak/(div_factor*final_div_factor).
+        start = 1.0 / self.div_factor
+        end = start / self.final_div_factor
+        if step < self.warmup_steps:
+            t = step / max(1, self.warmup_steps)
+            return _cos_interp(start, 1.0, t)
+        t = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return _cos_interp(1.0, end, min(1.0, t))
+
+
+def _cos_interp(begin: float, end: float, t: float) -> float:
+    return end + (begin - end) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def build_schedule(kind: str, total_steps: int, warmup_fraction: float, min_lr_ratio: float = 0.0,
+                   div_factor: float = 25.0, final_div_factor: float = 1e4) -> Schedule:
+    if not 0 <= warmup_fraction <= 1:
+        raise ValueError(f"schedule.warmup_fraction must be in [0, 1], got {warmup_fraction}")
+    return Schedule(kind, total_steps, int(round(warmup_fraction * total_steps)), min_lr_ratio,
+                    div_factor, final_div_factor)
+
+
+def set_lr(optimizer, base_lrs: list[float], factor: float) -> float:
+    """Set every param group's lr to its base lr times ``factor``; returns the first group's lr."""
+    for group, base in zip(optimizer.param_groups, base_lrs):
+        group["lr"] = base * factor
+    return base_lrs[0] * factor

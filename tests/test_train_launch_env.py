@@ -1,0 +1,44 @@
+"""Rank, world size and rendezvous address from torchrun/deepspeed, Slurm, or a lone process."""
+from __future__ import annotations
+
+import pytest
+
+from rwkvclip_dist.parallel.launch_env import detect_launch_env, expand_nodelist
+
+
+def test_torchrun_and_deepspeed_variables_win():
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "n0",
+           "MASTER_PORT": "1234", "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "x"}
+    launch = detect_launch_env(env)
+    assert (launch.rank, launch.world_size, launch.local_rank, launch.local_world_size) == (3, 8, 1, 4)
+    assert (launch.master_addr, launch.master_port, launch.launcher) == ("n0", 1234, "torchrun")
+
+
+def test_slurm_variables_and_first_node_as_master():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242"}
+    launch = detect_launch_env(env)
+    assert (launch.rank, launch.world_size, launch.local_rank, launch.local_world_size) == (5, 8, 1, 4)
+    assert launch.master_addr == "gpu07" and launch.launcher == "slurm"
+    assert launch.master_port == detect_launch_env(env).master_port  # same on every task of the job
+
+
+def test_single_process_default():
+    launch = detect_launch_env({})
+    assert (launch.rank, launch.world_size, launch.launcher) == (0, 1, "single")
+
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("node1", ["node1"]),
+    ("gpu[01-03,7]", ["gpu01", "gpu02", "gpu03", "gpu7"]),
+    ("a[1-2],b3,c[09-10]-ib", ["a1", "a2", "b3", "c09-ib", "c10-ib"]),
+])
+def test_expand_nodelist(nodelist, hosts):
+    assert expand_nodelist(nodelist) == hosts
+
+
+def test_bad_values_are_named():
+    with pytest.raises(ValueError, match="WORLD_SIZE"):
+        detect_launch_env({"RANK": "0", "WORLD_SIZE": "two"})
+    with pytest.raises(ValueError, match="SLURM_JOB_NODELIST"):
+        detect_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
