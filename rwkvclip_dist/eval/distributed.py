@@ -9,17 +9,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+# Rank queries live once, in the training side's collectives helper.
+from rwkvclip_dist.parallel.collectives import is_distributed, rank, world_size
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
+__all__ = ["is_distributed", "rank", "world_size", "all_reduce_sum", "shard_range", "padded_shard", "all_gather_rows"]
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
