@@ -5,9 +5,9 @@ sequence (reversal maps "strictly future" onto "strictly past"), so both directi
 batched call of ``_strictly_past``.
 
 Within a chunk of ``chunk`` tokens the pairwise decays exp(sum of log-decays strictly between s and
-t) are built by a cumulative sum that starts after s, never as a difference of two long prefix
-sums: every exponent is <= 0 and no cancellation occurs, which keeps strong decays (w up to +5)
-and long sequences exact. Between chunks an fp32 N x N state per head carries the past; both
+t) are built, for the causal pairs only, as a 0/1 matrix product that adds exactly those log
+decays, never as a difference of two prefix sums: every exponent is <= 0 and no cancellation
+occurs, which keeps strong decays (w up to +5) and long sequences exact. Between chunks an fp32 N x N state per head carries the past; both
 factors around a chunk boundary have exponents <= 0 as well.
 """
 from __future__ import annotations
@@ -54,14 +54,13 @@ def _strictly_past(r, k, v, log_decay, chunk: int) -> torch.Tensor:
     suffix = F.pad(ld.flip(2)[:, :, :-1], (0, 0, 1, 0)).cumsum(2).flip(2)
     chunk_total = ld.sum(2)  # [G, n, N]
 
-    # Intra-chunk: between[i, m] = sum_{m<p<i} ld[p], grown by a cumsum over i that starts after m.
-    idx = torch.arange(chunk, device=r.device)
-    shifted = F.pad(ld[:, :, :-1], (0, 0, 1, 0))  # shifted[i] = ld[i-1]
-    increments = shifted[:, :, :, None, :] * (idx[:, None] - 1 > idx[None, :]).to(ld.dtype)[None, None, :, :, None]
-    between = increments.cumsum(2)  # [G, n, i, m, N]
-    causal = (idx[:, None] > idx[None, :]).to(ld.dtype)  # [i, m]: m < i
-    weights = torch.exp(between) * causal[None, None, :, :, None]
-    scores = torch.einsum("gnij,gnimj,gnmj->gnim", r, weights, k)
+    # Intra-chunk, over the chunk*(chunk-1)/2 causal pairs (m < i) only: between[pair] = sum_{m<p<i} ld[p]
+    # is a 0/1 matrix product over p, an exact sum of the log decays strictly between the two tokens.
+    select_i, select_m, spans = _causal_pairs(chunk, r.device, ld.dtype)
+    between = spans @ ld  # [G, n, pairs, N], every entry <= 0
+    # Gathers and the scatter back are 0/1 matrix products: their backward is a matmul, not an index_put.
+    pair_scores = ((select_i @ r) * (select_m @ k) * torch.exp(between)).sum(-1)  # [G, n, pairs]
+    scores = torch.einsum("gnq,qi,qm->gnim", pair_scores, select_i, select_m)
     intra = scores @ v
 
     # Inter-chunk: the fp32 state before each chunk, swept sequentially over chunks.
@@ -70,6 +69,17 @@ def _strictly_past(r, k, v, log_decay, chunk: int) -> torch.Tensor:
     inter = (r * torch.exp(prefix)) @ before
     out = (intra + inter).reshape(groups, n_chunks * chunk, size)
     return out[:, :tokens]
+
+
+def _causal_pairs(chunk: int, device, dtype):
+    """One-hot selectors of the pairs m < i of a chunk ([pairs, chunk] each, for i and for m), and
+    spans[pair, p] = 1 where m < p < i."""
+    pair_i, pair_m = torch.tril_indices(chunk, chunk, offset=-1, device=device)
+    p = torch.arange(chunk, device=device)
+    select_i = (p[None, :] == pair_i[:, None]).to(dtype)
+    select_m = (p[None, :] == pair_m[:, None]).to(dtype)
+    spans = ((p[None, :] > pair_m[:, None]) & (p[None, :] < pair_i[:, None])).to(dtype)
+    return select_i, select_m, spans
 
 
 class _StateSweep(torch.autograd.Function):
