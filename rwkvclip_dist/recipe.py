@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from rwkvclip_dist.data.config import DataConfig
-from rwkvclip_dist.recipe_types import ConfigError, build_dataclass, parse_override, to_plain
+from rwkvclip_dist.typed_config import ConfigError, build_dataclass, parse_override, to_plain
 
 __all__ = [
     "ConfigError", "Recipe", "ModelSection", "TrainSection", "LossSection", "OptimizerSection",
@@ -201,7 +201,7 @@ def _load_tree(path: Path, origin: dict, chain: tuple[Path, ...] = ()) -> dict[s
         if not isinstance(base, str):
             raise ConfigError(f"recipe {path}: 'base' must be a file name, got {base!r}")
         tree = _load_tree(path.parent / base, origin, chain + (path,))
-    _merge(tree, data, origin, str(path))
+    _merge(tree, data, origin, f"recipe {path}")
     return tree
 
 
@@ -239,7 +239,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         _set_dotted(tree, key.strip(), value)
         origin[key.strip()] = "command line"
     tree.setdefault("source", str(Path(path)))
-    return build_dataclass(Recipe, tree, origin, str(Path(path)))
+    return build_dataclass(Recipe, tree, origin, f"recipe {Path(path)}")
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:

@@ -40,7 +40,7 @@ from rwkvclip_dist.parallel.engine import clamp_parameter_, create_engine, deeps
 from rwkvclip_dist.parallel.launch_env import LaunchEnv, detect_launch_env
 from rwkvclip_dist.parallel.preemption import PreemptionHandler
 from rwkvclip_dist.recipe import Recipe, load_recipe, save_recipe
-from rwkvclip_dist.recipe_types import to_plain
+from rwkvclip_dist.typed_config import to_plain
 from rwkvclip_dist.schedule import build_schedule, set_lr
 
 log = logging.getLogger("rwkvclip_dist.train")

@@ -1,7 +1,8 @@
 """Typed architecture configs for the two towers and the CLIP wrapper (SPEC sections 1-7).
 
-Registry files in ``rwkvclip_dist/configs/models/*.json`` are loaded into these dataclasses; unknown
-keys and wrong types are errors that name the file and the key.
+Registry files in ``rwkvclip_dist/configs/models/*.json`` are loaded into these dataclasses by the
+package's one typed-config loader (``rwkvclip_dist.typed_config``); unknown keys and wrong types are
+errors that name the file and the key.
 """
 from __future__ import annotations
 
@@ -9,9 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-
-class ConfigError(ValueError):
-    """A model config names an unknown key or holds a value of the wrong type."""
+from rwkvclip_dist.typed_config import ConfigError, build_dataclass
 
 
 @dataclass
@@ -98,49 +97,14 @@ def _check(ok: bool, message: str) -> None:
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> ModelConfig:
-    """Build a ModelConfig from plain data; keys starting with '_' are comments."""
+    """Build a ModelConfig from plain data; top-level keys starting with '_' are comments."""
     data = {k: v for k, v in data.items() if not k.startswith("_")}
-    image = _build(ImageTowerConfig, data.pop("image", {}), f"{source}: image")
-    text = _build(TextTowerConfig, data.pop("text", {}), f"{source}: text")
-    config = _build(ModelConfig, data, source, image=image, text=text)
+    config = build_dataclass(ModelConfig, data, {}, source)
     try:
         config.validate()
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     return config
-
-
-def _build(cls, values: dict[str, Any], where: str, **prebuilt):
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = dict(prebuilt)
-    for key, value in values.items():
-        if key.startswith("_"):
-            continue
-        if key not in known:
-            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
-        default = getattr(cls(), key) if key not in prebuilt else None
-        kwargs[key] = _coerce(value, default, f"{where}.{key}")
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, default: Any, where: str) -> Any:
-    if isinstance(default, bool) or default is None:
-        if default is not None and not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a bool, got {value!r}")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an int, got {value!r}")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if isinstance(default, str) and not isinstance(value, str):
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    return value
 
 
 def apply_overrides(config: ModelConfig, overrides: dict[str, Any], source: str) -> ModelConfig:

@@ -1,8 +1,9 @@
-"""Type-checked construction of nested dataclasses from plain YAML data.
+"""Type-checked construction of nested dataclasses from plain YAML or JSON data.
 
-The field annotations are the schema: ``bool``, ``int``, ``float``, ``str``, ``Literal[...]``,
+One loader for every config in the package: training recipes (``rwkvclip_dist.recipe``) and the
+model registry's JSON files (``rwkvclip_dist.model.config``). The field annotations are the schema: ``bool``, ``int``, ``float``, ``str``, ``Literal[...]``,
 ``X | None``, ``list[X]``, ``tuple[X, ...]``, ``dict[str, X]``, ``Any`` and nested dataclasses.
-Every error names the dotted key and the file it came from.
+Every error names the dotted key and where it came from (the ``origin`` of each key, e.g. a file).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A recipe names an unknown key or holds a value of the wrong type."""
+    """A config names an unknown key or holds a value of the wrong type."""
 
 
 def _type_name(tp: Any) -> str:
@@ -27,7 +28,7 @@ def _type_name(tp: Any) -> str:
 
 def _fail(key: str, origin: dict[str, str], default_file: str, message: str) -> ConfigError:
     where = _origin_of(key, origin, default_file)
-    return ConfigError(f"recipe {where}: {key}: {message}")
+    return ConfigError(f"{where}: {key}: {message}")
 
 
 def _origin_of(key: str, origin: dict[str, str], default_file: str) -> str:
@@ -99,7 +100,7 @@ def _check(value: Any, tp: Any, key: str, origin: dict[str, str], default_file: 
         if not isinstance(value, (str, Path)):
             raise _fail(key, origin, default_file, f"expected a path, got {value!r}")
         return Path(value)
-    raise _fail(key, origin, default_file, f"field type {tp!r} is not supported by the recipe loader")
+    raise _fail(key, origin, default_file, f"field type {tp!r} is not supported by the config loader")
 
 
 def build_dataclass(cls: type, data: Any, origin: dict[str, str], default_file: str, prefix: str = "") -> Any:
@@ -113,7 +114,7 @@ def build_dataclass(cls: type, data: Any, origin: dict[str, str], default_file: 
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
-            raise _fail(dotted, origin, default_file, f"unknown key (known in {section}: {', '.join(sorted(fields))})")
+            raise _fail(dotted, origin, default_file, f"unknown key {key!r} (known in {section}: {', '.join(sorted(fields))})")
         kwargs[key] = _check(value, hints[key], dotted, origin, default_file)
     try:
         return cls(**kwargs)
