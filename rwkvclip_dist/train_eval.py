@@ -6,8 +6,6 @@ once, rebuilds the text classifier from the current weights at each evaluation, 
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -16,16 +14,17 @@ from rwkvclip_dist.recipe import ZeroShotEvalSection
 
 
 def _read_classes(path: str, name: str) -> tuple[list[str], list[str]]:
+    """Class names and templates from the evaluation suite's template-set loader (a shipped name or a
+    JSON file); its fill_template accepts both the '{c}' and the '{}' slot."""
+    from rwkvclip_dist.eval.datasets import load_class_prompts
+
     try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"eval.zeroshot '{name}': classes file {path} does not exist") from None
-    missing = [k for k in ("classnames", "templates") if k not in data]
-    if missing:
-        raise ValueError(f"eval.zeroshot '{name}': {path} lacks {missing}")
-    # The data helper's files use '{}' placeholders, the eval templates '{c}'; accept both.
-    templates = [t.replace("{}", "{c}") for t in data["templates"]]
-    return list(data["classnames"]), templates
+        data = load_class_prompts(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"eval.zeroshot '{name}': {err}") from None
+    if "classnames" not in data:
+        raise ValueError(f"eval.zeroshot '{name}': {path} lacks 'classnames'")
+    return list(data["classnames"]), list(data["templates"])
 
 
 class ZeroShotTask:
