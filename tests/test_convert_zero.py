@@ -4,7 +4,6 @@ consolidated into one safetensors file whose weights equal the engine's, in fp32
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,14 +12,9 @@ import torch.multiprocessing as mp
 from rwkvclip_dist.convert.io import load_state_dict_file, read_record
 from rwkvclip_dist.convert.pipeline import verify_state, zero_to_ours
 from rwkvclip_dist.pretrained import create_model
+from rwkvclip_dist.parallel.launch_env import free_port
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train_one_step(rank: int, world: int, out: str, port: int) -> None:
@@ -52,7 +46,7 @@ def _train_one_step(rank: int, world: int, out: str, port: int) -> None:
 def test_zero2_two_ranks_consolidates_exactly(tmp_path):
     os.environ["DS_ACCELERATOR"] = "cpu"
     ckpt = tmp_path / "ckpt"
-    mp.spawn(_train_one_step, args=(2, str(ckpt), _free_port()), nprocs=2)
+    mp.spawn(_train_one_step, args=(2, str(ckpt), free_port()), nprocs=2)
     expected = torch.load(ckpt / "expected.pt", weights_only=True)
     torch.manual_seed(0)
     initial = create_model("tiny").state_dict()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from rwkvclip_dist.data.columns import COMPRESSION, TEXT_ID, columns
 from rwkvclip_dist.data.config import DataConfig, StreamConfig
 from rwkvclip_dist.data.loader import build_eval_dataloader, build_train_dataloader
 from rwkvclip_dist.data.tokenizer import tokenize
+from rwkvclip_dist.parallel.launch_env import free_port
 
 N_RANK_SAMPLES = 96
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -61,12 +61,6 @@ def _shm_clean():
     clean_stale_shared_memory()
     yield
     clean_stale_shared_memory()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _epoch(loader, lookup, stop_after=None):
@@ -122,7 +116,7 @@ def test_two_ranks_partition_and_exact_resume(tmp_path):
     try:
         # fork, as under torchrun: a spawned rank would also spawn its DataLoader workers, each
         # re-importing torch (tens of seconds on two shared cores) for no extra coverage.
-        tmp.start_processes(_rank_main, args=(2, _free_port(), data, str(tmp_path)), nprocs=2,
+        tmp.start_processes(_rank_main, args=(2, free_port(), data, str(tmp_path)), nprocs=2,
                             join=True, start_method="fork")
     finally:
         for k, v in saved.items():
