@@ -10,6 +10,11 @@
 //   row output    x_t = M_t q_t   (dr; dk in the backward)
 // Inside a chunk every decay factor is exp(sum of log decays strictly between two positions of
 // that chunk) or a Horner product of decays: every exponent is <= 0.
+//
+// The products with the N x N state (outputs from earlier chunks, carrying the state) and the
+// chunk's [16 x 16] dot products run on the tensor cores (tile_mma.cuh: TF32, split into three
+// products for fp32 inputs); the decay-weighted in-chunk scores, the Horner sums and d(w) stay on
+// the CUDA cores in fp32.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -18,6 +23,7 @@
 #include <cstdint>
 
 #include "sweep_params.h"
+#include "tile_mma.cuh"
 
 namespace rwkvclip {
 
@@ -50,14 +56,17 @@ struct Tiles {
   float* pl;      // p_i * exp(cb_{i-1}): p decayed to the chunk start
   float* al;      // a_m * exp(cb_last - cb_m): a decayed to the chunk end
   float* inter;   // row output from previous chunks (kKey: for d(w))
+  float* col;     // column output before the bonus term
   float* att;     // [kChunk][kChunk] column-output scores, m < i
   float* dots;    // [kChunk][kChunk] q_i . b_m
+  float* decay;   // [N] exp(cb_last): the chunk's total decay per channel
+  float* outer;   // [N] kKey: d(w) pairs with the query before and the key after the chunk
   float* beta;    // [kChunk] sum_j a u p (bonus term)
 
   __device__ explicit Tiles(float* smem)
       : M(smem), a(M + N * LD), b(a + TILE), p(b + TILE), q(p + TILE), lw(q + TILE), w(lw + TILE),
-        cb(w + TILE), pl(cb + TILE), al(pl + TILE), inter(al + TILE), att(inter + TILE),
-        dots(att + kChunk * kChunk), beta(dots + kChunk * kChunk) {}
+        cb(w + TILE), pl(cb + TILE), al(pl + TILE), inter(al + TILE), col(inter + TILE), att(col + TILE),
+        dots(att + kChunk * kChunk), decay(dots + kChunk * kChunk), outer(decay + N), beta(outer + N) {}
 };
 
 // Where a block is: its (batch, head), direction and chunk on the time grid.
@@ -73,31 +82,19 @@ struct Position {
 // kKey only, thread j < N: d(w_raw) of this sweep's term at every position of the chunk, and the
 // bonus gradient. d(log w_p) sums the pairs (query tau, key sigma) with tau < p < sigma, split by
 // where tau and sigma lie (before / inside / after the chunk); no long sums are cancelled.
-// Per-position partial sums live in tiles whose contents the chunk no longer needs (p decayed,
-// w, q), not in registers: register arrays here cost the key sweep its occupancy.
+// Expects s.pl = [tau][j] products of this chunk with the keys after it (key_products) and
+// s.outer[j] = the pairs with tau before and sigma after the chunk.
+// Per-position partial sums live in tiles whose contents the chunk no longer needs (w, q), not in
+// registers: register arrays here cost the key sweep its occupancy.
 template <int N>
 __device__ void key_decay_gradient(const SweepParams& prm, const Tiles<N>& s, const Position& pos, int j,
                                    float& du_acc) {
   constexpr int L = kChunk;
   constexpr int LD = Tiles<N>::LD;
-  float* q_out = s.pl;           // [tau][j]: tau inside the chunk, sigma after it
+  const float* q_out = s.pl;     // [tau][j]: tau inside the chunk, sigma after it
   float* pair_sums = s.w;        // [n][j]: pairs (tau, n), tau inside the chunk before the position
   float* keys_in_suffix = s.q;   // [i][j]: sigma inside the chunk after i, tau before the chunk
-  // the opposite query sweep's state entering this chunk: keys after it, in this sweep's order
-  const float* K = prm.states_in + ((int64_t(1 - pos.dir) * prm.BH + pos.bh) * pos.chunks + pos.chunk) * N * N + j * N;
-  float acc[L];  // registers only while the products accumulate
-#pragma unroll
-  for (int i = 0; i < L; ++i) acc[i] = 0.f;
-  float both_out = 0.f;  // tau before the chunk, sigma after it
-  for (int c = 0; c < N; ++c) {
-    const float kv = __ldg(K + c);
-    both_out += s.M[j * LD + c] * kv;
-#pragma unroll
-    for (int i = 0; i < L; ++i) acc[i] += kv * s.b[i * LD + c];
-  }
-#pragma unroll
-  for (int i = 0; i < L; ++i) q_out[i * LD + j] = acc[i];
-  both_out *= expf(s.cb[(L - 1) * LD + j]);
+  const float both_out = s.outer[j];  // tau before the chunk, sigma after it
   float run = 0.f;
   for (int n = L - 1; n >= 0; --n) {
     keys_in_suffix[n * LD + j] = run;
@@ -123,18 +120,46 @@ __device__ void key_decay_gradient(const SweepParams& prm, const Tiles<N>& s, co
   }
 }
 
+// kKey only, after the chunk's outputs and with the state already decayed to the chunk end
+// (M' = diag(exp(cb_last)) M): the two inputs of key_decay_gradient that involve the opposite
+// query sweep's state K entering this chunk (keys after it, in this sweep's order).
+//   s.pl[tau][j] = sum_c b[tau][c] K[j][c]   (tensor cores; pl is no longer needed)
+//   s.outer[j]   = sum_c M'[j][c] K[j][c]
+template <int N>
+__device__ void key_products(const SweepParams& prm, const Tiles<N>& s, const Position& pos, int tid, bool split) {
+  constexpr int LD = Tiles<N>::LD;
+  const float* K = prm.states_in + ((int64_t(1 - pos.dir) * prm.BH + pos.bh) * pos.chunks + pos.chunk) * N * N;
+  for (int tile = tid / 32; tile < N / 16; tile += kThreads / 32) {
+    const int j0 = tile * 16;
+    AccTile acc;
+    wmma::fill_fragment(acc, 0.f);
+    mma_accumulate<N, wmma::row_major, wmma::col_major>(acc, s.b, LD, K + j0 * N, N, split);
+    wmma::store_matrix_sync(s.pl + j0, acc, LD, wmma::mem_row_major);
+  }
+  if (tid < N) {
+    float sum = 0.f;
+    for (int c = 0; c < N; ++c) sum += s.M[tid * LD + c] * __ldg(K + tid * N + c);
+    s.outer[tid] = sum;
+  }
+}
+
 // Two fp32 additions onto a zeroed buffer commute exactly, so the two directions' atomicAdds
 // give a deterministic result.
 template <int N, Sweep KIND>
 __global__ void __launch_bounds__(kThreads) sweep_kernel(SweepParams prm) {
   constexpr int L = kChunk;
   constexpr int LD = Tiles<N>::LD;
+  constexpr int kWarps = kThreads / 32;
+  constexpr int kTilesPerRow = N / 16;  // 16-wide tensor-core tiles across N
   constexpr bool kCol = KIND != Sweep::kQuery;
   constexpr bool kRow = KIND != Sweep::kForward;
-  extern __shared__ float smem[];
+  extern __shared__ __align__(128) float smem[];
   const Tiles<N> s(smem);
 
   const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  // fp32 inputs need the three-product TF32 split to stay at fp32 accuracy; bf16/fp16 do not
+  const bool split = prm.type == InputType::kFloat;
   Position pos;
   pos.bh = blockIdx.x;
   pos.dir = blockIdx.y;
@@ -179,28 +204,31 @@ __global__ void __launch_bounds__(kThreads) sweep_kernel(SweepParams prm) {
         run += s.lw[i * LD + tid];
         s.cb[i * LD + tid] = run;
       }
+      s.decay[tid] = expf(run);
     }
     __syncthreads();
 
-    // -- decayed tiles, and the [L][L] score / dot-product tiles
+    // -- decayed tiles, the [L][L] scores (CUDA cores: each term has its own decay) and the dot
+    //    products q_i . b_m (tensor cores, the last warp, while the others start on the scores)
+    if (kRow && warp == kWarps - 1) {
+      AccTile acc;
+      wmma::fill_fragment(acc, 0.f);
+      mma_accumulate<N, wmma::row_major, wmma::col_major>(acc, s.q, LD, s.b, LD, split);
+      wmma::store_matrix_sync(s.dots, acc, L, wmma::mem_row_major);
+    }
     for (int idx = tid; idx < L * N; idx += kThreads) {
       const int i = idx / N, j = idx % N;
       const int o = i * LD + j;
       s.al[o] = s.a[o] * expf(s.cb[(L - 1) * LD + j] - s.cb[o]);
       if constexpr (kCol) s.pl[o] = s.p[o] * (i > 0 ? expf(s.cb[o - LD]) : 1.f);
     }
-    for (int idx = tid; idx < L * L; idx += kThreads) {
-      const int i = idx / L, m = idx % L;
-      if constexpr (kCol) {
+    if constexpr (kCol) {
+      for (int idx = tid; idx < L * L; idx += kThreads) {
+        const int i = idx / L, m = idx % L;
         float acc = 0.f;  // exponent: log decays strictly between m and i, <= 0
         for (int j = 0; m < i && j < N; ++j)
           acc += s.p[i * LD + j] * s.a[m * LD + j] * expf(s.cb[(i - 1) * LD + j] - s.cb[m * LD + j]);
         s.att[idx] = acc;
-      }
-      if constexpr (kRow) {
-        float acc = 0.f;
-        for (int j = 0; j < N; ++j) acc += s.q[i * LD + j] * s.b[m * LD + j];
-        s.dots[idx] = acc;
       }
     }
     if (kCol && pos.dir == 0 && tid < L) {
@@ -210,22 +238,41 @@ __global__ void __launch_bounds__(kThreads) sweep_kernel(SweepParams prm) {
     }
     __syncthreads();
 
-    // -- outputs of this chunk: column (y or dv) and row (dr or dk), bonus in direction 0
+    // -- products with the state entering the chunk, on the tensor cores, one 16-wide tile per warp:
+    //    column tiles p~ M + att b (-> col), row tiles q M^T (-> inter)
+    {
+      constexpr int kColTiles = kCol ? kTilesPerRow : 0;
+      constexpr int kRowTiles = kRow ? kTilesPerRow : 0;
+      for (int tile = warp; tile < kColTiles + kRowTiles; tile += kWarps) {
+        AccTile acc;
+        wmma::fill_fragment(acc, 0.f);
+        if (tile < kColTiles) {
+          const int c0 = tile * 16;
+          mma_accumulate<N, wmma::row_major, wmma::row_major>(acc, s.pl, LD, s.M + c0, LD, split);
+          mma_accumulate<L, wmma::row_major, wmma::row_major>(acc, s.att, L, s.b + c0, LD, split);
+          wmma::store_matrix_sync(s.col + c0, acc, LD, wmma::mem_row_major);
+        } else {
+          const int j0 = (tile - kColTiles) * 16;  // B[c][j] = M[j][c]: M read column-major
+          mma_accumulate<N, wmma::row_major, wmma::col_major>(acc, s.q, LD, s.M + j0 * LD, LD, split);
+          wmma::store_matrix_sync(s.inter + j0, acc, LD, wmma::mem_row_major);
+        }
+      }
+    }
+    __syncthreads();
+
+    // -- outputs of this chunk: column (y or dv) and row (dr or dk), bonus in direction 0; the
+    //    state is consumed, so decay it to the chunk end in the same pass
     for (int idx = tid; idx < L * N; idx += kThreads) {
       const int i = idx / N, col = idx % N;
       const bool ok = pos.time_of(i) < pos.T;
       if constexpr (kCol) {
-        float y = 0.f;
-        for (int m = 0; m < i; ++m) y += s.att[i * L + m] * s.b[m * LD + col];
-        for (int j = 0; j < N; ++j) y += s.pl[i * LD + j] * s.M[j * LD + col];
+        float y = s.col[i * LD + col];
         if (pos.dir == 0) y += s.beta[i] * s.b[i * LD + col];
         if (ok) atomicAdd(prm.col_out + pos.offset(i, col), y);
       }
       if constexpr (kRow) {
         const int j = col;
-        float inter = 0.f;
-        for (int c = 0; c < N; ++c) inter += s.M[j * LD + c] * s.q[i * LD + c];
-        inter *= i > 0 ? expf(s.cb[(i - 1) * LD + j]) : 1.f;
+        const float inter = s.inter[i * LD + j] * (i > 0 ? expf(s.cb[(i - 1) * LD + j]) : 1.f);
         float acc = 0.f;  // Horner over m < i: sum_m a_m dots[i,m] prod_{m<p<i} w_p, no exp at all
         for (int m = 0; m < i; ++m) acc = acc * s.w[m * LD + j] + s.a[m * LD + j] * s.dots[i * L + m];
         float x = acc + inter;
@@ -234,20 +281,28 @@ __global__ void __launch_bounds__(kThreads) sweep_kernel(SweepParams prm) {
         if (ok) atomicAdd(prm.row_out + pos.offset(i, j), x);
       }
     }
+    for (int idx = tid; idx < N * N; idx += kThreads) {
+      const int j = idx / N, c = idx % N;
+      s.M[j * LD + c] *= s.decay[j];
+    }
     __syncthreads();
 
     if constexpr (KIND == Sweep::kKey) {
-      if (tid < N) key_decay_gradient<N>(prm, s, pos, tid, du_acc);
+      key_products<N>(prm, s, pos, tid, split);
       __syncthreads();
+      if (tid < N) key_decay_gradient<N>(prm, s, pos, tid, du_acc);
+      // no barrier: the state update below reads neither what key_decay_gradient writes (w, q,
+      // dw_out) nor anything it reads that the update writes (M)
     }
 
-    // -- carry the state past this chunk: M <- diag(prod w) M + sum_m (a_m decayed to the end) b_m^T
-    for (int idx = tid; idx < N * N; idx += kThreads) {
-      const int j = idx / N, col = idx % N;
-      float acc = s.M[j * LD + col] * expf(s.cb[(L - 1) * LD + j]);
-#pragma unroll
-      for (int m = 0; m < L; ++m) acc += s.al[m * LD + j] * s.b[m * LD + col];
-      s.M[j * LD + col] = acc;
+    // -- carry the state past this chunk: M <- M + sum_m (a_m decayed to the end) b_m^T, i.e.
+    //    M[j0.., c0..] += al^T b with al read column-major, one 16 x 16 tile per warp
+    for (int tile = warp; tile < kTilesPerRow * kTilesPerRow; tile += kWarps) {
+      const int j0 = (tile / kTilesPerRow) * 16, c0 = (tile % kTilesPerRow) * 16;
+      AccTile acc;
+      wmma::load_matrix_sync(acc, s.M + j0 * LD + c0, LD, wmma::mem_row_major);
+      mma_accumulate<L, wmma::col_major, wmma::row_major>(acc, s.al + j0, LD, s.b + c0, LD, split);
+      wmma::store_matrix_sync(s.M + j0 * LD + c0, acc, LD, wmma::mem_row_major);
     }
     __syncthreads();
   }

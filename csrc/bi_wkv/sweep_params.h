@@ -28,11 +28,15 @@ enum class InputType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
 
 template <int N>
 struct SweepSmem {
-  static constexpr int LD = N + 1;  // odd row stride: column walks hit distinct banks
+  // Row stride: a multiple of 4 floats, as WMMA tiles need, but not of 32, so that the rows of a
+  // tile start in different banks.
+  static constexpr int LD = N + 4;
   static constexpr int kTile = kChunk * LD;
-  // state, 10 [chunk x N] tiles, 2 [chunk x chunk] tiles, 1 [chunk] vector
-  static constexpr size_t kFloats = size_t(N) * LD + 10 * kTile + 2 * kChunk * kChunk + kChunk;
+  // state, 11 [chunk x N] tiles, 2 [chunk x chunk] tiles (each a multiple of 8 floats, so every
+  // tile starts 32-byte aligned after an aligned base, WMMA's rule), then 2 [N] and 1 [chunk] vectors
+  static constexpr size_t kFloats = size_t(N) * LD + 11 * kTile + 2 * kChunk * kChunk + 2 * N + kChunk;
   static constexpr size_t kBytes = kFloats * sizeof(float);
+  static_assert(N % 16 == 0, "head sizes are multiples of the 16-wide tensor-core tiles");
 };
 
 struct SweepParams {

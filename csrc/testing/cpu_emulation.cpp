@@ -4,6 +4,8 @@
 // (B*H, 2), a static array as the block's shared memory and std::atomic_ref as atomicAdd. It
 // executes the same source lines as the GPU, so indexing, padding, the chunk grid, phase order
 // and missing barriers (as races between real threads) are tested; warp-level timing is not.
+// The tensor-core tile products come from wmma_emulation.h (lane 0 of each warp computes whole
+// tiles, with TF32 operand rounding and WMMA's alignment rules checked).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -21,7 +23,10 @@ struct Index3 {
 inline thread_local Index3 thread_index;
 inline thread_local Index3 block_index;
 inline std::barrier<>* block_barrier = nullptr;
+bool is_lane_zero() { return thread_index.x % 32 == 0; }
 }  // namespace rwkvclip_emulation
+
+#include "wmma_emulation.h"
 
 // Host compilers see __global__, __device__ and __shared__ as empty (crt/host_defines.h); the
 // rest of the CUDA built-ins the kernels use:
@@ -41,7 +46,7 @@ namespace rwkvclip {
 
 // `extern __shared__ float smem[]` in the kernel names this: the shared memory of the one block
 // that runs at a time (sized for the largest head size).
-alignas(64) float smem[SweepSmem<128>::kFloats];
+alignas(128) float smem[SweepSmem<128>::kFloats];
 
 }  // namespace rwkvclip
 
@@ -65,6 +70,8 @@ void run_grid(const SweepParams& prm) {
         });
       }
       for (auto& thread : threads) thread.join();
+      const std::string error = rwkvclip_emulation::take_error();
+      TORCH_CHECK(error.empty(), "bi_wkv emulation, N=", N, ", sweep ", int(KIND), ": ", error);
     }
   }
 }

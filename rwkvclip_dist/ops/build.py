@@ -27,7 +27,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SOURCE_DIR = REPO_ROOT / "csrc" / "bi_wkv"
 SOURCES = ("bi_wkv_ops.cpp", "sweep_forward.cu", "sweep_query.cu", "sweep_key.cu")
 EMULATION_SOURCE = REPO_ROOT / "csrc" / "testing" / "cpu_emulation.cpp"
-HEADERS = ("bi_wkv_host.h", "sweep_params.h", "sweep_kernel.cuh", "sweep_launch.cuh")
+HEADERS = ("bi_wkv_host.h", "sweep_params.h", "sweep_kernel.cuh", "sweep_launch.cuh", "tile_mma.cuh")
+EMULATION_HEADERS = ("wmma_emulation.h",)
 DEFAULT_ARCHS = ("8.0", "9.0")
 
 
@@ -233,6 +234,8 @@ def build_cpu_emulation(root: Path | None = None) -> ModuleType:
     digest = hashlib.sha256(EMULATION_SOURCE.read_bytes())
     for rel in HEADERS:
         digest.update((SOURCE_DIR / rel).read_bytes())
+    for rel in EMULATION_HEADERS:
+        digest.update((EMULATION_SOURCE.parent / rel).read_bytes())
     name = f"rwkvclip_bi_wkv_emulation_{digest.hexdigest()[:12]}"
     build_dir = (root or extensions_dir()) / name
     build_dir.mkdir(parents=True, exist_ok=True)
