@@ -65,6 +65,44 @@ def test_kernel_source_matches_reference(kernels, tokens, size, dtype):
         assert _rel(got, want) <= tol, f"d{name}: {_rel(got, want):.2e} (T={tokens}, N={size}, {dtype})"
 
 
+@pytest.mark.parametrize("raw_decay", [6.0, -12.0])
+def test_kernel_source_at_decay_extremes(kernels, raw_decay):
+    """Every step at the clamp (log decay -60: the in-chunk reference factors span e^-900) or with
+    almost no decay (log decay -6e-6: the state only grows): finite and exact."""
+    r, k, v, _, dy, u = _inputs(1, 70, 2, 64, torch.float32, seed=7)
+    w = torch.full_like(r, raw_decay)
+    leaves = [x.double().requires_grad_() for x in (r, k, v, w, u)]
+    want_y = bi_wkv_chunked(*leaves)
+    want_grads = torch.autograd.grad(want_y, leaves, dy.double())
+    y = kernels.forward(r, k, v, w, u)
+    grads = kernels.backward(dy, r, k, v, w, u)
+    assert _rel(y, want_y.detach()) <= 1e-5
+    for name, got, want in zip("rkvwu", grads, want_grads):
+        assert torch.isfinite(got).all() and _rel(got, want) <= 1e-5, f"d{name}: {_rel(got, want):.2e}"
+
+
+@pytest.mark.parametrize("depth", [16, 64])
+@pytest.mark.parametrize("b_col_major", [False, True])
+def test_tensor_core_tile_product(kernels, depth, b_col_major):
+    """tile_mma.cuh's warp product through the WMMA stand-in, which, like the hardware, drops the
+    13 low mantissa bits of TF32 operands: one TF32 product (the bf16/fp16 path) is good to about
+    1e-4, which would miss the fp32 target; the 3xTF32 split (the fp32 path) reaches fp32 accuracy."""
+    g = torch.Generator().manual_seed(depth)
+    a, b = torch.randn(16, depth, generator=g), torch.randn(depth, 16, generator=g)
+    want = a.double() @ b.double()
+    single = kernels.tile_product(a, b, b_col_major, False, 0)
+    split = kernels.tile_product(a, b, b_col_major, True, 0)
+    assert 1e-5 < _rel(single, want) < 1e-3
+    assert _rel(split, want) < 1e-6
+
+
+def test_tensor_core_tiles_must_be_aligned(kernels):
+    """WMMA needs 32-byte aligned tiles: the stand-in reports a misaligned one instead of computing."""
+    a, b = torch.randn(16, 16), torch.randn(16, 16)
+    with pytest.raises(RuntimeError, match="not 32-byte aligned"):
+        kernels.tile_product(a, b, False, True, 4)  # 16 bytes past the boundary
+
+
 def test_host_checks_name_the_argument(kernels):
     r, k, v, w, dy, u = _inputs(1, 5, 2, 16, torch.float32, seed=0)
     with pytest.raises(RuntimeError, match="k has shape"):

@@ -11,10 +11,11 @@
 // Inside a chunk every decay factor is exp(sum of log decays strictly between two positions of
 // that chunk) or a Horner product of decays: every exponent is <= 0.
 //
-// The products with the N x N state (outputs from earlier chunks, carrying the state) and the
-// chunk's [16 x 16] dot products run on the tensor cores (tile_mma.cuh: TF32, split into three
-// products for fp32 inputs); the decay-weighted in-chunk scores, the Horner sums and d(w) stay on
-// the CUDA cores in fp32.
+// The products with the N x N state (outputs from earlier chunks, carrying the state), the
+// chunk's [16 x 16] dot products and the in-chunk scores between its two halves (decays factored
+// through the middle position, so no exponent is positive) run on the tensor cores (tile_mma.cuh:
+// TF32, split into three products for fp32 inputs). The scores inside each half (every pair with
+// its own decay), the Horner sums and d(w) stay on the CUDA cores in fp32.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -55,9 +56,9 @@ struct Tiles {
   float* cb;      // inclusive cumulative log decay inside the chunk
   float* pl;      // p_i * exp(cb_{i-1}): p decayed to the chunk start
   float* al;      // a_m * exp(cb_last - cb_m): a decayed to the chunk end
-  float* inter;   // row output from previous chunks (kKey: for d(w))
-  float* col;     // column output before the bonus term
-  float* att;     // [kChunk][kChunk] column-output scores, m < i
+  float* inter;   // row output from previous chunks (kKey: for d(w)); before: keys for the scores
+  float* col;     // column output before the bonus term; before: queries for the scores
+  float* att;     // [kChunk][kChunk] column-output scores, m < i (0 elsewhere)
   float* dots;    // [kChunk][kChunk] q_i . b_m
   float* decay;   // [N] exp(cb_last): the chunk's total decay per channel
   float* outer;   // [N] kKey: d(w) pairs with the query before and the key after the chunk
@@ -153,6 +154,15 @@ __global__ void __launch_bounds__(kThreads) sweep_kernel(SweepParams prm) {
   constexpr int kTilesPerRow = N / 16;  // 16-wide tensor-core tiles across N
   constexpr bool kCol = KIND != Sweep::kQuery;
   constexpr bool kRow = KIND != Sweep::kForward;
+  // in-chunk scores: the chunk splits into two halves; pairs inside a half are summed directly,
+  // pairs across the halves go through the reference position kMid (the last of the first half)
+  constexpr int kHalf = L / 2;
+  constexpr int kMid = kHalf - 1;
+  constexpr int kPairsPerHalf = kHalf * (kHalf - 1) / 2;
+  constexpr int kLanesPerPair = 4;
+  constexpr int kHalfPairWarps = 2 * kPairsPerHalf * kLanesPerPair / 32;
+  static_assert(2 * kPairsPerHalf * kLanesPerPair == 32 * kHalfPairWarps && kHalfPairWarps < kWarps,
+                "the in-half pairs fill whole warps and leave the last warp for the dot products");
   extern __shared__ __align__(128) float smem[];
   const Tiles<N> s(smem);
 
@@ -192,6 +202,9 @@ __global__ void __launch_bounds__(kThreads) sweep_kernel(SweepParams prm) {
       s.lw[o] = lw;
       s.w[o] = expf(lw);
     }
+    if constexpr (kCol) {  // the score tile is filled piecewise below; what no piece covers is 0
+      for (int idx = tid; idx < L * L; idx += kThreads) s.att[idx] = 0.f;
+    }
     if constexpr (KIND == Sweep::kQuery) {  // what the opposite key sweep needs for d(w)
       float* dst = prm.states_out + ((int64_t(pos.dir) * prm.BH + pos.bh) * pos.chunks + pos.chunk) * N * N;
       for (int idx = tid; idx < N * N; idx += kThreads) dst[idx] = s.M[(idx / N) * LD + idx % N];
@@ -208,8 +221,8 @@ __global__ void __launch_bounds__(kThreads) sweep_kernel(SweepParams prm) {
     }
     __syncthreads();
 
-    // -- decayed tiles, the [L][L] scores (CUDA cores: each term has its own decay) and the dot
-    //    products q_i . b_m (tensor cores, the last warp, while the others start on the scores)
+    // -- decayed tiles, the scores inside each half of the chunk (CUDA cores: each term has its
+    //    own decay) and the dot products q_i . b_m (tensor cores, the last warp)
     if (kRow && warp == kWarps - 1) {
       AccTile acc;
       wmma::fill_fragment(acc, 0.f);
@@ -220,21 +233,46 @@ __global__ void __launch_bounds__(kThreads) sweep_kernel(SweepParams prm) {
       const int i = idx / N, j = idx % N;
       const int o = i * LD + j;
       s.al[o] = s.a[o] * expf(s.cb[(L - 1) * LD + j] - s.cb[o]);
-      if constexpr (kCol) s.pl[o] = s.p[o] * (i > 0 ? expf(s.cb[o - LD]) : 1.f);
-    }
-    if constexpr (kCol) {
-      for (int idx = tid; idx < L * L; idx += kThreads) {
-        const int i = idx / L, m = idx % L;
-        float acc = 0.f;  // exponent: log decays strictly between m and i, <= 0
-        for (int j = 0; m < i && j < N; ++j)
-          acc += s.p[i * LD + j] * s.a[m * LD + j] * expf(s.cb[(i - 1) * LD + j] - s.cb[m * LD + j]);
-        s.att[idx] = acc;
+      if constexpr (kCol) {
+        s.pl[o] = s.p[o] * (i > 0 ? expf(s.cb[o - LD]) : 1.f);
+        // for the scores between the halves: queries of the second half and keys of the first,
+        // both decayed to the reference kMid (every exponent <= 0); the other rows are 0
+        s.col[o] = i > kMid ? s.p[o] * expf(s.cb[o - LD] - s.cb[kMid * LD + j]) : 0.f;
+        s.inter[o] = i <= kMid ? s.a[o] * expf(s.cb[kMid * LD + j] - s.cb[o]) : 0.f;
       }
+    }
+    if (kCol && warp < kHalfPairWarps) {
+      // scores att[i][m], m < i, inside one half: exponent = log decays strictly between m and i.
+      // Four adjacent lanes share a pair and a quarter of the channels each, then add up by
+      // shuffles (a fixed order: deterministic).
+      const int pair = tid / kLanesPerPair, part = tid % kLanesPerPair;
+      int i = 1, m = pair % kPairsPerHalf;
+      while (m >= i) m -= i++;
+      const int first = (pair / kPairsPerHalf) * kHalf;
+      i += first;
+      m += first;
+      float acc = 0.f;
+      for (int j = part; j < N; j += kLanesPerPair)
+        acc += s.p[i * LD + j] * s.a[m * LD + j] * expf(s.cb[(i - 1) * LD + j] - s.cb[m * LD + j]);
+      acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+      acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+      if (part == 0) s.att[i * L + m] = acc;
     }
     if (kCol && pos.dir == 0 && tid < L) {
       float acc = 0.f;
       for (int j = 0; j < N; ++j) acc += s.a[tid * LD + j] * u[j] * s.p[tid * LD + j];
       s.beta[tid] = acc;
+    }
+    __syncthreads();
+
+    // -- scores between the halves (i > kMid >= m) as one tensor-core product, added onto the
+    //    tile: rows <= kMid of the queries and rows > kMid of the keys are 0, so the product is 0
+    //    wherever the in-half scores are
+    if (kCol && warp == 0) {
+      AccTile acc;
+      wmma::load_matrix_sync(acc, s.att, L, wmma::mem_row_major);
+      mma_accumulate<N, wmma::row_major, wmma::col_major>(acc, s.col, LD, s.inter, LD, split);
+      wmma::store_matrix_sync(s.att, acc, L, wmma::mem_row_major);
     }
     __syncthreads();
 

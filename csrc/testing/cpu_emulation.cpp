@@ -13,6 +13,9 @@
 #include <atomic>
 #include <barrier>
 #include <cmath>
+#include <algorithm>
+#include <deque>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -23,6 +26,8 @@ struct Index3 {
 inline thread_local Index3 thread_index;
 inline thread_local Index3 block_index;
 inline std::barrier<>* block_barrier = nullptr;
+inline std::deque<std::barrier<>>* warp_barriers = nullptr;  // one per warp, 32 lanes each
+inline float shuffle_slots[1024];                             // one per thread of the block
 bool is_lane_zero() { return thread_index.x % 32 == 0; }
 }  // namespace rwkvclip_emulation
 
@@ -38,6 +43,18 @@ inline float atomicAdd(float* address, float value) { return std::atomic_ref<flo
 template <typename T>
 inline T __ldg(const T* address) {
   return *address;
+}
+// Every lane of the warp must take part (the kernels only pass the full mask): each publishes its
+// value, waits for the whole warp, reads its partner's, and waits again before the slots are reused.
+inline float __shfl_xor_sync(unsigned /*full mask*/, float value, int lane_mask) {
+  using namespace rwkvclip_emulation;
+  const unsigned t = thread_index.x;
+  std::barrier<>& warp = (*warp_barriers)[t / 32];
+  shuffle_slots[t] = value;
+  warp.arrive_and_wait();
+  const float other = shuffle_slots[t ^ unsigned(lane_mask)];
+  warp.arrive_and_wait();
+  return other;
 }
 
 #include "../bi_wkv/sweep_kernel.cuh"
@@ -58,6 +75,9 @@ template <int N, Sweep KIND>
 void run_grid(const SweepParams& prm) {
   std::barrier<> barrier(kThreads);
   rwkvclip_emulation::block_barrier = &barrier;
+  std::deque<std::barrier<>> warps;  // barriers cannot move: a deque constructs them in place
+  for (int w = 0; w < kThreads / 32; ++w) warps.emplace_back(32);
+  rwkvclip_emulation::warp_barriers = &warps;
   for (unsigned dir = 0; dir < 2; ++dir) {
     for (unsigned bh = 0; bh < unsigned(prm.BH); ++bh) {
       std::vector<std::thread> threads;
@@ -92,10 +112,53 @@ struct EmulatedDevice {
   }
 };
 
+// One warp's mma_accumulate (tile_mma.cuh) on the calling thread as lane 0: acc = A B for A
+// [16 x K] row-major and B [K x 16] stored row- or column-major, placed `offset` floats past a
+// 128-byte boundary (a nonzero offset breaks WMMA's alignment rule). For tests of the TF32
+// arithmetic and of the checks; K in {16, 64}.
+template <int K>
+torch::Tensor run_tile_product(const torch::Tensor& a, const torch::Tensor& b, bool b_col_major, bool split,
+                               int64_t offset) {
+  struct alignas(128) Buffer {
+    float data[2 * 16 * 64 + 64];
+  };
+  auto buffer = std::make_unique<Buffer>();
+  float* pa = buffer->data + offset;
+  float* pb = pa + 16 * K + 32;  // keeps B's alignment equal to A's
+  const auto ac = a.contiguous(), bc = (b_col_major ? b.t() : b).contiguous();
+  std::copy_n(ac.data_ptr<float>(), 16 * K, pa);
+  std::copy_n(bc.data_ptr<float>(), 16 * K, pb);
+  rwkvclip_emulation::thread_index = {0, 0, 0};
+  AccTile acc;
+  wmma::fill_fragment(acc, 0.f);
+  if (b_col_major)
+    mma_accumulate<K, wmma::row_major, wmma::col_major>(acc, pa, K, pb, K, split);
+  else
+    mma_accumulate<K, wmma::row_major, wmma::row_major>(acc, pa, K, pb, 16, split);
+  auto out = torch::empty({16, 16}, a.options());
+  wmma::store_matrix_sync(out.data_ptr<float>(), acc, 16, wmma::mem_row_major);
+  const std::string error = rwkvclip_emulation::take_error();
+  TORCH_CHECK(error.empty(), "tile product: ", error);
+  return out;
+}
+
+torch::Tensor tile_product(const torch::Tensor& a, const torch::Tensor& b, bool b_col_major, bool split,
+                           int64_t offset) {
+  TORCH_CHECK(a.dtype() == torch::kFloat32 && b.dtype() == torch::kFloat32, "tile product: float32 only");
+  TORCH_CHECK(offset >= 0 && offset < 32, "tile product: offset in [0, 32)");
+  const int64_t k = a.size(1);
+  TORCH_CHECK(a.dim() == 2 && a.size(0) == 16 && b.dim() == 2 && b.size(0) == k && b.size(1) == 16,
+              "tile product: A must be [16, K] and B [K, 16]");
+  if (k == 16) return run_tile_product<16>(a, b, b_col_major, split, offset);
+  TORCH_CHECK(k == 64, "tile product: K must be 16 or 64");
+  return run_tile_product<64>(a, b, b_col_major, split, offset);
+}
+
 }  // namespace rwkvclip
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "The Bi-WKV CUDA kernels executed on CPU threads (tests only)";
   m.def("forward", &rwkvclip::forward<rwkvclip::EmulatedDevice>);
   m.def("backward", &rwkvclip::backward<rwkvclip::EmulatedDevice>);
+  m.def("tile_product", &rwkvclip::tile_product);
 }
