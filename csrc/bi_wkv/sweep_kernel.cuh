@@ -85,15 +85,15 @@ struct Position {
 // where tau and sigma lie (before / inside / after the chunk); no long sums are cancelled.
 // Expects s.pl = [tau][j] products of this chunk with the keys after it (key_products) and
 // s.outer[j] = the pairs with tau before and sigma after the chunk.
-// Per-position partial sums live in tiles whose contents the chunk no longer needs (w, q), not in
-// registers: register arrays here cost the key sweep its occupancy.
+// Per-position partial sums live in tiles whose contents the chunk no longer needs (col, q), not
+// in registers: register arrays here cost the key sweep its occupancy.
 template <int N>
 __device__ void key_decay_gradient(const SweepParams& prm, const Tiles<N>& s, const Position& pos, int j,
                                    float& du_acc) {
   constexpr int L = kChunk;
   constexpr int LD = Tiles<N>::LD;
   const float* q_out = s.pl;     // [tau][j]: tau inside the chunk, sigma after it
-  float* pair_sums = s.w;        // [n][j]: pairs (tau, n), tau inside the chunk before the position
+  float* pair_sums = s.col;      // [n][j]: pairs (tau, n), tau inside the chunk before the position
   float* keys_in_suffix = s.q;   // [i][j]: sigma inside the chunk after i, tau before the chunk
   const float both_out = s.outer[j];  // tau before the chunk, sigma after it
   float run = 0.f;
@@ -114,9 +114,11 @@ __device__ void key_decay_gradient(const SweepParams& prm, const Tiles<N>& s, co
     }
     keys_out_prefix += s.al[i * LD + j] * q_out[i * LD + j];
     const float ai = s.a[i * LD + j];
-    const float cbi = s.cb[i * LD + j];
-    for (int n = i + 1; n < L; ++n)
-      pair_sums[n * LD + j] += ai * s.p[n * LD + j] * expf(s.cb[(n - 1) * LD + j] - cbi) * s.dots[n * L + i];
+    float between = 1.f;  // prod of the decays strictly between i and n, built up: no exp
+    for (int n = i + 1; n < L; ++n) {
+      if (n > i + 1) between *= s.w[(n - 1) * LD + j];
+      pair_sums[n * LD + j] += ai * s.p[n * LD + j] * between * s.dots[n * L + i];
+    }
     if (pos.dir == 0) du_acc += ai * s.p[i * LD + j] * s.dots[i * L + i];
   }
 }
@@ -329,7 +331,7 @@ __global__ void __launch_bounds__(kThreads) sweep_kernel(SweepParams prm) {
       key_products<N>(prm, s, pos, tid, split);
       __syncthreads();
       if (tid < N) key_decay_gradient<N>(prm, s, pos, tid, du_acc);
-      // no barrier: the state update below reads neither what key_decay_gradient writes (w, q,
+      // no barrier: the state update below reads neither what key_decay_gradient writes (col, q,
       // dw_out) nor anything it reads that the update writes (M)
     }
 
