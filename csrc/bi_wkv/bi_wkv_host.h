@@ -57,8 +57,8 @@ inline InputType input_type(const torch::Tensor& r) {
 inline SweepParams base_params(const torch::Tensor& r, const torch::Tensor& w, const torch::Tensor& u) {
   TORCH_CHECK(r.dim() == 4 && r.size(1) >= 1, "bi_wkv: r must be [B, T, H, N] with T >= 1, got ", r.sizes());
   TORCH_CHECK(head_size_compiled(r.size(3)), "bi_wkv: no kernel compiled for head size N=", r.size(3));
-  TORCH_CHECK(r.size(0) * r.size(2) <= INT32_MAX && r.size(1) <= INT32_MAX / 2,
-              "bi_wkv: B*H and T must fit in int32, got ", r.sizes());
+  TORCH_CHECK(r.size(0) * r.size(2) <= INT32_MAX / 2 && r.size(1) <= INT32_MAX / 2,
+              "bi_wkv: 2*B*H (the grid) and T must fit in int32, got ", r.sizes());
   SweepParams prm{};
   prm.w = w.data_ptr();
   prm.u = u.data_ptr<float>();

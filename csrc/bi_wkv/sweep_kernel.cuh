@@ -1,9 +1,11 @@
 // Bi-WKV (SPEC section 4) as chunked causal sweeps. See docs/cuda.md for the decomposition.
 //
-// One thread block owns one (batch, head) and one direction (blockIdx.y: 0 = forward in time,
-// 1 = backward in time) and walks the sequence in chunks of kChunk tokens, carrying an N x N fp32
-// state in shared memory. Chunks lie on the same time grid in both directions (the reverse sweep
-// meets the ragged chunk first), so states stored by one direction line up with the other's.
+// One thread block owns one (batch, head) and one direction: blockIdx.x = 2 * (b * H + h) + dir,
+// dir 0 forward in time, 1 backward in time (the two directions of a head are neighbours in launch
+// order, so the second one's reads of the same inputs tend to hit L2). It walks the sequence in
+// chunks of kChunk tokens, carrying an N x N fp32 state in shared memory. Chunks lie on the same
+// time grid in both directions (the reverse sweep meets the ragged chunk first), so states stored
+// by one direction line up with the other's.
 //
 // Generic sweep, positions in sweep order, M_t = sum_{s<t} prod_{s<p<t} w_p a_s b_s^T:
 //   column output y_t = p_t M_t   (forward output y; dv in the backward)
@@ -173,8 +175,8 @@ __global__ void __launch_bounds__(kThreads) sweep_kernel(SweepParams prm) {
   // fp32 inputs need the three-product TF32 split to stay at fp32 accuracy; bf16/fp16 do not
   const bool split = prm.type == InputType::kFloat;
   Position pos;
-  pos.bh = blockIdx.x;
-  pos.dir = blockIdx.y;
+  pos.bh = int(blockIdx.x / 2);
+  pos.dir = int(blockIdx.x % 2);
   pos.T = prm.T;
   pos.chunks = (prm.T + L - 1) / L;
   const int h = pos.bh % prm.H;

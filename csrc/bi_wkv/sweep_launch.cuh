@@ -13,7 +13,7 @@ cudaError_t launch_sized(const SweepParams& prm, cudaStream_t stream) {
   // beyond the 48 KiB default a kernel must opt in; sm_80 allows 163 KiB, sm_90 227 KiB
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess) return err;
-  kernel<<<dim3(prm.BH, 2), kThreads, bytes, stream>>>(prm);
+  kernel<<<dim3(2 * unsigned(prm.BH)), kThreads, bytes, stream>>>(prm);
   return cudaGetLastError();
 }
 

@@ -1,7 +1,7 @@
 // Runs the real CUDA sweep kernels of csrc/bi_wkv on the CPU, for tests on machines without a GPU
 // (tests/test_cuda_kernel_on_cpu.py). Compiled by the host compiler: one std::thread per CUDA
 // thread of a block, std::barrier as __syncthreads, one block after another over the grid
-// (B*H, 2), a static array as the block's shared memory and std::atomic_ref as atomicAdd. It
+// (2 B H), a static array as the block's shared memory and std::atomic_ref as atomicAdd. It
 // executes the same source lines as the GPU, so indexing, padding, the chunk grid, phase order
 // and missing barriers (as races between real threads) are tested; warp-level timing is not.
 // The tensor-core tile products come from wmma_emulation.h (lane 0 of each warp computes whole
@@ -85,7 +85,7 @@ void run_grid(const SweepParams& prm) {
       for (unsigned t = 0; t < unsigned(kThreads); ++t) {
         threads.emplace_back([&prm, t, bh, dir] {
           rwkvclip_emulation::thread_index = {t, 0, 0};
-          rwkvclip_emulation::block_index = {bh, dir, 0};
+          rwkvclip_emulation::block_index = {2 * bh + dir, 0, 0};
           sweep_kernel<N, KIND>(prm);
         });
       }
