@@ -1,4 +1,4 @@
-"""The sbatch scripts in slurm/: valid bash, clean under shellcheck, and one family (every training
+"""The shell scripts (slurm/, tools/*.sh, the test cluster): valid bash, clean under shellcheck, and one family (every training
 script requeues, warns itself before the time limit, and hands the same body a recipe that exists)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted((ROOT / "slurm").glob("*.sh")) + [ROOT / "tests" / "slurm" / "cluster.sh"]
+SCRIPTS = sorted((ROOT / "slurm").glob("*.sh")) + [ROOT / "tests" / "slurm" / "cluster.sh", *sorted((ROOT / "tools").glob("*.sh"))]
 TRAIN_SCRIPTS = sorted((ROOT / "slurm").glob("train_*.sh"))
 BODY = re.compile(r'^rwkvclip_train (\S+) "\$@"$', re.MULTILINE)
 
