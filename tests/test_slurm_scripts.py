@@ -1,5 +1,6 @@
-"""The shell scripts (slurm/, tools/*.sh, the test cluster): valid bash, clean under shellcheck, and one family (every training
-script requeues, warns itself before the time limit, and hands the same body a recipe that exists)."""
+"""The shell scripts (slurm/, tools/*.sh, the test cluster): valid bash and clean under shellcheck;
+the sbatch scripts are one family (every training script requeues, warns itself before the time
+limit, and hands the same body a recipe that exists)."""
 from __future__ import annotations
 
 import re
