@@ -1,5 +1,7 @@
-"""A real DeepSpeed ZeRO-2 checkpoint from 2 gloo ranks (CPU accelerator, torch AdamW) is
-consolidated into one safetensors file whose weights equal the engine's, in fp32 and bf16."""
+"""Real DeepSpeed ZeRO-2 and ZeRO-3 checkpoints from 2 gloo ranks (CPU accelerator, torch AdamW)
+are consolidated into one safetensors file whose weights equal the engine's, in fp32 and bf16.
+Under ZeRO-3 each rank holds only a shard of every parameter; the expected weights are gathered
+from the live engine before it saves."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from rwkvclip_dist.parallel.launch_env import free_port
 pytestmark = pytest.mark.timeout(180)
 
 
-def _train_one_step(rank: int, world: int, out: str, port: int) -> None:
+def _train_one_step(rank: int, world: int, out: str, port: int, stage: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     import deepspeed
@@ -27,7 +29,7 @@ def _train_one_step(rank: int, world: int, out: str, port: int) -> None:
     torch.manual_seed(0)
     model = create_model("tiny").train()
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    config = deepspeed_config(micro_batch=2, accumulation_steps=1, world_size=world, zero_stage=2,
+    config = deepspeed_config(micro_batch=2, accumulation_steps=1, world_size=world, zero_stage=stage,
                               precision="fp32", grad_clip=1.0)
     # The trainer's own engine setup (it trains the 0-dim logit_scale as shape [1], as DeepSpeed needs).
     engine = create_engine(model, torch.optim.AdamW(model.parameters(), lr=1e-2), config)
@@ -36,17 +38,20 @@ def _train_one_step(rank: int, world: int, out: str, port: int) -> None:
     engine.backward((out_["image_features"] * out_["text_features"]).sum())
     engine.step()
     engine.save_checkpoint(out)
-    if rank == 0:
+    # a no-op below stage 3; under it, every rank takes part in gathering the full parameters
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         expected = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    if rank == 0:
         expected["logit_scale"] = expected["logit_scale"].reshape(())
         torch.save(expected, os.path.join(out, "expected.pt"))
 
 
 @pytest.mark.slow
-def test_zero2_two_ranks_consolidates_exactly(tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_two_ranks_consolidates_exactly(tmp_path, stage):
     os.environ["DS_ACCELERATOR"] = "cpu"
     ckpt = tmp_path / "ckpt"
-    mp.spawn(_train_one_step, args=(2, str(ckpt), free_port()), nprocs=2)
+    mp.spawn(_train_one_step, args=(2, str(ckpt), free_port(), stage), nprocs=2)
     expected = torch.load(ckpt / "expected.pt", weights_only=True)
     torch.manual_seed(0)
     initial = create_model("tiny").state_dict()
