@@ -1,5 +1,5 @@
-"""End-to-end runs of rwkvclip_dist/train.py: SIGTERM under ZeRO-3, and the non-finite-loss stop on
-the single-process debug path."""
+"""End-to-end runs of rwkvclip_dist/train.py: SIGTERM under ZeRO-3, the non-finite-loss stop on
+the single-process debug path, and bf16 without ZeRO (stage 0) with a resume."""
 from __future__ import annotations
 
 import json
@@ -53,3 +53,26 @@ def test_nonfinite_losses_skip_steps_then_stop_with_a_clear_message(tmp_path, de
     records = loss_log(run)
     assert [r["step"] for r in records] == [1, 2, 3] and all(r["skipped"] for r in records)
     assert not (run / "checkpoints" / "latest").exists()
+
+
+@pytest.mark.slow
+def test_bf16_without_zero_trains_and_resumes(tmp_path, demo_data, clean_shm):
+    """2 gloo ranks, DeepSpeed bf16 with ZeRO stage 0 (plain data parallel): finite losses, a
+    checkpoint, and a second launch that resumes from it instead of starting over."""
+    import math
+
+    from conftest import dist_env, torchrun_cmd
+
+    run = tmp_path / "run"
+    common = ("parallel.zero_stage=0", "parallel.precision=bf16", "checkpoint.every_steps=2")
+    first = subprocess.run(torchrun_cmd(2, *train_args(run, demo_data, "train.steps=4", *common)), cwd=REPO,
+                           env=dist_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    second = subprocess.run(torchrun_cmd(2, *train_args(run, demo_data, "train.steps=6", *common)), cwd=REPO,
+                            env=dist_env(), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    records = loss_log(run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # resumed at 5, not restarted at 1
+    assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in records)
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 6
