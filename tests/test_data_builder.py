@@ -17,12 +17,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 from streaming import StreamingDataset
-from streaming.base.util import clean_stale_shared_memory
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 import make_shards  # noqa: E402
 
 from rwkvclip_dist.data.builder import REJECTS, BuildOptions, build_shards  # noqa: E402
+from rwkvclip_dist.parallel.shm import clean_stale_shm  # noqa: E402
 
 
 def jpeg(seed: int, size=(24, 16), fmt="JPEG") -> bytes:
@@ -40,13 +40,13 @@ def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def read_back(out: str) -> dict[str, dict]:
     """All samples by key, via stock Streaming (fails on duplicate keys)."""
-    clean_stale_shared_memory()
+    clean_stale_shm()
     ds = StreamingDataset(local=out, shuffle=False, batch_size=1)
     rows = [ds[i] for i in range(len(ds))]
     by_key = {r["key"]: r for r in rows}
     assert len(by_key) == len(rows), "duplicate keys in the output"
     del ds
-    clean_stale_shared_memory()
+    clean_stale_shm()
     return by_key
 
 

@@ -9,10 +9,10 @@ from collections import Counter
 
 import pytest
 from streaming import StreamingDataset
-from streaming.base.util import clean_stale_shared_memory
 
 from rwkvclip_dist.data.demo_digits import CLASSNAMES, build_demo_data, ensure_demo_data
 from rwkvclip_dist.data.loader import build_eval_dataloader
+from rwkvclip_dist.parallel.shm import clean_stale_shm
 
 
 def digest(root: str) -> dict[str, str]:
@@ -46,13 +46,13 @@ def test_refuses_a_half_written_directory(tmp_path):
 
 
 def test_splits_texts_and_zeroshot_file(demo):
-    clean_stale_shared_memory()
+    clean_stale_shm()
     rows = {}
     for split in ("train", "heldout"):
         ds = StreamingDataset(local=os.path.join(demo, split), shuffle=False, batch_size=1)
         rows[split] = [ds[i] for i in range(len(ds))]
         del ds
-    clean_stale_shared_memory()
+    clean_stale_shm()
     train, held = rows["train"], rows["heldout"]
     assert len(train) + len(held) == 1797
     assert not {r["key"] for r in train} & {r["key"] for r in held}
@@ -76,9 +76,9 @@ def test_eval_loader_returns_labels(demo):
     for img, tok, tid, label in loader:
         assert img.shape[1:] == (3, 32, 32) and tok.shape[1] == 77
         labels += label.tolist()
-    clean_stale_shared_memory()
+    clean_stale_shm()
     ds = StreamingDataset(local=os.path.join(demo, "heldout"), shuffle=False, batch_size=1)
     assert labels == [ds[i]["label"] for i in range(len(ds))]  # in shard order, nothing dropped
     assert len(labels) == 360
     del ds
-    clean_stale_shared_memory()
+    clean_stale_shm()

@@ -6,7 +6,6 @@ Fields are plain types so a recipe YAML maps onto them one to one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from rwkvclip_dist.data.columns import TEXT_COLUMNS
 
@@ -94,12 +93,3 @@ class DataConfig:
             raise ValueError("data.text_weights: at least one weight must be positive")
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
-        """Build from a parsed YAML mapping, rejecting unknown keys by name."""
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"data: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
