@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED := 1
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch/torchvision first: the pinned CUDA 13 builds come from local disk on CI machines.

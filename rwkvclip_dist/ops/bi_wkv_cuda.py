@@ -45,8 +45,8 @@ def _load() -> ModuleType | None:
         _reason = "no CUDA device is visible to torch"
         return None
     config = _runtime_config()
-    prebuilt = library_path(config)
     try:
+        prebuilt = library_path(config)  # named after the sources: reading them can fail too
         _extension = import_prebuilt(prebuilt) if prebuilt.exists() else build(config)[0]
     except ToolkitNotFound as err:
         _reason = f"no CUDA toolkit to build the extension: {err}"

@@ -24,9 +24,20 @@ from types import ModuleType
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SOURCE_DIR = REPO_ROOT / "csrc" / "bi_wkv"
+
+
+def _kernel_sources_root() -> Path:
+    """csrc/ of the repository checkout, else the copy an installed wheel carries (setup.py)."""
+    checkout = REPO_ROOT / "csrc"
+    if (checkout / "bi_wkv").is_dir():
+        return checkout
+    return Path(__file__).resolve().parents[1] / "_csrc"
+
+
+CSRC = _kernel_sources_root()
+SOURCE_DIR = CSRC / "bi_wkv"
 SOURCES = ("bi_wkv_ops.cpp", "sweep_forward.cu", "sweep_query.cu", "sweep_key.cu")
-EMULATION_SOURCE = REPO_ROOT / "csrc" / "testing" / "cpu_emulation.cpp"
+EMULATION_SOURCE = CSRC / "testing" / "cpu_emulation.cpp"
 HEADERS = ("bi_wkv_host.h", "sweep_params.h", "sweep_kernel.cuh", "sweep_launch.cuh", "tile_mma.cuh")
 EMULATION_HEADERS = ("wmma_emulation.h",)
 DEFAULT_ARCHS = ("8.0", "9.0")
@@ -190,6 +201,9 @@ def build(config: BuildConfig = BuildConfig(), root: Path | None = None) -> tupl
     """
     from torch.utils import cpp_extension
 
+    if not SOURCE_DIR.is_dir():
+        raise FileNotFoundError(f"the Bi-WKV CUDA sources are not in this installation: no {SOURCE_DIR} (a "
+                                "repository checkout has csrc/bi_wkv, a wheel rwkvclip_dist/_csrc/bi_wkv)")
     use_toolkit()
     name = config.name()
     build_dir = (root or extensions_dir()) / name
