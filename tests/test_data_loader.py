@@ -210,3 +210,35 @@ def test_choose_text_edges():
     assert choose_text(texts, {"raw": 1.0, "generated": 0.0}, 0.999999999) == "raw"
     with pytest.raises(ValueError, match="no text"):
         choose_text({"raw": ""}, {"raw": 1.0}, 0.5)
+
+
+@pytest.mark.parametrize("cache_limit", [None, "1gb"])
+def test_prefetch_checks_a_local_shard_once_without_a_cache_limit(tmp_path, monkeypatch, cache_limit):
+    """Streaming's prefetch thread re-checks the shard of every sample under a file lock; without a
+    cache limit (nothing can be evicted) ours stops checking a shard once this process has seen it
+    local, with one it keeps Streaming's per-sample check. Counted over a second epoch, when every
+    shard is local; both epochs are complete."""
+    from streaming import StreamingDataset
+
+    write_shards(str(tmp_path / "data"), 48)
+    calls = []
+    stock = StreamingDataset.prepare_shard
+
+    def counting(self, shard_id, blocking=True):
+        calls.append(shard_id)
+        return stock(self, shard_id, blocking)
+
+    monkeypatch.setattr(StreamingDataset, "prepare_shard", counting)
+    cfg = DataConfig(streams=[StreamConfig(remote=str(tmp_path / "data"), local=str(tmp_path / "cache"))],
+                     batch_size=4, num_workers=0, shuffle=False, cache_limit=cache_limit)
+    loader, dataset = build_train_dataloader(cfg, image_size=8, seed=0)
+    lookup = text_index("s", 48)
+    for epoch in range(2):
+        calls.clear()
+        batches, _ = _epoch(loader, lookup)
+        assert sorted(i for ids, _, _ in batches for i in ids) == list(range(48)), f"epoch {epoch}"
+    assert dataset.num_shards > 1
+    if cache_limit is None:
+        assert calls == []
+    else:  # about once per sample (the prefetch thread may stop a few short when the epoch ends)
+        assert len(calls) > 48 // 2
