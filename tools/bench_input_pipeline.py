@@ -2,10 +2,11 @@
 """Input-pipeline throughput per core: our MDS loader vs an equivalent webdataset pipeline.
 
 Both read the same JPEGs and do the same work per sample (JPEG decode, SPEC training transform,
-CLIP tokenization, batching) in one process with one torch thread, so samples per CPU-second is
-samples/s per core. Results go in benchmarks/input_pipeline.md.
+CLIP tokenization, batching) with one torch thread per process, so samples per CPU-second (the main
+process plus its DataLoader workers) is samples/s per core. Results go in benchmarks/input_pipeline.md.
 
     python tools/bench_input_pipeline.py --samples 2048 --image-side 320 --image-size 224 --repeats 3
+    python tools/bench_input_pipeline.py --workers 2      # DataLoader workers, as in training
 
 webdataset is needed for the comparison only (pip install webdataset).
 """
@@ -27,43 +28,59 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def make_tar(path: str, n: int, side: int) -> None:
-    """Photo-like JPEGs (smooth gradients plus mild noise; pure noise would inflate decode cost)."""
-    from PIL import Image
+def make_tars(paths: list[str], n: int, side: int) -> None:
+    """Photo-like JPEGs (smooth gradients plus mild noise; pure noise would inflate decode cost),
+    samples 0..n-1 split into consecutive blocks, one per tar (webdataset gives each worker whole
+    tars)."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
-    with tarfile.open(path, "w") as tar:
-        for i in range(n):
-            a, b, c = rng.random(3)
-            base = np.stack([a * xx + (1 - a) * yy, b * yy, c * (1 - xx)], -1) * 255
-            img = (base + rng.normal(0, 8, base.shape)).clip(0, 255).astype(np.uint8)
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, format="JPEG", quality=90)
-            text = f"a synthetic gradient picture number {i} with colours {a:.2f} {b:.2f} {c:.2f}"
-            for ext, data in (("jpg", buf.getvalue()), ("txt", text.encode()),
-                              ("json", json.dumps({"key": f"{i:06d}"}).encode())):
-                info = tarfile.TarInfo(f"{i:06d}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    bounds = np.linspace(0, n, len(paths) + 1).astype(int)
+    for path, first, end in zip(paths, bounds[:-1], bounds[1:]):
+        with tarfile.open(path, "w") as tar:
+            _write_samples(tar, rng, xx, yy, range(first, end))
+
+
+def _write_samples(tar, rng, xx, yy, ids) -> None:
+    from PIL import Image
+    for i in ids:
+        a, b, c = rng.random(3)
+        base = np.stack([a * xx + (1 - a) * yy, b * yy, c * (1 - xx)], -1) * 255
+        img = (base + rng.normal(0, 8, base.shape)).clip(0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=90)
+        text = f"a synthetic gradient picture number {i} with colours {a:.2f} {b:.2f} {c:.2f}"
+        for ext, data in (("jpg", buf.getvalue()), ("txt", text.encode()),
+                          ("json", json.dumps({"key": f"{i:06d}"}).encode())):
+            info = tarfile.TarInfo(f"{i:06d}.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _children_cpu() -> float:
+    t = os.times()
+    return t.children_user + t.children_system
 
 
 def timed(loader) -> tuple[int, float, float, float]:
-    """(samples, wall s, process CPU s incl. background threads, main-thread CPU s)."""
-    n, wall, cpu, main_cpu = 0, time.perf_counter(), time.process_time(), time.thread_time()
+    """(samples, wall s, CPU s of the process with its background threads and its finished DataLoader
+    workers, main-thread CPU s)."""
+    n, wall, cpu, main_cpu = 0, time.perf_counter(), time.process_time() + _children_cpu(), time.thread_time()
     for batch in loader:
         n += len(batch[0])
-    return n, time.perf_counter() - wall, time.process_time() - cpu, time.thread_time() - main_cpu
+    del loader  # workers are joined (and their CPU time counted) when the iterator is gone
+    return (n, time.perf_counter() - wall, time.process_time() + _children_cpu() - cpu,
+            time.thread_time() - main_cpu)
 
 
-def ours(mds: str, image_size: int, batch: int):
+def ours(mds: str, image_size: int, batch: int, workers: int):
     from rwkvclip_dist.data.config import DataConfig, StreamConfig
     from rwkvclip_dist.data.loader import build_train_dataloader
-    cfg = DataConfig(streams=[StreamConfig(remote=mds)], batch_size=batch, num_workers=0,
+    cfg = DataConfig(streams=[StreamConfig(remote=mds)], batch_size=batch, num_workers=workers,
                      text_weights={"raw": 1.0})
     return build_train_dataloader(cfg, image_size, seed=0)[0]
 
 
-def stock_streaming(mds: str, image_size: int, batch: int):
+def stock_streaming(mds: str, image_size: int, batch: int, workers: int):
     """Stock StreamingDataset with the same decode, to separate Streaming's cost from ours."""
     import torch
     from PIL import Image
@@ -81,19 +98,19 @@ def stock_streaming(mds: str, image_size: int, batch: int):
             return tf(img), tokenize(row["raw"])[0]
 
     ds = Plain(local=mds, batch_size=batch, shuffle=True)
-    return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=0)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers)
 
 
-def webdataset_loader(tar: str, image_size: int, batch: int):
+def webdataset_loader(tars: list[str], image_size: int, batch: int, workers: int):
     import torch
     import webdataset as wds
 
     from rwkvclip_dist.data.tokenizer import tokenize
     from rwkvclip_dist.data.transforms import train_transform
     tf = train_transform(image_size)
-    ds = (wds.WebDataset(tar, shardshuffle=False).decode("pil").to_tuple("jpg", "txt")
+    ds = (wds.WebDataset(tars, shardshuffle=False).decode("pil").to_tuple("jpg", "txt")
           .map_tuple(tf, lambda t: tokenize(t)[0]))
-    return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=0)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=224, help="model resolution (crop size)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per pipeline")
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
     if args.samples % args.batch:
@@ -116,23 +134,27 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     work = args.workdir or tempfile.mkdtemp(prefix="bench-input-")
     os.makedirs(work, exist_ok=True)
-    tar, mds = os.path.join(work, "00000.tar"), os.path.join(work, "mds")
-    if not os.path.exists(tar):
-        make_tar(tar, args.samples, args.image_side)
+    # one tar per worker (webdataset splits by tar); the MDS shards are built from the same samples
+    tar_dir = os.path.join(work, f"{args.samples}x{args.image_side}px_{max(1, args.workers)}tars")
+    tars = [os.path.join(tar_dir, f"{i:05d}.tar") for i in range(max(1, args.workers))]
+    mds = os.path.join(tar_dir, "mds")
+    if not all(os.path.exists(t) for t in tars):
+        os.makedirs(tar_dir, exist_ok=True)
+        make_tars(tars, args.samples, args.image_side)
     if not os.path.exists(os.path.join(mds, "index.json")):
-        build_shards(BuildOptions(inputs=[tar], out=mds, workers=1))
+        build_shards(BuildOptions(inputs=tars, out=mds, workers=1))
     clean_stale_shared_memory()
-    pipelines = {"mds (ours)": lambda: ours(mds, args.image_size, args.batch),
-                 "stock StreamingDataset, same decode": lambda: stock_streaming(mds, args.image_size,
-                                                                                 args.batch),
-                 "webdataset": lambda: webdataset_loader(tar, args.image_size, args.batch)}
+    shape = (args.image_size, args.batch, args.workers)
+    pipelines = {"mds (ours)": lambda: ours(mds, *shape),
+                 "stock StreamingDataset, same decode": lambda: stock_streaming(mds, *shape),
+                 "webdataset": lambda: webdataset_loader(tars, *shape)}
     results: dict[str, list[tuple[int, float, float, float]]] = {k: [] for k in pipelines}
     for _ in range(args.repeats):  # interleaved, so load from other processes hits all alike
         for name, make in pipelines.items():
             results[name].append(timed(make()))
             clean_stale_shared_memory()
     print(f"{args.samples} samples, JPEG {args.image_side}px -> {args.image_size}px, batch {args.batch}, "
-          f"1 process, 1 torch thread, median of {args.repeats}")
+          f"{args.workers} DataLoader workers, 1 torch thread per process, median of {args.repeats}")
     print("| pipeline | samples/s (wall) | samples per CPU-second, whole process (per core) "
           "| samples per CPU-second, main thread |")
     print("|---|---|---|---|")
