@@ -9,6 +9,7 @@ Rows per T (B*H fills the GPU, N=64):
                          forwards and backwards (csrc/bench/two_scan_baseline.cu, built here)
   fla x2 bf16            flash-linear-attention's chunk_rwkv6 on the sequence and on its flipped
                          copy (bonus only in the first); skipped when `fla` is not installed
+                         (pip install -e ".[bench]", or flash-linear-attention>=0.6)
   SDPA bf16              torch scaled_dot_product_attention at the same B, T, H, N (the
                          transformer baseline; a different operator, timed for scale)
 Columns: median milliseconds per forward+backward, the bytes an ideal implementation must move
