@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from rwkvclip_dist.ops import bi_wkv_cuda as ours
-from rwkvclip_dist.ops.build import BuildConfig, REPO_ROOT, extensions_dir, use_toolkit, wheel_cuda_includes
+from rwkvclip_dist.ops.build import (BuildConfig, REPO_ROOT, extensions_dir, pinned_arch_list, use_toolkit,
+                                     wheel_cuda_includes)
 
 HEAD_SIZE = 64
 
@@ -45,18 +46,25 @@ def peak_bandwidth(override_gbs: float | None) -> float:
     return 2 * clock_khz * 1e3 * bus_bits / 8
 
 
-def two_scan_baseline():
+def build_two_scan(archs: tuple[str, ...]):
+    """Compile (or find compiled) csrc/bench/two_scan_baseline.cu for `archs`, e.g. ("9.0",);
+    tests/test_cuda_build.py compiles it without a GPU, so a GPU run does not meet a compile error."""
     from torch.utils import cpp_extension
 
     use_toolkit()
-    major, minor = torch.cuda.get_device_capability()
     source = REPO_ROOT / "csrc" / "bench" / "two_scan_baseline.cu"
     build_dir = extensions_dir() / "rwkvclip_two_scan_baseline"
     build_dir.mkdir(parents=True, exist_ok=True)
-    module = cpp_extension.load(
-        name="rwkvclip_two_scan_baseline", sources=[str(source)], build_directory=str(build_dir),
-        extra_cuda_cflags=BuildConfig(archs=(f"{major}.{minor}",)).code_flags(),
-        extra_cflags=["-O3", "-std=c++20"], extra_include_paths=wheel_cuda_includes())
+    with pinned_arch_list(archs):
+        return cpp_extension.load(
+            name="rwkvclip_two_scan_baseline", sources=[str(source)], build_directory=str(build_dir),
+            extra_cuda_cflags=BuildConfig(archs=archs).code_flags(),
+            extra_cflags=["-O3", "-std=c++20"], extra_include_paths=wheel_cuda_includes())
+
+
+def two_scan_baseline():
+    major, minor = torch.cuda.get_device_capability()
+    module = build_two_scan((f"{major}.{minor}",))
 
     class TwoScan(torch.autograd.Function):
         @staticmethod

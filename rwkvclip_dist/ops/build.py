@@ -149,7 +149,7 @@ def import_prebuilt(path: Path) -> ModuleType:
 
 
 @contextlib.contextmanager
-def _arch_list(archs: tuple[str, ...]):
+def pinned_arch_list(archs: tuple[str, ...]):
     """torch adds -gencode flags from TORCH_CUDA_ARCH_LIST (or the visible GPU); pin them to ours."""
     old = os.environ.get("TORCH_CUDA_ARCH_LIST")
     os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
@@ -214,7 +214,7 @@ def build(config: BuildConfig = BuildConfig(), root: Path | None = None) -> tupl
     with tempfile.NamedTemporaryFile(dir=build_dir, suffix=".log", delete=False) as tmp:
         fresh_log = Path(tmp.name)
     try:
-        with _arch_list(config.archs), _capture_fd_output(fresh_log):
+        with pinned_arch_list(config.archs), _capture_fd_output(fresh_log):
             module = cpp_extension.load(
                 name=name,
                 sources=[str(SOURCE_DIR / s) for s in SOURCES],
