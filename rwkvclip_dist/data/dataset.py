@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 from streaming import StreamingDataset
-from streaming.base.shared import SharedScalar
 from streaming.base.dataset import _ShardState
+from streaming.base.shared import SharedScalar
 from streaming.base.shared.prefix import _get_path
 
 from rwkvclip_dist.data.columns import TEXT_COLUMNS, TEXT_ID
@@ -80,6 +80,7 @@ class ThreeTextDataset(StreamingDataset):
     def __init__(self, *, transform: Callable, text_weights: dict[str, float] | None = None,
                  sample_seed: int = 0, fixed_text: str | None = None, with_label: bool = False,
                  context_length: int = CONTEXT_LENGTH, **streaming_kwargs: Any) -> None:
+        self._known_local: set[int] = set()  # shards this process has seen prepared (prepare_shard)
         super().__init__(**streaming_kwargs)
         self.transform = transform
         self.text_weights = dict(text_weights or {k: 1.0 for k in TEXT_COLUMNS})
@@ -92,7 +93,6 @@ class ThreeTextDataset(StreamingDataset):
         self._epoch = 0
         # Node-wide counter in shared memory, so worker processes' skips are visible to the trainer.
         self._corrupt = SharedScalar(np.int64, _get_path(self._shm_prefix_int, CORRUPT_SHM))
-        self._known_local: set[int] = set()
 
     @property
     def num_corrupt(self) -> int:
