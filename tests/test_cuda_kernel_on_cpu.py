@@ -39,6 +39,13 @@ def _inputs(batch, tokens, heads, size, dtype, seed):
     return [x.to(dtype) for x in (r, k, v, w, dy)] + [u]
 
 
+def _chunked_reference(r, k, v, w, u, dy):
+    """(y, [dr, dk, dv, dw, du]) of the exact chunked path in float64, gradients by autograd."""
+    leaves = [x.double().requires_grad_() for x in (r, k, v, w, u)]
+    y = bi_wkv_chunked(*leaves)
+    return y.detach(), torch.autograd.grad(y, leaves, dy.double())
+
+
 def _rel(got, want, floor=1e-6):
     scale = max(want.double().norm().item(), floor * want.numel() ** 0.5)
     return (got.double() - want.double()).norm().item() / scale
@@ -55,8 +62,7 @@ def _rel(got, want, floor=1e-6):
 def test_kernel_source_matches_reference(kernels, tokens, size, dtype):
     pairs = 2 if tokens <= 256 else 1  # long sequences: one (batch, head) keeps the float64 reference quick
     r, k, v, w, dy, u = _inputs(pairs, tokens, pairs, size, dtype, seed=tokens * 100 + size)
-    leaves = [x.double().requires_grad_() for x in (r, k, v, w, u)]
-    want_grads = torch.autograd.grad(bi_wkv_chunked(*leaves), leaves, dy.double())
+    _, want_grads = _chunked_reference(r, k, v, w, u, dy)
     want_y = bi_wkv_float64(r, k, v, w, u)
 
     y = kernels.forward(r, k, v, w, u)
@@ -74,12 +80,10 @@ def test_kernel_source_at_decay_extremes(kernels, raw_decay):
     almost no decay (log decay -6e-6: the state only grows): finite and exact."""
     r, k, v, _, dy, u = _inputs(1, 70, 2, 64, torch.float32, seed=7)
     w = torch.full_like(r, raw_decay)
-    leaves = [x.double().requires_grad_() for x in (r, k, v, w, u)]
-    want_y = bi_wkv_chunked(*leaves)
-    want_grads = torch.autograd.grad(want_y, leaves, dy.double())
+    want_y, want_grads = _chunked_reference(r, k, v, w, u, dy)
     y = kernels.forward(r, k, v, w, u)
     grads = kernels.backward(dy, r, k, v, w, u)
-    assert _rel(y, want_y.detach()) <= 1e-5
+    assert _rel(y, want_y) <= 1e-5
     for name, got, want in zip("rkvwu", grads, want_grads):
         assert torch.isfinite(got).all() and _rel(got, want) <= 1e-5, f"d{name}: {_rel(got, want):.2e}"
 

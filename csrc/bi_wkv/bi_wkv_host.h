@@ -33,6 +33,17 @@ inline void check_bonus(const torch::Tensor& u, const torch::Tensor& r) {
               u.sizes(), ", expected [H, N] = [", r.size(2), ", ", r.size(3), "]");
 }
 
+// The operands both the forward and the backward take; r sets the dtype, shape and device.
+template <class Device>
+void check_inputs(const torch::Tensor& r, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& w,
+                  const torch::Tensor& u) {
+  check_operand<Device>(r, "r", r);
+  check_operand<Device>(k, "k", r);
+  check_operand<Device>(v, "v", r);
+  check_operand<Device>(w, "w", r);
+  check_bonus(u, r);
+}
+
 inline bool head_size_compiled(int64_t n) {
 #define RWKVCLIP_MATCH(size) \
   if (n == size) return true;
@@ -95,11 +106,7 @@ using namespace detail;
 
 template <class Device>
 torch::Tensor forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w, torch::Tensor u) {
-  check_operand<Device>(r, "r", r);
-  check_operand<Device>(k, "k", r);
-  check_operand<Device>(v, "v", r);
-  check_operand<Device>(w, "w", r);
-  check_bonus(u, r);
+  check_inputs<Device>(r, k, v, w, u);
   const c10::DeviceGuard guard(r.device());
   auto y32 = torch::zeros(r.sizes(), r.options().dtype(at::kFloat));
   SweepParams prm = base_params(r, w, u);
@@ -114,12 +121,8 @@ torch::Tensor forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::
 template <class Device>
 std::vector<torch::Tensor> backward(torch::Tensor dy, torch::Tensor r, torch::Tensor k, torch::Tensor v,
                                     torch::Tensor w, torch::Tensor u) {
-  check_operand<Device>(r, "r", r);
-  check_operand<Device>(k, "k", r);
-  check_operand<Device>(v, "v", r);
-  check_operand<Device>(w, "w", r);
+  check_inputs<Device>(r, k, v, w, u);
   check_operand<Device>(dy, "grad_output", r);
-  check_bonus(u, r);
   const c10::DeviceGuard guard(r.device());
   const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
   const int64_t chunks = (T + kChunk - 1) / kChunk;

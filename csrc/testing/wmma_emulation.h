@@ -5,7 +5,7 @@
 //
 // What it checks, as the hardware requires: tile pointers aligned to 32 bytes and leading
 // dimensions a multiple of 4 floats (16 bytes); a violation is recorded and reported by the host
-// (emulation_error()). What it mirrors: mma_sync ignores the 13 low mantissa bits of TF32
+// (take_error()). What it mirrors: mma_sync ignores the 13 low mantissa bits of TF32
 // operands (so a forgotten __float_to_tf32 shows up as lost accuracy), __float_to_tf32 rounds to
 // nearest with ties away from zero (cvt.rna.tf32.f32), products are exact and sums fp32.
 // What it cannot mirror: the tensor cores' internal summation order.
