@@ -3,10 +3,12 @@
 Public API::
 
     rwkvclip_dist.list_models()
-    rwkvclip_dist.create_model(name, **overrides)
+    rwkvclip_dist.create_model(name, **overrides)                      # fresh model to train (train mode)
+    rwkvclip_dist.load_model(name_or_None, pretrained=PATH)           # trained weights (eval mode)
     rwkvclip_dist.create_model_and_transforms(name, pretrained=PATH)   # -> (model, train_tf, eval_tf)
     rwkvclip_dist.get_tokenizer(name)
     rwkvclip_dist.load_checkpoint(model, path)
+    rwkvclip_dist.save_pretrained(model, path)                         # .safetensors + .json config
 
 Names are imported on first use, so tools that never touch a model (the shard builder, the
 description generator) start without importing torch.
@@ -17,6 +19,8 @@ _LAZY = {
     "list_models": "rwkvclip_dist.model.registry",
     "create_model": "rwkvclip_dist.model.registry",
     "get_model_config": "rwkvclip_dist.model.registry",
+    "load_model": "rwkvclip_dist.pretrained",
+    "save_pretrained": "rwkvclip_dist.pretrained",
     "create_model_and_transforms": "rwkvclip_dist.pretrained",
     "get_tokenizer": "rwkvclip_dist.pretrained",
     "load_checkpoint": "rwkvclip_dist.pretrained",

@@ -2,9 +2,10 @@
 
     python -m rwkvclip_dist.demo [--nproc 2] [--run-dir runs/demo_digits] [key.sub=value ...]
 
-Starts ``torchrun`` on ``recipes/demo_digits.yaml`` (which builds the digits shards on first use),
-removes Streaming shared memory that earlier killed runs left in /dev/shm, and prints the held-out
-zero-shot top-1 from the run's ``metrics.json``. Any existing run directory is started afresh.
+Builds the digits shards on first use (``data/demo_digits``, as ``tools/make_demo_data.py`` does),
+starts ``torchrun`` on ``recipes/demo_digits.yaml``, removes Streaming shared memory that earlier
+killed runs left in /dev/shm, and prints the held-out zero-shot top-1 from the run's
+``metrics.json``. Any existing run directory is started afresh.
 """
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ import sys
 import time
 from pathlib import Path
 
+from rwkvclip_dist.data.demo_digits import ensure_demo_data
+from rwkvclip_dist.data.shm import clean_stale_shm
 from rwkvclip_dist.parallel.launch_env import free_port
-from rwkvclip_dist.parallel.shm import clean_stale_shm
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "demo_digits.yaml"
+DATA = REPO / "data" / "demo_digits"  # where the recipe's data paths point
 TARGET_TOP1 = 0.90
 
 
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir)
     if run_dir.exists():
         shutil.rmtree(run_dir)  # the demo always trains from scratch rather than resuming
+    ensure_demo_data(str(DATA))
     clean_stale_shm()
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")

@@ -13,11 +13,28 @@ exactness.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rwkvclip_dist.parallel import collectives
+
+
+@dataclass
+class LossSection:
+    """The ``loss:`` section of a recipe."""
+
+    kind: Literal["clip", "siglip"] = "clip"
+    """'clip': symmetric InfoNCE over the global batch; 'siglip': pairwise sigmoid loss."""
+    local_loss: bool = True
+    """Each rank computes logits for its own rows only against all columns (memory O(B x global B))."""
+    gather_with_grad: bool = True
+    """All-gather features with gradient; required for the exact global-batch gradient."""
+    siglip_bias: float = -10.0
+    """Logit bias of the SigLIP loss (a fixed constant here; SigLIP learns it)."""
 
 
 def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
@@ -91,10 +108,9 @@ class SigLipLoss(_GatheringLoss):
         return -F.logsigmoid(signs * logits).sum(dim=1).mean()
 
 
-def build_loss(kind: str, local_loss: bool = True, gather_with_grad: bool = True,
-               siglip_bias: float = -10.0) -> _GatheringLoss:
-    if kind == "clip":
-        return ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad)
-    if kind == "siglip":
-        return SigLipLoss(bias=siglip_bias, local_loss=local_loss, gather_with_grad=gather_with_grad)
-    raise ValueError(f"loss.kind must be 'clip' or 'siglip', got {kind!r}")
+def build_loss(section: LossSection) -> _GatheringLoss:
+    """The loss a recipe's ``loss:`` section names (its ``kind`` was checked when the recipe loaded)."""
+    common = {"local_loss": section.local_loss, "gather_with_grad": section.gather_with_grad}
+    if section.kind == "siglip":
+        return SigLipLoss(bias=section.siglip_bias, **common)
+    return ClipLoss(**common)

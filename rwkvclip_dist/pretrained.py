@@ -4,7 +4,7 @@
     tokenizer = get_tokenizer("RWKV-CLIP-B-32")
     probs = (100 * model.encode_image(img, normalize=True) @ model.encode_text(tokenizer(texts), normalize=True).T).softmax(-1)
 
-Pretrained files are safetensors with a JSON config (``rwkvclip_dist.convert.io``); torch pickles
+Pretrained files are safetensors with a JSON config (``rwkvclip_dist.pretrained_format``); torch pickles
 are read with ``weights_only=True`` only. The models returned are plain ``nn.Module``s with
 ``encode_image`` / ``encode_text``, so CLIP_benchmark and open_clip-style code use them unchanged.
 """
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rwkvclip_dist.convert.io import (
+from rwkvclip_dist.pretrained_format import (
     check_state_dict,
     config_record,
     load_state_dict_file,
@@ -61,10 +61,12 @@ def _resolve_config(name: str | None, pretrained: str | Path | None, overrides: 
     return config
 
 
-def create_model(name: str | None, pretrained: str | Path | None = None, device: str | torch.device = "cpu",
-                 **overrides: Any) -> RWKVCLIP:
-    """An RWKV-CLIP model in eval mode; with ``pretrained``, its architecture comes from the file's
-    config (``name`` may then be None, and must agree with the file otherwise)."""
+def load_model(name: str | None, pretrained: str | Path | None = None, device: str | torch.device = "cpu",
+               **overrides: Any) -> RWKVCLIP:
+    """An RWKV-CLIP model for inference, in eval mode; with ``pretrained``, its weights and its
+    architecture come from the file (``name`` may then be None, and must agree with the file otherwise).
+    Without ``pretrained`` the weights are freshly initialised (smoke tests). For a fresh model to
+    train, use :func:`rwkvclip_dist.create_model`."""
     config = _resolve_config(name, pretrained, overrides)
     model = RWKVCLIP(config, initialize=pretrained is None)
     if pretrained is not None:
@@ -77,7 +79,7 @@ def create_model_and_transforms(name: str | None, pretrained: str | Path | None 
     """``(model, train_transform, eval_transform)``; the transforms match the model's resolution."""
     from rwkvclip_dist.data.transforms import eval_transform, train_transform
 
-    model = create_model(name, pretrained, device, **overrides)
+    model = load_model(name, pretrained, device, **overrides)
     size = model.config.image.image_size
     return model, train_transform(size), eval_transform(size)
 

@@ -1,6 +1,6 @@
 """Type-checked construction of nested dataclasses from plain YAML or JSON data.
 
-One loader for every config in the package: training recipes (``rwkvclip_dist.recipe``) and the
+One loader for every config in the package: training recipes (``rwkvclip_dist.training.recipe``) and the
 model registry's JSON files (``rwkvclip_dist.model.config``). The field annotations are the schema: ``bool``, ``int``, ``float``, ``str``, ``Literal[...]``,
 ``X | None``, ``list[X]``, ``tuple[X, ...]``, ``dict[str, X]``, ``Any`` and nested dataclasses.
 Every error names the dotted key and where it came from (the ``origin`` of each key, e.g. a file).
@@ -18,6 +18,15 @@ import yaml
 
 class ConfigError(ValueError):
     """A config names an unknown key or holds a value of the wrong type."""
+
+
+class FieldError(ValueError):
+    """Raised by a config dataclass's ``__post_init__`` for a bad value of one of its fields, so the
+    loader can name the dotted key and the file (or command line) that set it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
 
 
 def _type_name(tp: Any) -> str:
@@ -60,7 +69,8 @@ def _check(value: Any, tp: Any, key: str, origin: dict[str, str], default_file: 
                 continue
         raise _fail(key, origin, default_file, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if hint_origin is Literal:
-        if value not in args:
+        # ``True in (0, 1)`` holds in Python; a bool is never one of a Literal's numbers.
+        if value not in args or (isinstance(value, bool) and not any(a is value for a in args)):
             raise _fail(key, origin, default_file, f"expected {_type_name(tp)}, got {value!r}")
         return value
     if hint_origin in (list, tuple):
@@ -118,6 +128,8 @@ def build_dataclass(cls: type, data: Any, origin: dict[str, str], default_file: 
         kwargs[key] = _check(value, hints[key], dotted, origin, default_file)
     try:
         return cls(**kwargs)
+    except FieldError as err:
+        raise _fail(f"{prefix}{err.field}", origin, default_file, err.message) from None
     except (TypeError, ValueError) as err:
         if isinstance(err, ConfigError):
             raise

@@ -1,4 +1,5 @@
-"""Shared fixtures: launching real multi-process (gloo) runs with torchrun, and the demo data set.
+"""Shared fixtures and helpers: launching real multi-process (gloo) runs with torchrun, reading what a
+training run wrote, finding its rank processes, and the demo data set.
 
 Multi-process tests start ``torchrun`` subprocesses with ``DS_ACCELERATOR=cpu`` and a cached
 ``TORCH_EXTENSIONS_DIR`` so DeepSpeed's CPU communication op is compiled once per machine. Stale
@@ -7,6 +8,7 @@ process uses, so concurrent runs on the machine are left alone).
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +18,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+TRAIN = str(REPO / "rwkvclip_dist" / "train.py")
+DEMO_RECIPE = str(REPO / "recipes" / "demo_digits.yaml")
 
 
 def dist_env(**extra: str) -> dict[str, str]:
@@ -49,10 +53,41 @@ def run_checked(cmd: list[str], timeout: float, env: dict[str, str] | None = Non
     return proc
 
 
+def loss_log(run_dir: Path) -> list[dict]:
+    """The records of a run's ``loss_log.jsonl`` (empty before its first step)."""
+    path = run_dir / "loss_log.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_args(run_dir: Path, data: Path, *extra: str) -> list[str]:
+    """train.py arguments: the demo recipe on ``data``'s training split, small batches, quiet logs."""
+    return [TRAIN, "--recipe", DEMO_RECIPE, "--run-dir", str(run_dir),
+            f"data.streams=[{{remote: {data / 'train'}}}]", "data.batch_size=16",
+            "eval.zeroshot=[]", "logging.every_steps=1", "logging.progress_bar=false",
+            "logging.tensorboard=false", *extra]
+
+
+def rank_processes(launcher: subprocess.Popen) -> dict:
+    """``{rank: psutil.Process}`` of the train.py workers under a torchrun launcher."""
+    import psutil
+
+    ranks = {}
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            env = child.environ()
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            continue
+        if "RANK" in env and "train.py" in " ".join(child.cmdline()):
+            ranks[int(env["RANK"])] = child
+    return ranks
+
+
 @pytest.fixture
 def clean_shm():
     yield
-    from rwkvclip_dist.parallel.shm import clean_stale_shm
+    from rwkvclip_dist.data.shm import clean_stale_shm
 
     clean_stale_shm()
 

@@ -11,7 +11,7 @@ import torch
 
 from rwkvclip_dist import create_model
 from rwkvclip_dist.loss import ClipLoss
-from rwkvclip_dist.parallel.accumulation import contrastive_step, split_micro_batches
+from rwkvclip_dist.training.accumulation import contrastive_step, split_micro_batches
 
 
 def _batch(n: int, seed: int = 3):
@@ -96,7 +96,7 @@ def worker(out_path: str) -> None:
     parameter change is minus the gradient) against autograd over the global batch in one process."""
     import torch.distributed as dist
 
-    from rwkvclip_dist.parallel.engine import create_engine, deepspeed_config, init_distributed
+    from rwkvclip_dist.parallel.engine import ParallelSection, create_engine, deepspeed_config, init_distributed
     from rwkvclip_dist.parallel.launch_env import detect_launch_env
 
     launch = detect_launch_env()
@@ -110,8 +110,8 @@ def worker(out_path: str) -> None:
     model = _tiny(0.0)
     before = {n: p.detach().clone().reshape(p.shape) for n, p in model.named_parameters()}
     engine = create_engine(model, torch.optim.SGD(model.parameters(), lr=1.0), deepspeed_config(
-        micro_batch=per_rank // parts, accumulation_steps=parts, world_size=world, zero_stage=2,
-        precision="fp32", grad_clip=0.0))
+        ParallelSection(zero_stage=2, precision="fp32"), micro_batch=per_rank // parts, accumulation_steps=parts,
+        world_size=world, grad_clip=0.0))
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
     steps_seen = []
 

@@ -11,36 +11,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-TRAIN = str(REPO / "rwkvclip_dist" / "train.py")
-
-
-def loss_log(run_dir: Path) -> list[dict]:
-    path = run_dir / "loss_log.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def train_args(run_dir: Path, data: Path, *extra: str) -> list[str]:
-    return [TRAIN, "--recipe", str(REPO / "recipes" / "demo_digits.yaml"), "--run-dir", str(run_dir),
-            "demo_data=", f"data.streams=[{{remote: {data / 'train'}}}]", "data.batch_size=16",
-            "eval.zeroshot=[]", "logging.every_steps=1", "logging.progress_bar=false",
-            "logging.tensorboard=false", *extra]
-
-
-def _rank_processes(launcher: subprocess.Popen) -> dict:
-    import psutil
-
-    ranks = {}
-    for child in psutil.Process(launcher.pid).children(recursive=True):
-        try:
-            env = child.environ()
-        except (psutil.AccessDenied, psutil.NoSuchProcess):
-            continue
-        if "RANK" in env and "train.py" in " ".join(child.cmdline()):
-            ranks[int(env["RANK"])] = child
-    return ranks
+from conftest import REPO, loss_log, rank_processes, train_args
 
 
 @pytest.mark.slow
@@ -60,7 +31,7 @@ def test_sigkill_one_rank_then_resume_gives_the_uninterrupted_losses(tmp_path, d
     deadline = time.time() + 240
     while len(loss_log(run)) < 7 and launcher.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    ranks = _rank_processes(launcher)
+    ranks = rank_processes(launcher)
     assert 1 in ranks, f"rank 1 not found (launcher exit {launcher.poll()}): {launcher.stderr.read()[-3000:]}"
     ranks[1].send_signal(signal.SIGKILL)
     launcher.communicate(timeout=120)
@@ -87,18 +58,20 @@ def worker(phase: str, directory: str) -> None:
 
     from rwkvclip_dist import create_model
     from rwkvclip_dist.checkpoint.manager import CheckpointManager
-    from rwkvclip_dist.parallel.engine import create_engine, deepspeed_config, init_distributed
+    from rwkvclip_dist.parallel.engine import ParallelSection, create_engine, deepspeed_config, init_distributed
     from rwkvclip_dist.parallel.launch_env import detect_launch_env
+    from rwkvclip_dist.training.state import TrainState
 
     init_distributed(detect_launch_env(), "gloo")
     torch.manual_seed(0)
     model = create_model("tiny")
     engine = create_engine(model, torch.optim.AdamW(model.parameters(), lr=1e-2), deepspeed_config(
-        micro_batch=2, accumulation_steps=1, world_size=1, zero_stage=2, precision="fp32", grad_clip=1.0))
+        ParallelSection(zero_stage=2, precision="fp32"), micro_batch=2, accumulation_steps=1, world_size=1,
+        grad_clip=1.0))
     manager = CheckpointManager(directory, keep_last=3)
     snapshot = Path(directory).parent / "step1_weights.pt"
     if phase == "save":
-        manager.save(engine, 1, {"step": 1})
+        manager.save(engine, 1, {"train_state": TrainState(step=1, samples=2)}, {"step": 1})
         torch.save({k: v.clone() for k, v in engine.module.state_dict().items()}, snapshot)
         for p in engine.module.parameters():
             p.data.add_(1.0)  # a changed model, so a load of step 2's weights would be detectable
@@ -112,12 +85,13 @@ def worker(phase: str, directory: str) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
 
         torch.save = dying_save
-        manager.save(engine, 2, {"step": 2})
+        manager.save(engine, 2, {"train_state": TrainState(step=2, samples=4)}, {"step": 2})
         raise AssertionError("the save was expected to be killed")
-    state = manager.load(engine)
+    state = TrainState()
+    record = manager.load(engine, {"train_state": state})
     weights = torch.load(snapshot)
     same = all(torch.equal(v.reshape(-1), weights[k].reshape(-1)) for k, v in engine.module.state_dict().items())
-    print(json.dumps({"state": state, "same_weights": same}))
+    print(json.dumps({"record": record, "step": state.step, "samples": state.samples, "same_weights": same}))
 
 
 @pytest.mark.slow
@@ -134,7 +108,7 @@ def test_save_killed_half_way_leaves_the_previous_checkpoint_loadable(tmp_path, 
                             capture_output=True, text=True, timeout=180)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     result = json.loads(loaded.stdout.strip().splitlines()[-1])
-    assert result == {"state": {"step": 1}, "same_weights": True}
+    assert result == {"record": {"step": 1}, "step": 1, "samples": 2, "same_weights": True}
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from rwkvclip_dist.convert import authors as layout
-from rwkvclip_dist.convert.io import StateDictMismatch, load_state_dict_file
+from rwkvclip_dist.pretrained_format import StateDictMismatch, load_state_dict_file
 from rwkvclip_dist.convert.pipeline import authors_to_ours, expected_shapes, ours_to_authors, verify_authors
 from rwkvclip_dist.model.registry import get_model_config
-from rwkvclip_dist.pretrained import create_model, save_pretrained
+from rwkvclip_dist.pretrained import load_model, save_pretrained
 from tool_loader import tool_main
 
 pytestmark = pytest.mark.timeout(120)
@@ -25,7 +25,7 @@ convert_main = tool_main("convert_checkpoint")
 @pytest.fixture(scope="module")
 def ours_file(tmp_path_factory):
     torch.manual_seed(0)
-    model = create_model("tiny")
+    model = load_model("tiny")
     with torch.no_grad():  # spread the lerps over [-0.5, 1.5] so 1 - a is exercised off [0.5, 1]
         for name, p in model.named_parameters():
             if ".maa_" in name:

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from rwkvclip_dist.convert.io import load_state_dict_file, read_record
+from rwkvclip_dist.pretrained_format import load_state_dict_file, read_record
 from rwkvclip_dist.convert.pipeline import verify_state, zero_to_ours
-from rwkvclip_dist.pretrained import create_model
+from rwkvclip_dist import create_model
 from rwkvclip_dist.parallel.launch_env import free_port
 
 pytestmark = pytest.mark.timeout(180)
@@ -24,13 +24,13 @@ def _train_one_step(rank: int, world: int, out: str, port: int, stage: int) -> N
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     import deepspeed
 
-    from rwkvclip_dist.parallel.engine import create_engine, deepspeed_config
+    from rwkvclip_dist.parallel.engine import ParallelSection, create_engine, deepspeed_config
 
     torch.manual_seed(0)
-    model = create_model("tiny").train()
+    model = create_model("tiny")
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    config = deepspeed_config(micro_batch=2, accumulation_steps=1, world_size=world, zero_stage=stage,
-                              precision="fp32", grad_clip=1.0)
+    config = deepspeed_config(ParallelSection(zero_stage=stage, precision="fp32"), micro_batch=2,
+                              accumulation_steps=1, world_size=world, grad_clip=1.0)
     # The trainer's own engine setup (it trains the 0-dim logit_scale as shape [1], as DeepSpeed needs).
     engine = create_engine(model, torch.optim.AdamW(model.parameters(), lr=1e-2), config)
     generator = torch.Generator().manual_seed(rank)

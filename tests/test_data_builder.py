@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import make_shards  # noqa: E402
 
 from rwkvclip_dist.data.builder import REJECTS, BuildOptions, build_shards  # noqa: E402
-from rwkvclip_dist.parallel.shm import clean_stale_shm  # noqa: E402
+from rwkvclip_dist.data.shm import clean_stale_shm  # noqa: E402
 
 
 def jpeg(seed: int, size=(24, 16), fmt="JPEG") -> bytes:

@@ -12,7 +12,7 @@ from streaming import StreamingDataset
 
 from rwkvclip_dist.data.demo_digits import CLASSNAMES, build_demo_data, ensure_demo_data
 from rwkvclip_dist.data.loader import build_eval_dataloader
-from rwkvclip_dist.parallel.shm import clean_stale_shm
+from rwkvclip_dist.data.shm import clean_stale_shm
 
 
 def digest(root: str) -> dict[str, str]:

@@ -22,7 +22,7 @@ from rwkvclip_dist.data.config import DataConfig, StreamConfig
 from rwkvclip_dist.data.loader import build_eval_dataloader, build_train_dataloader
 from rwkvclip_dist.data.tokenizer import tokenize
 from rwkvclip_dist.parallel.launch_env import free_port
-from rwkvclip_dist.parallel.shm import clean_stale_shm
+from rwkvclip_dist.data.shm import clean_stale_shm
 from rwkvclip_dist.typed_config import ConfigError, build_dataclass
 
 N_RANK_SAMPLES = 96

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO, TRAIN
+
 GOLDEN = REPO / "tests" / "golden" / "demo_digits_loss.json"
-TRAIN = str(REPO / "rwkvclip_dist" / "train.py")
 OVERRIDES = ["train.steps=10", "data.batch_size=16", "eval.zeroshot=[]", "checkpoint.every_steps=0",
              "logging.every_steps=5", "logging.progress_bar=false"]
 # Same machine and library versions reproduce the curve bit for bit; other CPUs round differently.
@@ -23,7 +23,7 @@ def run_short_demo(run_dir: Path, data: Path) -> list[float]:
     from conftest import dist_env, run_checked, torchrun_cmd
 
     cmd = torchrun_cmd(2, TRAIN, "--recipe", str(REPO / "recipes" / "demo_digits.yaml"), "--run-dir",
-                       str(run_dir), "demo_data=", f"data.streams=[{{remote: {data / 'train'}}}]", *OVERRIDES)
+                       str(run_dir), f"data.streams=[{{remote: {data / 'train'}}}]", *OVERRIDES)
     run_checked(cmd, timeout=300, env=dist_env())
     records = [json.loads(line) for line in (run_dir / "loss_log.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records]

@@ -17,7 +17,7 @@ from rwkvclip_dist.eval.datasets import load_class_prompts
 from rwkvclip_dist.eval.linear_probe import LinearProbeConfig, linear_probe
 from rwkvclip_dist.eval.retrieval import retrieval_recall
 from rwkvclip_dist.eval.retrieval_data import load_retrieval_annotations
-from rwkvclip_dist.pretrained import create_model, save_pretrained
+from rwkvclip_dist.pretrained import load_model, save_pretrained
 from tool_loader import tool_main
 
 pytestmark = pytest.mark.timeout(120)
@@ -42,7 +42,7 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
     torch.manual_seed(0)
-    return save_pretrained(create_model("tiny"), tmp_path_factory.mktemp("m") / "tiny.safetensors")
+    return save_pretrained(load_model("tiny"), tmp_path_factory.mktemp("m") / "tiny.safetensors")
 
 
 def _brute_force_ranks(img, txt, owner):
@@ -140,24 +140,23 @@ def _rank_zeroshot(rank, world, port, root, model_path, out_dir):
 
 
 def _zeroshot_on(root, model_path):
-    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data import Subset
 
     from rwkvclip_dist.data.demo_digits import CLASSNAMES, TEMPLATES
-    from rwkvclip_dist.eval import build_zeroshot_classifier, evaluate_zeroshot
+    from rwkvclip_dist.eval import build_zeroshot_classifier, zeroshot_scores
     from rwkvclip_dist.eval.datasets import MDSLabelledImages
-    from rwkvclip_dist.eval.distributed import shard_range
     from rwkvclip_dist.eval.features import LoaderConfig, image_features
     from rwkvclip_dist.pretrained import create_model_and_transforms, get_tokenizer
 
     model, _, tf = create_model_and_transforms(None, pretrained=model_path)
     data = Subset(MDSLabelledImages(f"{root}/heldout", tf), range(12))
-    start, stop = shard_range(len(data))
     classifier = build_zeroshot_classifier(model, CLASSNAMES, TEMPLATES[:1], get_tokenizer(model_path))
-    loader = DataLoader(Subset(data, range(start, stop)), batch_size=8)
+    feats, labels = image_features(model, data, LoaderConfig(batch_size=8, num_workers=0))
+    metrics = zeroshot_scores(model, feats, labels, CLASSNAMES, TEMPLATES[:1], get_tokenizer(model_path))
     # 7 classes and 11 images split unevenly over 2 ranks: exercises the padded shards.
     uneven = build_zeroshot_classifier(model, CLASSNAMES[:7], TEMPLATES[:1], get_tokenizer(model_path))
     feats = image_features(model, Subset(data, range(11)), LoaderConfig(batch_size=4, num_workers=0))
-    return classifier, evaluate_zeroshot(model, classifier, loader), (uneven, *feats)
+    return classifier, metrics, (uneven, *feats)
 
 
 @pytest.mark.slow
@@ -194,3 +193,38 @@ def test_confusion_counts_sum_over_batches_to_global_metrics():
     assert whole["mean_per_class"] == pytest.approx((0.5 + 0.0 + 1.0) / 3)  # classes 0, 2 and 4 occur
     with pytest.raises(ValueError, match=r"labels \[7\] are outside"):
         confusion_counts(logits[:1], torch.tensor([7]))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_in_loop_zeroshot_equals_the_evaluate_tool_on_the_same_checkpoint(tmp_path, demo_data, clean_shm):
+    """One zero-shot path: a 2-rank training run's in-loop figure and tools/evaluate.py's figure on
+    the converted checkpoint of that run, same data, 2 ranks each. 181 held-out digits divide neither
+    the global eval batch (2 x 64) nor the ranks, so padding must not count any image twice."""
+    from streaming import MDSWriter
+
+    from conftest import REPO, dist_env, run_checked, torchrun_cmd, train_args
+    from rwkvclip_dist.data.columns import columns
+    from rwkvclip_dist.data.demo_digits import _rows
+
+    heldout, classes = tmp_path / "heldout181", demo_data / "zeroshot.json"
+    with MDSWriter(out=str(heldout), columns=columns(with_label=True), compression="zstd") as writer:
+        for row in _rows("heldout")[:181]:
+            writer.write(row)
+    run = tmp_path / "run"
+    run_checked(torchrun_cmd(2, *train_args(run, demo_data, "train.steps=6", "checkpoint.every_steps=0",
+                                            f"eval.zeroshot=[{{data: {heldout}, classes: {classes}, "
+                                            f"batch_size: 64, num_workers: 0}}]")), timeout=400, env=dist_env())
+    in_loop = json.loads((run / "metrics.json").read_text())["evals"]["6"]
+    assert in_loop["zeroshot_n"] == 181
+
+    converted = tmp_path / "run.safetensors"
+    assert tool_main("convert_checkpoint")(["from-zero", str(run / "checkpoints"), str(converted)]) == 0
+    out = tmp_path / "eval.json"
+    run_checked(torchrun_cmd(2, str(REPO / "tools" / "evaluate.py"), "--model", str(converted), "--task", "zeroshot",
+                             "--data", str(heldout), "--templates", str(classes), "--batch-size", "64",
+                             "--workers", "0", "--output", str(out)), timeout=300, env=dist_env())
+    tool = json.loads(out.read_text())["results"]["zeroshot"]
+    assert tool["n"] == 181
+    for key in ("top1", "top5", "mean_per_class"):
+        assert tool[key] == in_loop[f"zeroshot_{key}"], key

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rwkvclip_dist.loss import ClipLoss, SigLipLoss, build_loss
+from rwkvclip_dist.loss import ClipLoss, LossSection, SigLipLoss, build_loss
 
 CASES = [("clip", True), ("clip", False), ("siglip", True), ("siglip", False)]
 
@@ -60,9 +60,14 @@ def test_siglip_loss_single_process_matches_the_definition():
     assert got.item() == pytest.approx(expected, rel=1e-10)
 
 
-def test_build_loss_rejects_unknown_kind():
-    with pytest.raises(ValueError, match="loss.kind"):
-        build_loss("triplet")
+def test_loss_kind_is_checked_when_the_recipe_loads(tmp_path):
+    from rwkvclip_dist.training.recipe import ConfigError, load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("loss: {kind: triplet}\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml: loss\.kind: expected one of 'clip', 'siglip'"):
+        load_recipe(recipe)
+    assert isinstance(build_loss(LossSection(kind="siglip", siglip_bias=-5.0)), SigLipLoss)
 
 
 def worker(out_path: str) -> None:
@@ -78,10 +83,10 @@ def worker(out_path: str) -> None:
     for kind, local in CASES:
         for gather_with_grad in (True, False):
             image, text, scale = _towers()
-            reference = build_loss(kind, local_loss=local, gather_with_grad=True)
+            reference = build_loss(LossSection(kind, local_loss=local, gather_with_grad=True))
             reference.rank, reference.world_size = 0, 1  # one process holding the whole batch
             ref_loss, ref_grads = _loss_and_grads(reference, image, text, scale, x_img, x_txt)
-            dist_fn = build_loss(kind, local_loss=local, gather_with_grad=gather_with_grad)
+            dist_fn = build_loss(LossSection(kind, local_loss=local, gather_with_grad=gather_with_grad))
             loss, grads = _loss_and_grads(dist_fn, image, text, scale, x_img[rows], x_txt[rows])
             dist.all_reduce(loss)
             for g in grads:

@@ -9,14 +9,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from rwkvclip_dist.convert.io import StateDictMismatch
+from rwkvclip_dist.pretrained_format import StateDictMismatch
 from rwkvclip_dist.eval.datasets import MDSLabelledImages
-from rwkvclip_dist.eval.zeroshot import build_zeroshot_classifier, evaluate_zeroshot
+from rwkvclip_dist.eval.features import LoaderConfig, image_features
+from rwkvclip_dist.eval.zeroshot import build_zeroshot_classifier, zeroshot_from_features
 from rwkvclip_dist.pretrained import (
-    create_model,
     create_model_and_transforms,
     get_tokenizer,
     load_checkpoint,
+    load_model,
     load_vision_encoder,
     save_pretrained,
 )
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.timeout(120)
 def saved(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("pretrained") / "tiny.safetensors"
-    model = create_model("tiny")
+    model = load_model("tiny")
     save_pretrained(model, path)
     return model, path
 
@@ -55,16 +56,16 @@ def test_round_trip_gives_identical_embeddings(saved):
 
 
 def test_overrides_are_recorded_and_name_must_agree(tmp_path):
-    model = create_model("tiny", **{"image.depth": 1})
+    model = load_model("tiny", **{"image.depth": 1})
     path = save_pretrained(model, tmp_path / "d1.safetensors")
-    assert create_model(None, pretrained=path).config.image.depth == 1
+    assert load_model(None, pretrained=path).config.image.depth == 1
     with pytest.raises(ValueError, match="holds a 'tiny' model"):
-        create_model("RWKV-CLIP-B-32", pretrained=path)
+        load_model("RWKV-CLIP-B-32", pretrained=path)
 
 
 def test_mismatched_file_is_refused_without_partial_load(saved):
     _, path = saved
-    deeper = create_model("tiny", **{"image.depth": 3})
+    deeper = load_model("tiny", **{"image.depth": 3})
     before = {k: v.clone() for k, v in deeper.state_dict().items()}
     with pytest.raises(StateDictMismatch, match="missing: visual.blocks.2"):
         load_checkpoint(deeper, path)
@@ -75,11 +76,11 @@ def test_pickles_are_read_weights_only(tmp_path, saved):
     model, _ = saved
     good = tmp_path / "ok.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, good)
-    load_checkpoint(create_model("tiny"), good)  # wrapper dict and DDP prefix are handled
+    load_checkpoint(load_model("tiny"), good)  # wrapper dict and DDP prefix are handled
     evil = tmp_path / "evil.pt"
     torch.save({"state_dict": model.state_dict(), "payload": pickle.PickleError("not a tensor")}, evil)
     with pytest.raises(pickle.UnpicklingError):
-        load_checkpoint(create_model("tiny"), evil)
+        load_checkpoint(load_model("tiny"), evil)
 
 
 def test_clip_benchmark_zeroshot_runs_our_model_unchanged(tmp_path, saved, digits):
@@ -98,7 +99,8 @@ def test_clip_benchmark_zeroshot_runs_our_model_unchanged(tmp_path, saved, digit
     theirs = cb.evaluate(model, loader, tokenizer, classnames, templates, "cpu", amp=False, save_clf=str(tmp_path / "clf.pt"))
     ours_clf = build_zeroshot_classifier(model, classnames, templates, tokenizer)
     torch.testing.assert_close(ours_clf, torch.load(tmp_path / "clf.pt", weights_only=True))
-    ours = evaluate_zeroshot(model, ours_clf, loader)
+    features, labels = image_features(model, subset, LoaderConfig(batch_size=16, num_workers=0))
+    ours = zeroshot_from_features(features, labels, ours_clf)
     assert ours["n"] == 32
     assert ours["top1"] == pytest.approx(theirs["acc1"])
     assert ours["top5"] == pytest.approx(theirs["acc5"])

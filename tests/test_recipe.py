@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rwkvclip_dist.recipe import ConfigError, Recipe, load_recipe, save_recipe
+from rwkvclip_dist.training.recipe import ConfigError, Recipe, load_recipe, save_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 

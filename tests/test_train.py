@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from test_checkpoint import REPO, _rank_processes, loss_log, train_args
+from conftest import REPO, loss_log, rank_processes, train_args
 
 
 @pytest.mark.slow
@@ -25,7 +25,7 @@ def test_sigterm_makes_every_rank_save_and_exit_zero_under_zero3(tmp_path, demo_
     deadline = time.time() + 240
     while len(loss_log(run)) < 3 and launcher.poll() is None and time.time() < deadline:
         time.sleep(0.1)
-    ranks = _rank_processes(launcher)
+    ranks = rank_processes(launcher)
     assert sorted(ranks) == [0, 1], f"ranks not found (launcher exit {launcher.poll()})"
     # Slurm signals every task of the step; one rank getting it first must still stop them all.
     ranks[1].send_signal(signal.SIGTERM)

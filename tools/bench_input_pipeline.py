@@ -25,7 +25,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def make_tars(paths: list[str], n: int, side: int) -> None:

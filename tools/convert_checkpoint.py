@@ -17,10 +17,9 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rwkvclip_dist.convert import pipeline  # noqa: E402
-from rwkvclip_dist.convert.io import StateDictMismatch, parse_dtype  # noqa: E402
+from rwkvclip_dist.convert import pipeline
+from rwkvclip_dist.pretrained_format import StateDictMismatch, parse_dtype
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,17 +16,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-from rwkvclip_dist.eval.features import LoaderConfig  # noqa: E402
-from rwkvclip_dist.eval.linear_probe import LinearProbeConfig  # noqa: E402
-from rwkvclip_dist.eval.runner import TASKS, EvalConfig, Evaluator, format_table, write_results  # noqa: E402
-from rwkvclip_dist.pretrained import create_model_and_transforms, get_tokenizer  # noqa: E402
+from rwkvclip_dist.eval.features import LoaderConfig
+from rwkvclip_dist.eval.linear_probe import LinearProbeConfig
+from rwkvclip_dist.eval.runner import TASKS, EvalConfig, Evaluator, format_table, write_results
+from rwkvclip_dist.pretrained import create_model_and_transforms, get_tokenizer
 
 
 def parse_args(argv):

@@ -14,10 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rwkvclip_dist.convert.io import StateDictMismatch, parse_dtype  # noqa: E402
-from rwkvclip_dist.pretrained import create_model, save_vision_encoder  # noqa: E402
+from rwkvclip_dist.pretrained_format import StateDictMismatch, parse_dtype
+from rwkvclip_dist.pretrained import load_model, save_vision_encoder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args(argv)
     try:
-        model = create_model(None, pretrained=args.src)
+        model = load_model(None, pretrained=args.src)
         path = save_vision_encoder(model, args.dst, parse_dtype(args.dtype))
     except (StateDictMismatch, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

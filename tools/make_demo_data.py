@@ -7,12 +7,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rwkvclip_dist.data.demo_digits import ensure_demo_data  # noqa: E402
+from rwkvclip_dist.data.demo_digits import ensure_demo_data
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,9 +17,8 @@ import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rwkvclip_dist.data.builder import REPORT, BuildOptions, build_shards  # noqa: E402
+from rwkvclip_dist.data.builder import REPORT, BuildOptions, build_shards
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from rwkvclip_dist.model import get_model_config
 from rwkvclip_dist.model import mixing
 from rwkvclip_dist.model.clip import RWKVCLIP
 from rwkvclip_dist.model.flops import forward_flops_per_sample
-from rwkvclip_dist.recipe import load_recipe
+from rwkvclip_dist.training.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,1 +1,2 @@
-"""Checkpoint manager: DeepSpeed shards plus loader, RNG and counter state; atomic `latest`; keep-last-k."""
+"""Checkpoint manager: DeepSpeed shards plus every rank's Stateful objects (train state with its
+RNGs, data loader) and the run's record; atomic `latest`; keep-last-k."""

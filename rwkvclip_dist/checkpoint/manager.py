@@ -1,11 +1,13 @@
-"""One checkpoint manager for everything with state: model, optimizer (DeepSpeed), data loader, RNGs,
-counters and the resolved recipe.
+"""One checkpoint manager for everything with state: model and optimizer (through the DeepSpeed
+engine) and any number of Stateful objects (``state_dict()`` / ``load_state_dict()``: the run's
+``TrainState`` with its RNGs, the data loader), plus a small record of the run (step, world size,
+resolved recipe).
 
 Layout of ``<dir>``::
 
     step_00000400/            DeepSpeed's files (model and optimizer shards), written by every rank
-        client_state.pt       global state: step, samples, data-loader state, recipe (rank 0)
-        rank_00001_rng.pt     this rank's RNG states (python, numpy, torch, cuda), one file per rank
+        rank_00001.pt         this rank's Stateful objects, one file per rank
+        client_state.pt       the run's record (rank 0), written last: it marks the checkpoint complete
     latest                    the tag of the newest *complete* checkpoint
 
 ``latest`` is replaced atomically (write a temporary file, then rename) by rank 0, and only after
@@ -17,39 +19,55 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import re
 import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from rwkvclip_dist.parallel import collectives
+from rwkvclip_dist.typed_config import FieldError
 
 log = logging.getLogger(__name__)
 TAG_PATTERN = re.compile(r"^step_(\d{8,})$")
 CLIENT_FILE = "client_state.pt"
 
 
+@dataclass
+class CheckpointSection:
+    """The ``checkpoint:`` section of a recipe."""
+
+    dir: str = ""
+    """Where checkpoints go; empty means <run dir>/checkpoints."""
+    every_steps: int = 1000
+    """Save every N optimizer steps (and always at the end); 0 saves only at the end."""
+    keep_last: int = 3
+    """Keep the newest k complete checkpoints; older ones are deleted after a new one completes."""
+    resume: bool = True
+    """Resume automatically from the newest complete checkpoint in ``dir``."""
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0:
+            raise FieldError("every_steps", f"must be >= 0 (0: only at the end), got {self.every_steps}")
+        if self.keep_last < 1:
+            raise FieldError("keep_last", f"must be >= 1, got {self.keep_last}")
+
+
 def tag_for_step(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def capture_rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+def rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -69,8 +87,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 class CheckpointManager:
     def __init__(self, directory: str | Path, keep_last: int = 3) -> None:
-        if keep_last < 1:
-            raise ValueError(f"checkpoint.keep_last must be >= 1, got {keep_last}")
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.rank = collectives.rank()
@@ -96,8 +112,8 @@ class CheckpointManager:
         return sorted(tags)
 
     # -- save ----------------------------------------------------------------------------------
-    def save(self, engine, step: int, client_state: dict[str, Any]) -> str:
-        """Save a checkpoint of ``engine`` and ``client_state`` on every rank; returns its tag."""
+    def save(self, engine, step: int, states: Mapping[str, Stateful], record: dict[str, Any]) -> str:
+        """Collective: save ``engine`` and every rank's ``states``, then rank 0's ``record``; returns the tag."""
         tag = tag_for_step(step)
         tag_dir = self.directory / tag
         if self.rank == 0:
@@ -106,11 +122,11 @@ class CheckpointManager:
             (tag_dir / CLIENT_FILE).unlink(missing_ok=True)
         collectives.barrier()
         engine.save_checkpoint(str(self.directory), tag=tag, save_latest=False)
-        _atomic_torch_save(capture_rng_state(), tag_dir / f"rank_{self.rank:05d}_rng.pt")
+        _atomic_torch_save({name: obj.state_dict() for name, obj in states.items()}, tag_dir / rank_file(self.rank))
         collectives.barrier()
         if self.rank == 0:
             # The client file is the completion marker: written only once every rank has written.
-            _atomic_torch_save(client_state, tag_dir / CLIENT_FILE)
+            _atomic_torch_save(record, tag_dir / CLIENT_FILE)
             _atomic_write_text(self.directory / "latest", tag + "\n")
             self._prune(tag)
         collectives.barrier()
@@ -124,11 +140,12 @@ class CheckpointManager:
                 shutil.rmtree(path)
 
     # -- load ----------------------------------------------------------------------------------
-    def load(self, engine, tag: str | None = None) -> dict[str, Any] | None:
-        """Load the newest complete checkpoint (or ``tag``) into ``engine``.
+    def load(self, engine, states: Mapping[str, Stateful], tag: str | None = None) -> dict[str, Any] | None:
+        """Load the newest complete checkpoint (or ``tag``) into ``engine`` and ``states``.
 
-        Returns the client state, or None when there is nothing to resume from. This rank's RNG states
-        are restored when the checkpoint has a file for this rank (same or larger world size).
+        Returns the run's record, or None when there is nothing to resume from. Each rank reads its own
+        file; a rank the saved run did not have (larger world size) reads rank 0's, and its
+        Stateful objects decide what of another rank's state applies to it.
         """
         tag = tag or self.latest_tag()
         if tag is None:
@@ -137,12 +154,21 @@ class CheckpointManager:
         load_path, _ = engine.load_checkpoint(str(self.directory), tag=tag)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
-        client_state = torch.load(tag_dir / CLIENT_FILE, weights_only=False)
-        rng_file = tag_dir / f"rank_{self.rank:05d}_rng.pt"
-        if rng_file.is_file():
-            restore_rng_state(torch.load(rng_file, weights_only=False))
-        else:
-            log.warning("checkpoint %s has no RNG state for rank %d (world size changed); "
-                        "this rank's random streams restart from the seed", tag_dir, self.rank)
-        log.info("resumed from %s (step %s)", tag_dir, client_state.get("step"))
-        return client_state
+        record = _load_plain(tag_dir / CLIENT_FILE)
+        own = tag_dir / rank_file(self.rank)
+        saved = _load_plain(own if own.is_file() else tag_dir / rank_file(0))
+        missing = sorted(set(states) - set(saved))
+        if missing:
+            raise RuntimeError(f"checkpoint {tag_dir} holds no state for {missing} (it has {sorted(saved)})")
+        for name, obj in states.items():
+            obj.load_state_dict(saved[name])
+        log.info("resumed from %s (step %s)", tag_dir, record.get("step"))
+        return record
+
+
+def _load_plain(path: Path) -> dict[str, Any]:
+    # Only tensors and plain containers: a checkpoint file can never run code when read.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise RuntimeError(f"checkpoint file {path} is missing") from None

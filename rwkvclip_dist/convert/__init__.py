@@ -1,1 +1,2 @@
-"""Checkpoint conversion: the authors' released layout, DeepSpeed ZeRO directories, safetensors I/O."""
+"""Checkpoint conversion: the authors' released layout and DeepSpeed ZeRO directories to and from our
+pretrained file format (``rwkvclip_dist.pretrained_format``)."""

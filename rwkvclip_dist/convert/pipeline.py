@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from rwkvclip_dist.convert import authors as layout
-from rwkvclip_dist.convert.io import (
+from rwkvclip_dist.pretrained_format import (
     StateDictMismatch,
     check_state_dict,
     config_record,
@@ -30,6 +30,7 @@ from rwkvclip_dist.convert.reference_forward import authors_encode_image, author
 from rwkvclip_dist.model.clip import RWKVCLIP
 from rwkvclip_dist.model.config import ModelConfig
 from rwkvclip_dist.model.registry import get_model_config, list_models
+from rwkvclip_dist.pretrained import load_model
 
 VERIFY_CAPTIONS = ["a photo of a cat sitting on a red sofa", "a diagram of an electronic circuit"]
 
@@ -90,9 +91,20 @@ def authors_to_ours(src: str | Path, dst: str | Path, name: str | None = None, d
 
 def zero_to_ours(checkpoint_dir: str | Path, dst: str | Path, name: str | None = None, dtype: torch.dtype = torch.float32,
                  overrides: dict[str, Any] | None = None, tag: str | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Consolidates a ZeRO checkpoint into ``dst``; returns the config and the fp32 state dict."""
-    from rwkvclip_dist.convert.zero import load_zero_checkpoint
+    """Consolidates a ZeRO checkpoint into ``dst``; returns the config and the fp32 state dict.
 
+    A checkpoint of this project's trainer records its recipe, so the file gets the architecture that
+    was trained (the model name and its overrides); ``name`` and ``overrides``, if given, must agree
+    with it. Other ZeRO checkpoints take ``name`` or the registered model their shapes match."""
+    from rwkvclip_dist.convert.zero import load_zero_checkpoint, trained_model
+
+    trained = trained_model(checkpoint_dir, tag)
+    if trained is not None:
+        given = (name or trained[0], overrides if overrides else trained[1])
+        if given != trained:
+            raise ValueError(f"{checkpoint_dir}: the run trained {trained[0]!r} with overrides {trained[1]}, "
+                             f"not {given[0]!r} with {given[1]}; leave out --model/--overrides")
+        name, overrides = trained
     state = load_zero_checkpoint(checkpoint_dir, tag)
     config = _match_config(state, name, overrides or {}, str(checkpoint_dir))
     save_safetensors(_dtype_state(state, dtype), dst, config_record(config, "clip", dtype))
@@ -129,9 +141,7 @@ def _compare(a_img, b_img, a_txt, b_txt) -> VerifyReport:
 
 
 def _ours(path: str | Path) -> tuple[RWKVCLIP, ModelConfig]:
-    from rwkvclip_dist.pretrained import create_model
-
-    model = create_model(None, pretrained=path)
+    model = load_model(None, pretrained=path)
     return model.float(), model.config
 
 

@@ -91,12 +91,13 @@ class ThreeTextDataset(StreamingDataset):
         self.with_label = with_label
         self.context_length = context_length
         self._epoch = 0
-        # Node-wide counter in shared memory, so worker processes' skips are visible to the trainer.
+        # Node-wide counter in shared memory, so worker processes' replacements reach the trainer.
         self._corrupt = SharedScalar(np.int64, _get_path(self._shm_prefix_int, CORRUPT_SHM))
 
     @property
     def num_corrupt(self) -> int:
-        """Samples skipped because they failed to decode, on this node since the dataset was built."""
+        """Samples that failed to decode and were replaced by the worker's previous good sample, on this
+        node since the dataset was built (the trainer reports the total in ``metrics.json``)."""
         return int(self._corrupt.get())
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
@@ -156,7 +157,7 @@ class ThreeTextDataset(StreamingDataset):
         for item in super().__iter__():
             if isinstance(item, CorruptSample):
                 self._corrupt.set(self._corrupt.get() + 1)
-                log.warning("skipping undecodable sample %r", item)
+                log.warning("undecodable sample %r: replaced by a neighbouring good sample", item)
                 if last is None:
                     owed += 1
                 else:

@@ -52,8 +52,10 @@ def _decompressed_copy(src: Path, dst: Path) -> str:
         raw, packed = shard["raw_data"]["basename"], shard.get("zip_data")
         if packed:
             data = decompress(shard["compression"], (src / packed["basename"]).read_bytes())
+            (dst / raw).parent.mkdir(parents=True, exist_ok=True)
             (dst / raw).write_bytes(data)
         else:
+            (dst / raw).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src / raw, dst / raw)
     (dst / "index.json").write_text(json.dumps(index))
     return str(dst)
@@ -84,3 +86,19 @@ def load_class_prompts(spec: str | Path) -> dict:
     if data.get("metric", "top1") not in ("top1", "mean_per_class"):
         raise ValueError(f"{path}: 'metric' must be 'top1' or 'mean_per_class', got {data['metric']!r}")
     return data
+
+
+def class_names(prompts: dict, folder_names: list[str] | None, classnames_file: str | None, data: str) -> list[str]:
+    """The class names of a zero-shot evaluation on ``data``, in label order: a text file (one per
+    line) if given, else the template set's ``classnames``, else the image folder's sub-folder names."""
+    if classnames_file:
+        names = [line.strip() for line in Path(classnames_file).read_text().splitlines() if line.strip()]
+    elif prompts.get("classnames"):
+        names = list(prompts["classnames"])
+    elif folder_names:
+        names = folder_names
+    else:
+        raise ValueError(f"{data}: no class names (give a class-names file or a template set with 'classnames')")
+    if folder_names is not None and len(names) != len(folder_names):
+        raise ValueError(f"{len(names)} class names for {len(folder_names)} class folders in {data}")
+    return names

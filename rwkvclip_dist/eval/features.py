@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from rwkvclip_dist.eval.distributed import all_gather_rows, padded_shard, rank
 from rwkvclip_dist.eval.progress import progress
-from rwkvclip_dist.eval.zeroshot import model_device
+from rwkvclip_dist.eval.zeroshot import model_device, model_dtype
 
 
 @dataclass
@@ -35,12 +35,17 @@ def image_features(
     device: torch.device | str | None = None,
     normalize: bool = True,
     desc: str = "image features",
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(features [N, D] float32, labels [N] long)`` of the whole ``dataset`` on every rank."""
+    """``(features [N, D] float32, labels [N] long)`` of the whole ``dataset`` on every rank.
+
+    Images are cast to ``dtype`` (default: the model's parameter dtype, e.g. bf16 inside a bf16
+    training engine); features are returned in float32 either way."""
     if len(dataset) == 0:
         raise ValueError(f"{desc}: the data set is empty")
     loader = loader or LoaderConfig()
     device = torch.device(device) if device is not None else model_device(model)
+    dtype = dtype or model_dtype(model)
     was_training = model.training
     model.eval()
     indices, n_real = padded_shard(len(dataset))
@@ -52,7 +57,7 @@ def image_features(
     )
     feats, labels = [], []
     for images, targets in progress(data, desc=desc, disable=rank() != 0):
-        out = model.encode_image(images.to(device)).float()
+        out = model.encode_image(images.to(device, dtype)).float()
         feats.append(F.normalize(out, dim=-1) if normalize else out)
         labels.append(torch.as_tensor(targets).to(device).long())
     model.train(was_training)

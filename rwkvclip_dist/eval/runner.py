@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rwkvclip_dist.eval.datasets import load_class_prompts, open_labelled_images
+from rwkvclip_dist.eval.datasets import class_names, load_class_prompts, open_labelled_images
 from rwkvclip_dist.eval.distributed import all_gather_rows, padded_shard, rank
 from rwkvclip_dist.eval.features import LoaderConfig, image_features
 from rwkvclip_dist.eval.linear_probe import LinearProbeConfig, linear_probe
 from rwkvclip_dist.eval.retrieval import retrieval_recall
 from rwkvclip_dist.eval.retrieval_data import ImageListDataset, load_retrieval_annotations
-from rwkvclip_dist.eval.zeroshot import build_zeroshot_classifier, encode_texts, zeroshot_from_features
+from rwkvclip_dist.eval.zeroshot import encode_texts, zeroshot_scores
 
 TASKS = ("zeroshot", "retrieval", "linear_probe")
 
@@ -68,26 +68,12 @@ class Evaluator:
             self._features[path] = (feats, labels, folder_names)
         return self._features[path]
 
-    def classnames(self, prompts: dict, folder_names: list[str] | None) -> list[str]:
-        if self.config.classnames:
-            names = [line.strip() for line in Path(self.config.classnames).read_text().splitlines() if line.strip()]
-        elif prompts.get("classnames"):
-            names = list(prompts["classnames"])
-        elif folder_names:
-            names = folder_names
-        else:
-            raise ValueError(f"{self.config.data}: no class names (give --classnames or a template set with classnames)")
-        if folder_names is not None and len(names) != len(folder_names):
-            raise ValueError(f"{len(names)} class names for {len(folder_names)} class folders in {self.config.data}")
-        return names
-
     def zeroshot(self) -> dict:
         feats, labels, folder_names = self.labelled_features(self.config.data, "zeroshot")
         prompts = load_class_prompts(self.config.templates)
-        names = self.classnames(prompts, folder_names)
-        classifier = build_zeroshot_classifier(self.model, names, prompts["templates"], self.tokenizer,
-                                               self.device, self.config.text_batch_size)
-        result = zeroshot_from_features(feats, labels, classifier)
+        names = class_names(prompts, folder_names, self.config.classnames, str(self.config.data))
+        result = zeroshot_scores(self.model, feats, labels, names, prompts["templates"], self.tokenizer,
+                                 self.device, self.config.text_batch_size)
         metric = prompts.get("metric", "top1")
         return {"metric": metric, "score": result[metric], **result, "n_templates": len(prompts["templates"])}
 

@@ -1,21 +1,21 @@
 """Zero-shot classification: a text classifier built from class names and prompt templates.
 
 ``build_zeroshot_classifier`` returns a ``[D, n_classes]`` matrix whose columns are the renormalised
-mean of the L2-normalised text embeddings of one class's prompts. ``evaluate_zeroshot`` scores
-images against it in float32 (logits never pass through an integer or low-precision type) and
-reduces the confusion counts across ranks when ``torch.distributed`` is initialised, so each rank
-may feed a different shard of the data set.
+mean of the L2-normalised text embeddings of one class's prompts. ``zeroshot_from_features`` scores
+image features against it in float32 (logits never pass through an integer or low-precision type).
+The features come from :func:`rwkvclip_dist.eval.features.image_features`, which shards the images
+over ranks without padding duplicates into the result, so every image counts exactly once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rwkvclip_dist.eval.distributed import all_gather_rows, all_reduce_sum, padded_shard, rank
+from rwkvclip_dist.eval.distributed import all_gather_rows, padded_shard, rank
 from rwkvclip_dist.eval.metrics import confusion_counts, summarise_counts
 from rwkvclip_dist.eval.progress import progress
 
@@ -25,6 +25,11 @@ Tokenizer = Callable[[Sequence[str]], torch.Tensor]
 def model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return param.dtype if param is not None else torch.float32
 
 
 def default_tokenizer() -> Tokenizer:
@@ -94,34 +99,21 @@ def build_zeroshot_classifier(
 
 
 @torch.no_grad()
-def evaluate_zeroshot(
-    model: nn.Module,
-    classifier: torch.Tensor,
-    dataloader: Iterable,
-    device: torch.device | str | None = None,
-) -> dict[str, float | int | None]:
-    """Top-1, top-5 and mean-per-class accuracy of ``classifier`` (from build_zeroshot_classifier).
-
-    The dataloader yields ``(images, labels)``; under torch.distributed each rank passes its own shard
-    and the counts are summed, so the result is the accuracy over the union of the shards. ``top5`` is
-    None with 5 classes or fewer (it would be trivially 1). ``mean_per_class`` averages
-    the recall of the classes that occur in the data.
-    """
-    was_training = model.training
-    model.eval()
-    device = torch.device(device) if device is not None else model_device(model)
-    classifier = classifier.to(device=device, dtype=torch.float32)
-    counts = torch.zeros(3 + 2 * classifier.shape[1], dtype=torch.float64, device=device)
-    for images, labels in progress(dataloader, desc="zero-shot images", disable=rank() != 0):
-        feats = F.normalize(model.encode_image(images.to(device)).float(), dim=-1)
-        counts += confusion_counts(feats @ classifier, labels.to(device))
-    model.train(was_training)
-    return summarise_counts(all_reduce_sum(counts), classifier.shape[1])
-
-
-@torch.no_grad()
 def zeroshot_from_features(features: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor) -> dict:
-    """The metrics of :func:`evaluate_zeroshot` from precomputed (gathered) image features."""
+    """Top-1, top-5 and mean-per-class accuracy of ``classifier`` on image features (gathered from
+    every rank by :func:`rwkvclip_dist.eval.features.image_features`, so each image counts once).
+
+    ``top5`` is None with 5 classes or fewer (it would be trivially 1); ``mean_per_class`` averages
+    the recall of the classes that occur in the data."""
     classifier = classifier.to(device=features.device, dtype=torch.float32)
     logits = F.normalize(features.float(), dim=-1) @ classifier
     return summarise_counts(confusion_counts(logits, labels.to(features.device)), classifier.shape[1])
+
+
+def zeroshot_scores(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str],
+                    templates: Sequence[str], tokenizer: Tokenizer | None = None,
+                    device: torch.device | str | None = None, text_batch_size: int = 256) -> dict:
+    """Zero-shot metrics of ``model`` on precomputed image features: the one path that both
+    ``tools/evaluate.py`` and the in-loop evaluation of a training run take."""
+    classifier = build_zeroshot_classifier(model, classnames, templates, tokenizer, device, text_batch_size)
+    return zeroshot_from_features(features, labels, classifier)

@@ -36,9 +36,14 @@ def get_model_config(name: str, **overrides: Any) -> ModelConfig:
     return config
 
 
-def create_model(name: str, **overrides: Any):
-    """Build an RWKV-CLIP model from a registered config name, freshly initialised (SPEC section 7)."""
+def create_model(name: str | ModelConfig, **overrides: Any):
+    """A fresh RWKV-CLIP model to train (train mode, SPEC section 7 init) from a registered name or a
+    config object; ``overrides`` apply to either. Loading trained weights: ``rwkvclip_dist.load_model``."""
     from rwkvclip_dist.model.clip import RWKVCLIP
 
-    config = name if isinstance(name, ModelConfig) else get_model_config(name, **overrides)
+    if isinstance(name, ModelConfig):
+        config = apply_overrides(name, overrides, f"model config {name.name!r} (overrides)") if overrides else name
+        config.name = name.name
+    else:
+        config = get_model_config(name, **overrides)
     return RWKVCLIP(config)

@@ -1,1 +1,2 @@
-"""Everything that knows about more than one process: launch environment, collectives, DeepSpeed engine, accumulation, pre-emption."""
+"""Everything that knows about more than one process: the launch environment, collectives, and the
+DeepSpeed engine the model is wrapped in."""

@@ -1,24 +1,45 @@
 """DeepSpeed engine setup from a recipe, and the few engine operations the train loop needs.
 
-The client optimizer is torch's AdamW (no JIT-built fused op), with our own parameter groups; the
-learning rate is set by ``rwkvclip_dist.schedule`` before each step rather than by a DeepSpeed
+The client optimizer is torch's AdamW (fused on GPUs; no JIT-built op), with our own parameter groups; the
+learning rate is set by ``rwkvclip_dist.training.schedule`` before each step rather than by a DeepSpeed
 scheduler, so that it is a pure function of the step counter. Gradient accumulation is ours
-(``parallel.accumulation``): DeepSpeed is told the number of micro-batches so it steps only at the
+(``training.accumulation``): DeepSpeed is told the number of micro-batches so it steps only at the
 boundary, and each backward is called with ``scale_wrt_gas=False`` because every micro-batch's loss
 already is the full step's loss.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from rwkvclip_dist.parallel.launch_env import LaunchEnv, export_to_environ
+from rwkvclip_dist.typed_config import FieldError
 
-log = logging.getLogger(__name__)
 NEVER = 10**12
+
+
+@dataclass
+class ParallelSection:
+    """The ``parallel:`` section of a recipe."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage 0-3."""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Process-group backend; 'auto' is nccl on GPUs and gloo on CPU."""
+    allgather_bucket_size: int = 200_000_000
+    reduce_bucket_size: int = 200_000_000
+    overlap_comm: bool = False
+    """ZeRO-2/3 communication overlap; worth it on GPUs, a waste of memory on CPU."""
+
+    def __post_init__(self) -> None:
+        for name in ("allgather_bucket_size", "reduce_bucket_size"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, f"must be >= 1 (elements), got {getattr(self, name)}")
 
 
 def init_distributed(launch: LaunchEnv, backend: str = "auto") -> str:
@@ -34,24 +55,21 @@ def init_distributed(launch: LaunchEnv, backend: str = "auto") -> str:
     return backend
 
 
-def deepspeed_config(*, micro_batch: int, accumulation_steps: int, world_size: int, zero_stage: int,
-                     precision: str, grad_clip: float, allgather_bucket_size: int = 200_000_000,
-                     reduce_bucket_size: int = 200_000_000, overlap_comm: bool = False) -> dict[str, Any]:
-    if zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"parallel.precision must be 'bf16' or 'fp32', got {precision!r}")
-    zero: dict[str, Any] = {"stage": zero_stage}
-    if zero_stage >= 1:
-        zero.update(allgather_bucket_size=allgather_bucket_size, reduce_bucket_size=reduce_bucket_size,
-                    overlap_comm=overlap_comm, contiguous_gradients=True)
+def deepspeed_config(section: ParallelSection, *, micro_batch: int, accumulation_steps: int, world_size: int,
+                     grad_clip: float) -> dict[str, Any]:
+    """DeepSpeed's config dict for a recipe's ``parallel:`` section (checked when the recipe loaded)."""
+    zero: dict[str, Any] = {"stage": section.zero_stage}
+    if section.zero_stage >= 1:
+        zero.update(allgather_bucket_size=section.allgather_bucket_size,
+                    reduce_bucket_size=section.reduce_bucket_size, overlap_comm=section.overlap_comm,
+                    contiguous_gradients=True)
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation_steps,
         "train_batch_size": micro_batch * accumulation_steps * world_size,
         "gradient_clipping": grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
+        "bf16": {"enabled": section.precision == "bf16"},
         # torch's AdamW is not on DeepSpeed's list of ZeRO-tested optimizers, but it is a plain
         # torch.optim.Optimizer, which ZeRO 1-3 handle.
         "zero_allow_untested_optimizer": True,

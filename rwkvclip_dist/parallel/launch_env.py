@@ -29,10 +29,6 @@ class LaunchEnv:
     launcher: str
     """'torchrun' (also the deepspeed launcher), 'slurm' or 'single'."""
 
-    @property
-    def is_distributed(self) -> bool:
-        return self.world_size > 1
-
 
 def _int(env: Mapping[str, str], key: str) -> int:
     try:

@@ -1,4 +1,6 @@
-"""Checkpoint files: safetensors plus a JSON config, and safe reading of torch pickles.
+"""The pretrained file format: safetensors plus a JSON config; reading, writing, dtypes, and safe
+reading of torch state-dict pickles. ``rwkvclip_dist.pretrained`` (the inference API) and
+``rwkvclip_dist.convert`` (the checkpoint converters) both build on this module.
 
 A pretrained model is ``NAME.safetensors`` with ``NAME.json`` beside it; the JSON names the registry
 config and the overrides that turn it into the saved architecture, so the file stays readable and

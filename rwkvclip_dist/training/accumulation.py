@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from rwkvclip_dist.parallel.collectives import all_reduce_max_flag
+from rwkvclip_dist.training.rng import set_torch_streams, torch_streams
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 ForwardFn = Callable[[torch.Tensor, torch.Tensor], dict]
@@ -38,17 +39,6 @@ class StepOutput:
     logit_scale: float
 
 
-def _rng_state() -> tuple:
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1])
-
-
 def _counted_once(scale: torch.Tensor, parts: int) -> torch.Tensor:
     # Same value as ``scale`` bit for bit; gradient 1/parts of it.
     detached = scale.detach()
@@ -60,7 +50,8 @@ def contrastive_step(forward: ForwardFn, loss_fn: LossFn, backward: BackwardFn,
     """Run the forward and backward passes of one optimizer step over ``micro_batches``.
 
     ``forward(images, tokens)`` returns the model's dict; ``backward(loss)`` is called once per
-    micro-batch (DeepSpeed: ``engine.backward(loss, scale_wrt_gas=False); engine.step()``).
+    micro-batch (DeepSpeed: ``engine.backward(loss, scale_wrt_gas=False); engine.step()``, which
+    applies the optimizer at the step's last micro-batch).
     """
     if not micro_batches:
         raise ValueError("contrastive_step needs at least one micro-batch")
@@ -76,24 +67,24 @@ def contrastive_step(forward: ForwardFn, loss_fn: LossFn, backward: BackwardFn,
     rng_states, image_cache, text_cache = [], [], []
     with torch.no_grad():
         for images, tokens in micro_batches:
-            rng_states.append(_rng_state())
+            rng_states.append(torch_streams())
             out = forward(images, tokens)
             image_cache.append(out["image_features"])
             text_cache.append(out["text_features"])
         loss_value = loss_fn(torch.cat(image_cache), torch.cat(text_cache), out["logit_scale"]).item()
-    after_first_pass = _rng_state()
+    after_first_pass = torch_streams()
     if all_reduce_max_flag(not math.isfinite(loss_value)):
         return StepOutput(loss_value, False, out["logit_scale"].item())
 
     parts = len(micro_batches)
     for j, (images, tokens) in enumerate(micro_batches):
-        _set_rng_state(rng_states[j])
+        set_torch_streams(rng_states[j])
         out = forward(images, tokens)
         image_features = torch.cat(image_cache[:j] + [out["image_features"]] + image_cache[j + 1:])
         text_features = torch.cat(text_cache[:j] + [out["text_features"]] + text_cache[j + 1:])
         loss = loss_fn(image_features, text_features, _counted_once(out["logit_scale"], parts))
         backward(loss)
-    _set_rng_state(after_first_pass)
+    set_torch_streams(after_first_pass)
     return StepOutput(loss_value, True, out["logit_scale"].item())
 
 

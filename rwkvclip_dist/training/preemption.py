@@ -6,12 +6,10 @@ save a checkpoint and exit 0 so that a requeued job resumes from it.
 """
 from __future__ import annotations
 
-import logging
 import signal
 
 from rwkvclip_dist.parallel.collectives import all_reduce_max_flag
 
-log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

@@ -11,9 +11,31 @@ import logging
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger("rwkvclip_dist.train")
+from rwkvclip_dist.typed_config import FieldError
+
+log = logging.getLogger("rwkvclip_dist.training")
+
+
+@dataclass
+class LoggingSection:
+    """The ``logging:`` section of a recipe."""
+
+    every_steps: int = 10
+    """A readable summary line (and the TensorBoard scalars) every N steps."""
+    tensorboard: bool = True
+    progress_bar: bool = True
+    """tqdm bar with ETA on rank 0 (on stderr)."""
+    peak_flops_per_device: float = 0.0
+    """Peak dense FLOP/s of one device for the MFU estimate; 0 picks a known value or disables MFU."""
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 1:
+            raise FieldError("every_steps", f"must be >= 1, got {self.every_steps}")
+        if self.peak_flops_per_device < 0:
+            raise FieldError("peak_flops_per_device", f"must be >= 0, got {self.peak_flops_per_device}")
 
 # Dense bf16 peak FLOP/s of common accelerators, for the MFU estimate when the recipe gives none.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10": 125e12, "L40": 181e12, "V100": 125e12}
@@ -32,15 +54,14 @@ def detect_peak_flops() -> float:
 
 
 class TrainLogger:
-    def __init__(self, run_dir: Path, *, is_main: bool, total_steps: int, start_step: int, every: int,
-                 tensorboard: bool, progress_bar: bool, world_size: int, flops_per_sample: float,
-                 tokens_per_sample: int, peak_flops: float) -> None:
+    def __init__(self, section: LoggingSection, run_dir: Path, *, is_main: bool, total_steps: int, start_step: int,
+                 world_size: int, flops_per_sample: float, tokens_per_sample: int) -> None:
         self.is_main = is_main
-        self.every = max(1, every)
+        self.every = section.every_steps
         self.world_size = world_size
         self.train_flops_per_sample = 3.0 * flops_per_sample  # forward + backward (2x forward)
         self.tokens_per_sample = tokens_per_sample
-        self.peak_flops = peak_flops
+        self.peak_flops = section.peak_flops_per_device or detect_peak_flops()
         self.total_steps = total_steps
         self.writer = None
         self.bar = None
@@ -50,11 +71,11 @@ class TrainLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self.loss_log = open(run_dir / "loss_log.jsonl", "a")
-        if tensorboard:
+        if section.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-        if progress_bar:
+        if section.progress_bar:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",

@@ -7,6 +7,34 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
+
+from rwkvclip_dist.typed_config import FieldError
+
+
+@dataclass
+class ScheduleSection:
+    """The ``schedule:`` section of a recipe."""
+
+    kind: Literal["cosine", "onecycle", "constant"] = "cosine"
+    """'cosine': linear warm-up then cosine to min_lr_ratio; 'onecycle': the paper's alternative."""
+    warmup_fraction: float = 0.1
+    """Fraction of train.steps spent warming up (cosine) or rising (onecycle)."""
+    min_lr_ratio: float = 0.0
+    """Final lr / peak lr for the cosine schedule."""
+    onecycle_div_factor: float = 25.0
+    """onecycle: the start lr is lr / div_factor."""
+    onecycle_final_div_factor: float = 1e4
+    """onecycle: the final lr is start lr / final_div_factor."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.warmup_fraction <= 1:
+            raise FieldError("warmup_fraction", f"must be in [0, 1], got {self.warmup_fraction}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise FieldError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("onecycle_div_factor", "onecycle_final_div_factor"):
+            if not getattr(self, name) > 0:
+                raise FieldError(name, f"must be > 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -19,8 +47,6 @@ class Schedule:
     final_div_factor: float = 1e4
 
     def __post_init__(self) -> None:
-        if self.kind not in ("cosine", "onecycle", "constant"):
-            raise ValueError(f"schedule.kind must be cosine, onecycle or constant, got {self.kind!r}")
         if self.total_steps < 1:
             raise ValueError(f"train.steps must be >= 1, got {self.total_steps}")
         if not 0 <= self.warmup_steps <= self.total_steps:
@@ -54,12 +80,9 @@ def _cos_interp(begin: float, end: float, t: float) -> float:
     return end + (begin - end) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def build_schedule(kind: str, total_steps: int, warmup_fraction: float, min_lr_ratio: float = 0.0,
-                   div_factor: float = 25.0, final_div_factor: float = 1e4) -> Schedule:
-    if not 0 <= warmup_fraction <= 1:
-        raise ValueError(f"schedule.warmup_fraction must be in [0, 1], got {warmup_fraction}")
-    return Schedule(kind, total_steps, int(round(warmup_fraction * total_steps)), min_lr_ratio,
-                    div_factor, final_div_factor)
+def build_schedule(section: ScheduleSection, total_steps: int) -> Schedule:
+    return Schedule(section.kind, total_steps, int(round(section.warmup_fraction * total_steps)),
+                    section.min_lr_ratio, section.onecycle_div_factor, section.onecycle_final_div_factor)
 
 
 def set_lr(optimizer, base_lrs: list[float], factor: float) -> float:

@@ -1,21 +1,31 @@
 """Training recipes: YAML files loaded into typed dataclasses.
 
 A recipe names everything a run needs (model, data, loss, optimizer, schedule, parallelism,
-checkpointing, evaluation, logging). ``base: other.yaml`` inherits from another recipe (path relative
-to the file that says it; mappings merge key by key, anything else is replaced). Command-line
-overrides are dotted keys, ``optimizer.lr=3e-4``, parsed to the field's type. Unknown keys and
-values of the wrong type are errors that name the key and the file (or "command line") it came from.
+checkpointing, evaluation, logging). Each section's dataclass lives with the component it configures
+(``data.config.DataConfig``, ``loss.LossSection``, ``training.optim.OptimizerSection``...) and checks
+its own values when the recipe loads, so a mistake stops the run before any process group or engine
+starts. ``base: other.yaml`` inherits from another recipe (path relative to the file that says it;
+mappings merge key by key, anything else is replaced). Command-line overrides are dotted keys,
+``optimizer.lr=3e-4``, parsed to the field's type. Unknown keys and bad values are errors that name
+the key and the file (or "command line") it came from.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
+from rwkvclip_dist.checkpoint.manager import CheckpointSection
 from rwkvclip_dist.data.config import DataConfig
-from rwkvclip_dist.typed_config import ConfigError, build_dataclass, parse_override, to_plain
+from rwkvclip_dist.loss import LossSection
+from rwkvclip_dist.parallel.engine import ParallelSection
+from rwkvclip_dist.training.evals import EvalSection, ZeroShotEvalSection
+from rwkvclip_dist.training.metrics import LoggingSection
+from rwkvclip_dist.training.optim import OptimizerSection
+from rwkvclip_dist.training.schedule import ScheduleSection
+from rwkvclip_dist.typed_config import ConfigError, FieldError, build_dataclass, parse_override, to_plain
 
 __all__ = [
     "ConfigError", "Recipe", "ModelSection", "TrainSection", "LossSection", "OptimizerSection",
@@ -33,6 +43,16 @@ class ModelSection:
     activation_checkpointing: bool = False
     """Recompute each block in backward (``torch.utils.checkpoint``, non-reentrant)."""
 
+    def __post_init__(self) -> None:
+        from rwkvclip_dist.model.registry import get_model_config, list_models
+
+        if self.name not in list_models():
+            raise FieldError("name", f"unknown model {self.name!r}; registered: {', '.join(list_models())}")
+        try:
+            get_model_config(self.name, **self.overrides)
+        except ValueError as err:  # the config loader's message names the bad override
+            raise FieldError("overrides", str(err)) from None
+
 
 @dataclass
 class TrainSection:
@@ -46,101 +66,10 @@ class TrainSection:
     max_nonfinite_steps: int = 5
     """Stop the run after this many non-finite losses in a row (each one skips its step)."""
 
-
-@dataclass
-class LossSection:
-    kind: Literal["clip", "siglip"] = "clip"
-    """'clip': symmetric InfoNCE over the global batch; 'siglip': pairwise sigmoid loss."""
-    local_loss: bool = True
-    """Each rank computes logits for its own rows only against all columns (memory O(B x global B))."""
-    gather_with_grad: bool = True
-    """All-gather features with gradient; required for the exact global-batch gradient."""
-    siglip_bias: float = -10.0
-    """Logit bias of the SigLIP loss (a fixed constant here; SigLIP learns it)."""
-
-
-@dataclass
-class OptimizerSection:
-    lr: float = 1e-3
-    """Peak learning rate."""
-    weight_decay: float = 0.2
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
-    grad_clip: float = 1.0
-    """Global gradient-norm clip; 0 disables it."""
-    decay_everything: bool = False
-    """Paper option: weight decay on every parameter. Default: none on norms, biases, token-mix
-    vectors, decays, bonus, embeddings and logit_scale."""
-
-
-@dataclass
-class ScheduleSection:
-    kind: Literal["cosine", "onecycle", "constant"] = "cosine"
-    """'cosine': linear warm-up then cosine to min_lr_ratio; 'onecycle': the paper's alternative."""
-    warmup_fraction: float = 0.1
-    """Fraction of train.steps spent warming up (cosine) or rising (onecycle)."""
-    min_lr_ratio: float = 0.0
-    """Final lr / peak lr for the cosine schedule."""
-    onecycle_div_factor: float = 25.0
-    """onecycle: the start lr is lr / div_factor."""
-    onecycle_final_div_factor: float = 1e4
-    """onecycle: the final lr is start lr / final_div_factor."""
-
-
-@dataclass
-class ParallelSection:
-    zero_stage: int = 2
-    """DeepSpeed ZeRO stage 0-3."""
-    precision: Literal["bf16", "fp32"] = "bf16"
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
-    """Process-group backend; 'auto' is nccl on GPUs and gloo on CPU."""
-    allgather_bucket_size: int = 200_000_000
-    reduce_bucket_size: int = 200_000_000
-    overlap_comm: bool = False
-    """ZeRO-2/3 communication overlap; worth it on GPUs, a waste of memory on CPU."""
-
-
-@dataclass
-class CheckpointSection:
-    dir: str = ""
-    """Where checkpoints go; empty means <run dir>/checkpoints."""
-    every_steps: int = 1000
-    """Save every N optimizer steps (and always at the end); 0 saves only at the end."""
-    keep_last: int = 3
-    """Keep the newest k complete checkpoints; older ones are deleted after a new one completes."""
-    resume: bool = True
-    """Resume automatically from the newest complete checkpoint in ``dir``."""
-
-
-@dataclass
-class ZeroShotEvalSection:
-    name: str = "zeroshot"
-    """Metric prefix: figures appear as <name>_top1, <name>_top5, <name>_mean_per_class."""
-    data: str = ""
-    """Directory of held-out shards (a Streaming dataset with image and label columns)."""
-    classes: str = ""
-    """JSON file with ``classnames`` and ``templates`` (``{c}`` marks the class name)."""
-    every_steps: int = 0
-    """Evaluate every N optimizer steps; 0 evaluates only at the end."""
-    batch_size: int = 256
-
-
-@dataclass
-class EvalSection:
-    zeroshot: list[ZeroShotEvalSection] = field(default_factory=list)
-    at_end: bool = True
-    """Run every evaluation once more after the last step."""
-
-
-@dataclass
-class LoggingSection:
-    every_steps: int = 10
-    """A readable summary line (and the TensorBoard scalars) every N steps."""
-    tensorboard: bool = True
-    progress_bar: bool = True
-    """tqdm bar with ETA on rank 0 (on stderr)."""
-    peak_flops_per_device: float = 0.0
-    """Peak dense FLOP/s of one device for the MFU estimate; 0 picks a known value or disables MFU."""
+    def __post_init__(self) -> None:
+        for name in ("steps", "accumulation_steps", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, f"must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -155,10 +84,13 @@ class Recipe:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: EvalSection = field(default_factory=EvalSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
-    demo_data: str = ""
-    """Directory of the embedded digits data set; built (once, by local rank 0) when missing."""
     source: str = ""
     """The recipe file this was loaded from (informational, set by the loader)."""
+
+    def __post_init__(self) -> None:
+        if self.data.batch_size % self.train.accumulation_steps:
+            raise FieldError("train.accumulation_steps", f"{self.train.accumulation_steps} must divide "
+                             f"data.batch_size={self.data.batch_size} (micro-batches of equal size)")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

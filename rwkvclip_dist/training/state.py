@@ -1,0 +1,46 @@
+"""The run's own state, beside the model and optimizer (DeepSpeed's) and the data loader (Streaming's).
+
+One object with ``state_dict()`` / ``load_state_dict()`` that the checkpoint manager saves on every
+rank, as torchtitan hands its checkpointer Stateful objects: adding a counter here is all it takes
+for it to be checkpointed and resumed, with no key list kept in step elsewhere.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from rwkvclip_dist.parallel import collectives
+from rwkvclip_dist.training import rng
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    """Optimizer steps completed (skipped non-finite steps count: the schedule moves on)."""
+    samples: int = 0
+    """Training samples consumed over all ranks."""
+    nonfinite_in_a_row: int = 0
+    """Consecutive steps whose loss was not finite on some rank (the run stops at the recipe's limit)."""
+    evals: dict[str, dict[str, float]] = field(default_factory=dict)
+    """In-loop evaluation results by step (the key is the step, as a string)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters plus this rank's random generators (each rank saves its own)."""
+        return {"step": self.step, "samples": self.samples, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "evals": {k: dict(v) for k, v in self.evals.items()}, "rank": collectives.rank(),
+                "rng": rng.capture()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.samples = int(state["step"]), int(state["samples"])
+        self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
+        self.evals = {k: dict(v) for k, v in state["evals"].items()}
+        if state["rank"] == collectives.rank():
+            rng.restore(state["rng"])
+        else:
+            # A rank the saved run did not have (world size grew) must not copy another rank's
+            # streams: its stochastic-depth masks would repeat that rank's.
+            log.warning("rank %d resumes from rank %d's counters; its random streams restart from the seed",
+                        collectives.rank(), state["rank"])

@@ -1,0 +1,102 @@
+"""The house rules of the package layout, checked on the source: no import cycle, no import from a
+lower layer into a higher one, tools on the public API only, and files short enough to read."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import REPO
+
+PACKAGE = REPO / "rwkvclip_dist"
+# Lower layers may not import higher ones. Imports inside functions count too: a hidden cycle is
+# still a cycle.
+LAYERS = [
+    {"typed_config"},
+    {"model", "ops"},
+    {"data", "descriptions"},
+    {"parallel", "loss", "pretrained_format"},
+    {"pretrained", "convert", "checkpoint", "eval"},
+    {"training"},
+    {"train", "demo"},
+]
+MAX_LINES = 300
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every rwkvclip_dist module ``path`` imports, at any depth of its code."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("rwkvclip_dist"))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rwkvclip_dist"):
+            found.add(node.module)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py") if "_csrc" not in p.parts}
+    graph = {}
+    for name, path in files.items():
+        # ``from rwkvclip_dist.x import y`` depends on x; the package root's lazy names are not edges.
+        graph[name] = {m for m in _imports(path) if m in files and m != "rwkvclip_dist"}
+    return graph
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[1] if "." in module else ""
+    for index, members in enumerate(LAYERS):
+        if top in members:
+            return index
+    raise AssertionError(f"{module}: its folder {top!r} is in no layer of tests/test_layout.py")
+
+
+def test_no_import_goes_from_a_lower_layer_to_a_higher_one():
+    upward = sorted(f"{a} -> {b}" for a, deps in _graph().items() if a != "rwkvclip_dist"
+                    for b in deps if _layer(b) > _layer(a))
+    assert not upward, "imports against the layering:\n" + "\n".join(upward)
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = _graph()
+    # Package __init__ files re-export their submodules; an edge into one's own package is not a cycle.
+    edges = {a: {b for b in deps if b != a and not a.startswith(b + ".")} for a, deps in graph.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node)
+
+
+def test_tools_use_public_names_and_do_not_edit_sys_path():
+    for path in sorted((REPO / "tools").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rwkvclip_dist"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.name} imports private names {private} from {node.module}"
+            if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", "") == "sys":
+                raise AssertionError(f"{path.name} edits or reads sys.path; the package is installed")
+
+
+def test_files_stay_short_and_the_entry_point_thin():
+    long = {str(p.relative_to(REPO)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > MAX_LINES and "_csrc" not in p.parts}
+    assert not long, f"files over {MAX_LINES} lines: {long}"
+    assert len((PACKAGE / "train.py").read_text().splitlines()) < 60
