@@ -73,7 +73,7 @@ class Workload:
 
     @classmethod
     def from_recipe(cls, path: str) -> "Workload":
-        recipe = load_recipe(ROOT / path)
+        recipe = load_recipe(ROOT / path, check_paths=False)  # sizes only; the data need not be here
         return cls(recipe=path, model=recipe.model.name, batch_per_gpu=recipe.data.batch_size,
                    checkpointing=recipe.model.activation_checkpointing, zero_stage=recipe.parallel.zero_stage,
                    bucket_elements=recipe.parallel.reduce_bucket_size)
