@@ -28,7 +28,8 @@ def test_every_shipped_recipe_loads_and_says_what_it_expects():
 
 def test_base_inheritance_merges_sections_and_is_relative_to_the_file(tmp_path):
     (tmp_path / "sub").mkdir()
-    write(tmp_path / "base.yaml", "optimizer: {lr: 0.5, weight_decay: 0.1}\ntrain: {steps: 7}\n")
+    write(tmp_path / "base.yaml", "optimizer: {lr: 0.5, weight_decay: 0.1}\ntrain: {steps: 7}\n"
+                                  "data: {streams: [{remote: 's3://b/x'}]}\n")
     child = write(tmp_path / "sub" / "child.yaml", "base: ../base.yaml\noptimizer: {lr: 0.25}\n")
     recipe = load_recipe(child)
     assert recipe.optimizer.lr == 0.25
@@ -37,7 +38,8 @@ def test_base_inheritance_merges_sections_and_is_relative_to_the_file(tmp_path):
 
 
 def test_overrides_are_parsed_to_the_field_type(tmp_path):
-    path = write(tmp_path / "r.yaml", "eval:\n  zeroshot:\n    - {name: a, data: d, classes: c}\n")
+    path = write(tmp_path / "r.yaml", "data: {streams: [{remote: 's3://b/x'}]}\n"
+                                      "eval:\n  zeroshot:\n    - {name: a, data: d, classes: c}\n")
     recipe = load_recipe(path, ["optimizer.lr=3e-4", "train.steps=12", "checkpoint.resume=false",
                                 "optimizer.betas=[0.9, 0.95]", "model.name=RWKV-CLIP-B-32",
                                 "eval.zeroshot.0.every_steps=5", "loss.kind=siglip"], check_paths=False)
@@ -160,6 +162,9 @@ def test_paths_are_relative_to_the_file_that_sets_them(tmp_path, monkeypatch):
 ])
 def test_a_wrong_path_names_the_recipe_file_and_key(tmp_path, text, key, problem):
     (tmp_path / "empty").mkdir()
+    _shards(tmp_path / "shards")
+    if not text.startswith("data"):
+        text += "data: {streams: [{remote: shards}]}\n"
     path = write(tmp_path / "r.yaml", text)
     with pytest.raises(ConfigError) as err:
         load_recipe(path)
@@ -174,6 +179,7 @@ def test_a_wrong_path_names_the_recipe_file_and_key(tmp_path, text, key, problem
     ("eval.zeroshot.0.batch_size=0", "eval.zeroshot[0].batch_size"),  # FieldError inside a list item
     ("eval.zeroshot.0.batch_size=many", "eval.zeroshot.0.batch_size"),  # wrong type
     ("data.num_workers=-1", "data.num_workers"),
+    ("data.batch_size=0", "data.batch_size"),
     ("model.name=tinyy", "model.name"),
     ("data.streams.0.remote=nowhere", "data.streams[0].remote"),    # a path, relative to the cwd
 ])
@@ -190,7 +196,17 @@ def test_an_override_is_blamed_on_the_command_line(tmp_path, monkeypatch, overri
     assert str(path) not in str(err.value)
 
 
+def test_a_recipe_without_data_or_with_clashing_evaluations_is_refused(tmp_path):
+    path = write(tmp_path / "r.yaml", "eval: {zeroshot: [{data: /d, classes: imagenet}, {data: /e, classes: imagenet}]}\n")
+    with pytest.raises(ConfigError, match=r"eval\.zeroshot: evaluation names must differ .*\['zeroshot'\]"):
+        load_recipe(path, check_paths=False)
+    with pytest.raises(ConfigError, match=r"command line: data\.streams: is empty"):
+        load_recipe(path, ["eval.zeroshot=[]", "data.streams=[]"], check_paths=False)
+
+
 @pytest.mark.parametrize("field, value, expected", [
+    ("text_weights", "{captions: 1}", "unknown text kind"),
+    ("batch_size", 0, "must be >= 1"),
     ("num_workers", -1, "must be >= 0"),
     ("shuffle_algo", "py1b", "expected one of 'py1e'"),
     ("shuffle_block_size", 0, "must be >= 1"),

@@ -99,12 +99,12 @@ class DataConfig:
         self._check_ranges()
         unknown = set(self.text_weights) - set(TEXT_COLUMNS)
         if unknown:
-            raise ValueError(f"data.text_weights: unknown text kind(s) {sorted(unknown)}; "
+            raise FieldError("text_weights", f"unknown text kind(s) {sorted(unknown)}; "
                              f"expected keys among {list(TEXT_COLUMNS)}")
         bad = {k: v for k, v in self.text_weights.items() if not v >= 0}
         if bad:
-            raise ValueError(f"data.text_weights: weights must be >= 0, got {bad}")
+            raise FieldError("text_weights", f"weights must be >= 0, got {bad}")
         if not any(v > 0 for v in self.text_weights.values()):
-            raise ValueError("data.text_weights: at least one weight must be positive")
+            raise FieldError("text_weights", "at least one weight must be positive")
         if self.batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+            raise FieldError("batch_size", f"must be >= 1, got {self.batch_size}")

@@ -7,7 +7,6 @@ import logging
 import sys
 from pathlib import Path
 
-from rwkvclip_dist.cli import run_tool
 from rwkvclip_dist.descriptions.bookkeeping import RunConfig, RunStats
 from rwkvclip_dist.descriptions.client import ClientConfig, ServerError
 from rwkvclip_dist.descriptions.instruct import FORMATS, export_instruct
@@ -100,26 +99,22 @@ def run(args: argparse.Namespace) -> RunStats:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_tool(build_parser(), _main, argv, extra=(ServerError,))
-
-
-def _main(args: argparse.Namespace) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    stats = run(args)
-    log.info("summary: %s", stats.summary())
-    if stats.failed and stats.done == 0 and stats.already_done == 0:
-        # Not one description, every sample given up on: the server, model or prompt is wrong, not the data.
-        print(f"generate_descriptions.py: error: no description was accepted ({stats.summary()}); the reasons "
-              f"are in the failures file beside {args.out}", file=sys.stderr)
-        return 1
-    if args.export_instruct:
-        path, count = export_instruct(
-            args.input,
-            args.out,
-            load_prompt(args.prompt),
-            args.export_instruct,
-            args.format,
-            parse_fields(args.field),
-        )
-        log.info("wrote %d %s records to %s (registered in dataset_info.json)", count, args.format, path)
+    try:
+        stats = run(args)
+        log.info("summary: %s", stats.summary())
+        if args.export_instruct:
+            path, count = export_instruct(
+                args.input,
+                args.out,
+                load_prompt(args.prompt),
+                args.export_instruct,
+                args.format,
+                parse_fields(args.field),
+            )
+            log.info("wrote %d %s records to %s (registered in dataset_info.json)", count, args.format, path)
+    except (ServerError, ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0

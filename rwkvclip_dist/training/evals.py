@@ -42,6 +42,8 @@ class ZeroShotEvalSection:
     """DataLoader worker processes decoding the held-out images."""
 
     def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise FieldError("name", "must not be empty (it prefixes the metrics: <name>_top1, ...)")
         for name in ("data", "classes"):
             if not getattr(self, name):
                 raise FieldError(name, f"must be set (evaluation {self.name!r})")
@@ -55,6 +57,12 @@ class EvalSection:
     zeroshot: list[ZeroShotEvalSection] = field(default_factory=list)
     at_end: bool = True
     """Run every evaluation once more after the last step."""
+
+    def __post_init__(self) -> None:
+        names = [section.name for section in self.zeroshot]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise FieldError("zeroshot", f"evaluation names must differ (they prefix the metrics), {twice} repeat")
 
 
 class ZeroShotTask:

@@ -91,6 +91,8 @@ class Recipe:
     """The recipe file this was loaded from (informational, set by the loader)."""
 
     def __post_init__(self) -> None:
+        if not self.data.streams:
+            raise FieldError("data.streams", "is empty: a run needs at least one MDS stream ({remote: DIR or URL})")
         if self.data.batch_size % self.train.accumulation_steps:
             raise FieldError("train.accumulation_steps", f"{self.train.accumulation_steps} must divide "
                              f"data.batch_size={self.data.batch_size} (micro-batches of equal size)")
