@@ -23,6 +23,7 @@ from unittest import mock
 
 import torch
 
+from rwkvclip_dist.cli import run_tool
 from rwkvclip_dist.model import get_model_config
 from rwkvclip_dist.model import mixing
 from rwkvclip_dist.model.clip import RWKVCLIP
@@ -349,11 +350,14 @@ def generate(hw: Hardware | None = None, recipes: tuple[str, ...] = RECIPES) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="scaling.py", description=__doc__.split("\n\n")[0])
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--write", type=Path, help="write the Markdown to this file")
     group.add_argument("--check", type=Path, help="exit 1 if this file differs from what the script produces")
-    args = parser.parse_args(argv)
+    return run_tool(parser, run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
     text = generate()
     if args.write:
         args.write.write_text(text)
