@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     print("+", " ".join(cmd), flush=True)
     started = time.perf_counter()
     try:
-        returncode = subprocess.run(cmd, cwd=REPO, env=env).returncode
+        returncode = subprocess.run(cmd, env=env).returncode  # the recipe's paths do not depend on the cwd
     finally:
         clean_stale_shm()
     elapsed = time.perf_counter() - started

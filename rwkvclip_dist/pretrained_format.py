@@ -10,12 +10,14 @@ lone ``.safetensors`` file still loads. Torch pickles are only ever read with ``
 
 from __future__ import annotations
 
+import contextlib
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from rwkvclip_dist.model.config import ModelConfig, apply_overrides, config_from_dict
@@ -92,18 +94,52 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path, reco
     return path
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def read_torch_file(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)``; a truncated, corrupt or code-carrying file is a
+    ValueError naming the file."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
+        raise ValueError(f"{path}: not a readable torch checkpoint (truncated or corrupt, or it holds more than "
+                         f"tensors and plain containers): {_first_line(err)}") from None
+
+
+@contextlib.contextmanager
+def _readable_safetensors(path: Path):
+    try:
+        yield
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a readable .safetensors file (truncated or corrupt?): {err}") from None
+
+
 def read_record(path: str | Path) -> dict[str, Any]:
     """The JSON config of a pretrained file: the sidecar if present, else the embedded metadata."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained file {path} does not exist")
     sidecar = path.with_suffix(".json")
     if sidecar.is_file():
-        return json.loads(sidecar.read_text())
+        return _json(sidecar.read_text(), sidecar)
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as handle:
+        with _readable_safetensors(path), safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         if METADATA_KEY in metadata:
-            return json.loads(metadata[METADATA_KEY])
+            return _json(metadata[METADATA_KEY], f"{path} (metadata {METADATA_KEY!r})")
     raise FileNotFoundError(f"{path}: no config found (neither {sidecar.name} nor embedded '{METADATA_KEY}' metadata)")
+
+
+def _json(text: str, source: str | Path) -> dict[str, Any]:
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{source}: invalid JSON: {err}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 def read_config(path: str | Path) -> ModelConfig:
@@ -120,9 +156,10 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        state = load_file(str(path))
+        with _readable_safetensors(path):
+            state = load_file(str(path))
     else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = read_torch_file(path)
         for wrapper in ("state_dict", "model", "module"):
             if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
                 state = state[wrapper]

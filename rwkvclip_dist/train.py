@@ -21,6 +21,8 @@ if __package__ in (None, ""):
     # Launched as a script: the package's own folder must not shadow top-level module names.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+from rwkvclip_dist.cli import add_debug_flag, debug_requested, user_errors  # noqa: E402
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,21 +31,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # The deepspeed launcher appends --local_rank=N; the environment carries the same value.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. optimizer.lr=3e-4")
+    add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     from rwkvclip_dist.parallel.launch_env import detect_launch_env
     from rwkvclip_dist.training.loop import Trainer
-    from rwkvclip_dist.training.recipe import ConfigError, load_recipe
+    from rwkvclip_dist.training.recipe import load_recipe
 
     args = parse_args(argv)
-    try:
+    # A mistake in the recipe or its data ends in one line and exit status 2 on each rank (setup only:
+    # an error while training keeps its traceback).
+    with user_errors("train.py", args.debug or debug_requested([])):
+        launch = detect_launch_env()
         recipe = load_recipe(args.recipe, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    trainer = Trainer(recipe, Path(args.run_dir or Path("runs") / Path(args.recipe).stem), detect_launch_env())
+        trainer = Trainer(recipe, Path(args.run_dir or Path("runs") / Path(args.recipe).stem), launch)
     metrics = trainer.run()
     if trainer.is_main:
         print(json.dumps({k: v for k, v in metrics.items() if k != "evals"}), flush=True)

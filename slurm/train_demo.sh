@@ -15,6 +15,8 @@
 #   sbatch slurm/train_demo.sh [dotted.key=value ...]
 # Site settings (NCCL, modules, paths, account/partition): slurm/site.env, see slurm/site.env.example.
 # The run directory is ${RWKVCLIP_RUNS:-runs}/<job name>: resubmitting with the same --job-name resumes.
+# The digits data must exist first: python tools/make_demo_data.py --out data/demo_digits (the recipe's
+# paths are relative to recipes/, so ../data/demo_digits is this data/demo_digits).
 NPROC_PER_NODE=2
 export DS_ACCELERATOR=cpu
 # shellcheck source-path=SCRIPTDIR

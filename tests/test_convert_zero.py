@@ -6,6 +6,7 @@ from the live engine before it saves."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -65,5 +66,37 @@ def test_zero_two_ranks_consolidates_exactly(tmp_path, stage):
     zero_to_ours(ckpt, tmp_path / "bf16.safetensors", "tiny", torch.bfloat16)
     assert read_record(tmp_path / "bf16.safetensors")["dtype"] == "bfloat16"
     assert load_state_dict_file(tmp_path / "bf16.safetensors")["visual.pos_embed"].dtype == torch.bfloat16
-    report = verify_state(tmp_path / "bf16.safetensors", state)
+    report = verify_state(tmp_path / "bf16.safetensors", state, config)
     assert report.image_cosine > 0.999 and report.text_cosine > 0.999
+
+
+@pytest.mark.slow
+def test_from_zero_verify_compares_with_the_trained_architecture(tmp_path, demo_data, clean_shm, monkeypatch, capsys):
+    """A run of the demo recipe (``text.pool: masked_mean``) converted by from-zero: the file records the
+    trained architecture, and --verify compares it with a model built from the checkpoint's recorded
+    recipe and its fp32 weights, not with itself: a file written with the registry defaults instead
+    (the overrides dropped) computes other text embeddings and --verify fails."""
+    from conftest import PYTHON, dist_env, run_checked, train_args
+    from rwkvclip_dist import pretrained_format
+    from rwkvclip_dist.convert import pipeline
+    from tool_loader import tool_main
+
+    run = tmp_path / "run"
+    run_checked([PYTHON, *train_args(run, demo_data, "train.steps=2", "checkpoint.every_steps=0")], timeout=300,
+                env=dist_env())
+    convert = tool_main("convert_checkpoint")
+    good = tmp_path / "good.safetensors"
+    assert convert(["from-zero", str(run / "checkpoints"), str(good), "--verify"]) == 0
+    assert read_record(good)["overrides"] == {"text.pool": "masked_mean"}
+    assert "verify: image cosine 1.00000000" in capsys.readouterr().out
+
+    def registry_defaults(config, kind="clip", dtype=torch.float32):  # the converter's old mistake
+        return {**pretrained_format.config_record(config, kind, dtype), "overrides": {}}
+
+    monkeypatch.setattr(pipeline, "config_record", registry_defaults)
+    wrong = tmp_path / "wrong.safetensors"
+    assert convert(["from-zero", str(run / "checkpoints"), str(wrong), "--verify"]) == 1
+    assert read_record(wrong)["overrides"] == {}
+    captured = capsys.readouterr()
+    text_cosine = float(re.search(r"text cosine ([0-9.]+)", captured.out).group(1))
+    assert text_cosine < 0.999 and "verify failed" in captured.err, captured.out

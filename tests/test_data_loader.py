@@ -194,10 +194,12 @@ def test_config_and_stream_errors_name_the_field(tmp_path):
     # recipes build DataConfig through the one typed loader, which names an unknown key and its file
     with pytest.raises(ConfigError, match="data.batchsize.*unknown key 'batchsize'"):
         build_dataclass(DataConfig, {"batchsize": 4}, {}, "recipe r.yaml", "data.")
-    cfg = build_dataclass(DataConfig, {"streams": [{"remote": str(tmp_path), "proportion": 1}], "batch_size": 2},
-                          {}, "recipe r.yaml", "data.")
+    data = {"streams": [{"remote": str(tmp_path), "proportion": 1}], "batch_size": 2}
+    with pytest.raises(ConfigError, match=rf"recipe r.yaml: data.streams\[0\].remote: {tmp_path} has no index.json"):
+        build_dataclass(DataConfig, data, {}, "recipe r.yaml", "data.")
+    cfg = build_dataclass(DataConfig, data, {}, "recipe r.yaml", "data.", check_paths=False)
     assert cfg.streams[0] == StreamConfig(remote=str(tmp_path), proportion=1)
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*no index.json"):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*no index.json"):  # the loader checks again
         build_train_dataloader(cfg, image_size=8, seed=0)
 
 

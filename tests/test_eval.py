@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
 
-from rwkvclip_dist.eval.datasets import load_class_prompts
+from rwkvclip_dist.eval.classnames import load_class_prompts
 from rwkvclip_dist.eval.linear_probe import LinearProbeConfig, linear_probe
 from rwkvclip_dist.eval.retrieval import retrieval_recall
 from rwkvclip_dist.eval.retrieval_data import load_retrieval_annotations

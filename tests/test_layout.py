@@ -11,7 +11,7 @@ PACKAGE = REPO / "rwkvclip_dist"
 # Lower layers may not import higher ones. Imports inside functions count too: a hidden cycle is
 # still a cycle.
 LAYERS = [
-    {"typed_config"},
+    {"typed_config", "cli"},
     {"model", "ops"},
     {"data", "descriptions"},
     {"parallel", "loss", "pretrained_format"},

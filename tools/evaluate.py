@@ -16,19 +16,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from rwkvclip_dist.cli import at_least, run_tool
 from rwkvclip_dist.eval.features import LoaderConfig
 from rwkvclip_dist.eval.linear_probe import LinearProbeConfig
 from rwkvclip_dist.eval.runner import TASKS, EvalConfig, Evaluator, format_table, write_results
 from rwkvclip_dist.pretrained import create_model_and_transforms, get_tokenizer
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="pretrained .safetensors file or registry name")
     p.add_argument("--task", action="append", choices=TASKS, required=True, help="repeatable")
     p.add_argument("--data", help="labelled test images: image folder or labelled MDS directory")
@@ -40,35 +42,51 @@ def parse_args(argv):
     p.add_argument("--split", default="test", help="Karpathy split (retrieval)")
     p.add_argument("--caption-prefix", default="", help='e.g. "a photo of " (the paper\'s retrieval setting)')
     p.add_argument("--probe-backend", choices=("torch", "sklearn"), default="torch")
-    p.add_argument("--probe-max-iter", type=int, default=500, help="L-BFGS iterations per probe fit")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--probe-max-iter", type=at_least(1), default=500, help="L-BFGS iterations per probe fit")
+    p.add_argument("--batch-size", type=at_least(1), default=64)
+    p.add_argument("--workers", type=at_least(0), default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", default="eval_results.json")
-    return p.parse_args(argv)
+    return p
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    device = torch.device(args.device)
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here (use --device cpu)")
+    return device
+
+
+def _pretrained_file(model: str) -> bool:
+    """Whether ``--model`` names a file rather than a registry model."""
+    if model.endswith(".safetensors"):
+        return True
+    if Path(model).suffix in (".pt", ".pth", ".bin", ".ckpt") or os.path.exists(model):
+        raise ValueError(f"--model {model}: pretrained files are .safetensors; convert a checkpoint with "
+                         f"tools/convert_checkpoint.py (from-authors or from-zero)")
+    return False
+
+
+def run(args: argparse.Namespace) -> int:
+    device = _device(args.device)
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
-    is_file = args.model.endswith(".safetensors")
-    model, _, eval_tf = create_model_and_transforms(None if is_file else args.model,
-                                                    pretrained=args.model if is_file else None, device=device)
     config = EvalConfig(tasks=args.task, data=args.data, train_data=args.train_data, templates=args.templates,
                         classnames=args.classnames, annotations=args.annotations, image_root=args.image_root,
                         split=args.split, caption_prefix=args.caption_prefix,
                         loader=LoaderConfig(args.batch_size, args.workers),
                         probe=LinearProbeConfig(backend=args.probe_backend, max_iter=args.probe_max_iter))
-    try:
-        results = Evaluator(model, eval_tf, get_tokenizer(args.model), config, device).run()
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    config.check()  # a wrong path or template set fails now, not after the model has encoded the images
+    is_file = _pretrained_file(args.model)
+    model, _, eval_tf = create_model_and_transforms(None if is_file else args.model,
+                                                    pretrained=args.model if is_file else None, device=device)
+    results = Evaluator(model, eval_tf, get_tokenizer(args.model), config, device).run()
     if not dist.is_initialized() or dist.get_rank() == 0:
         write_results(results, config, args.output, args.model)
         print(format_table(results))
@@ -76,6 +94,10 @@ def main(argv=None) -> int:
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -15,24 +15,29 @@ import sys
 from pathlib import Path
 
 
-from rwkvclip_dist.pretrained_format import StateDictMismatch, parse_dtype
+from rwkvclip_dist.cli import run_tool
 from rwkvclip_dist.pretrained import load_model, save_vision_encoder
+from rwkvclip_dist.pretrained_format import DTYPES, parse_dtype
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="export_vision_encoder.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", type=Path, help="pretrained RWKV-CLIP .safetensors (with its JSON config)")
+    parser.add_argument("dst", type=Path, help="output .safetensors (a .json config is written beside it)")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_model(None, pretrained=args.src)
+    path = save_vision_encoder(model, args.dst, parse_dtype(args.dtype))
+    print(f"wrote {path} ({model.config.name} image tower, {args.dtype})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", type=Path, help="pretrained RWKV-CLIP .safetensors (with its JSON config)")
-    parser.add_argument("dst", type=Path, help="output .safetensors (a .json config is written beside it)")
-    parser.add_argument("--dtype", default="float32")
-    args = parser.parse_args(argv)
-    try:
-        model = load_model(None, pretrained=args.src)
-        path = save_vision_encoder(model, args.dst, parse_dtype(args.dtype))
-    except (StateDictMismatch, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {path} ({model.config.name} image tower, {args.dtype})")
-    return 0
+    return run_tool(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -10,20 +10,23 @@ import argparse
 import sys
 
 
+from rwkvclip_dist.cli import run_tool
 from rwkvclip_dist.data.demo_digits import ensure_demo_data
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="make_demo_data.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (created if missing)")
-    args = p.parse_args(argv)
-    try:
-        path = ensure_demo_data(args.out)
-    except FileExistsError as e:
-        print(f"make_demo_data: error: {e}", file=sys.stderr)
-        return 2
-    print(path)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    print(ensure_demo_data(args.out))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Print the README's model table: parameter counts (from the real modules, on the meta device) and
 analytic forward FLOPs per image-text pair, for every registered config.
 
@@ -5,8 +6,12 @@ analytic forward FLOPs per image-text pair, for every registered config.
 """
 from __future__ import annotations
 
+import argparse
+import sys
+
 import torch
 
+from rwkvclip_dist.cli import run_tool
 from rwkvclip_dist.model import RWKVCLIP, get_model_config, list_models
 from rwkvclip_dist.model.flops import tower_forward_flops
 
@@ -40,5 +45,11 @@ def _size_order(name: str) -> tuple:
     return (order.index(name) if name in order else len(order), name)
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="model_table.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    return run_tool(parser, lambda args: print(model_table()), argv)
+
+
 if __name__ == "__main__":
-    print(model_table())
+    sys.exit(main())

@@ -23,6 +23,7 @@ from unittest import mock
 
 import torch
 
+from rwkvclip_dist.cli import run_tool
 from rwkvclip_dist.model import get_model_config
 from rwkvclip_dist.model import mixing
 from rwkvclip_dist.model.clip import RWKVCLIP
@@ -73,7 +74,7 @@ class Workload:
 
     @classmethod
     def from_recipe(cls, path: str) -> "Workload":
-        recipe = load_recipe(ROOT / path)
+        recipe = load_recipe(ROOT / path, check_paths=False)  # sizes only; the data need not be here
         return cls(recipe=path, model=recipe.model.name, batch_per_gpu=recipe.data.batch_size,
                    checkpointing=recipe.model.activation_checkpointing, zero_stage=recipe.parallel.zero_stage,
                    bucket_elements=recipe.parallel.reduce_bucket_size)
@@ -349,11 +350,14 @@ def generate(hw: Hardware | None = None, recipes: tuple[str, ...] = RECIPES) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="scaling.py", description=__doc__.split("\n\n")[0])
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--write", type=Path, help="write the Markdown to this file")
     group.add_argument("--check", type=Path, help="exit 1 if this file differs from what the script produces")
-    args = parser.parse_args(argv)
+    return run_tool(parser, run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
     text = generate()
     if args.write:
         args.write.write_text(text)

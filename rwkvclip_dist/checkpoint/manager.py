@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import torch
 
 from rwkvclip_dist.parallel import collectives
-from rwkvclip_dist.typed_config import FieldError
+from rwkvclip_dist.typed_config import FieldError, path_field
 
 log = logging.getLogger(__name__)
 TAG_PATTERN = re.compile(r"^step_(\d{8,})$")
@@ -40,7 +40,7 @@ CLIENT_FILE = "client_state.pt"
 class CheckpointSection:
     """The ``checkpoint:`` section of a recipe."""
 
-    dir: str = ""
+    dir: str = path_field("")
     """Where checkpoints go; empty means <run dir>/checkpoints."""
     every_steps: int = 1000
     """Save every N optimizer steps (and always at the end); 0 saves only at the end."""

@@ -155,10 +155,20 @@ def verify_authors(ours_path: str | Path, theirs: dict[str, torch.Tensor]) -> Ve
     return _compare(model.encode_image(images), ref_img, model.encode_text(tokens), ref_txt)
 
 
+def _inputs(config: ModelConfig) -> tuple[int, int, int]:
+    return config.image.image_size, config.image.in_channels, config.text.context_length
+
+
 @torch.no_grad()
-def verify_state(ours_path: str | Path, state: dict[str, torch.Tensor]) -> VerifyReport:
-    """Our model loaded from ``ours_path`` vs the same architecture holding ``state`` (e.g. ZeRO fp32)."""
-    model, config = _ours(ours_path)
+def verify_state(ours_path: str | Path, state: dict[str, torch.Tensor], config: ModelConfig) -> VerifyReport:
+    """The model loaded from ``ours_path`` (architecture from the file's own config) against a reference
+    built independently of that file: ``config`` (for :func:`zero_to_ours`, the architecture the run's
+    recipe records) holding ``state`` (the consolidated fp32 ZeRO weights). A file written with the wrong
+    architecture, or wrong weights, computes other embeddings and shows here."""
+    model, file_config = _ours(ours_path)
+    if _inputs(file_config) != _inputs(config):
+        raise StateDictMismatch(f"{ours_path}: takes (image size, channels, context length) {_inputs(file_config)}, "
+                                f"the trained model {_inputs(config)}")
     reference = RWKVCLIP(config, initialize=False).eval()
     reference.load_state_dict(state, strict=True)
     images, tokens = fixed_batch(config)

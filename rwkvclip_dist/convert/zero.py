@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import pickle
 from pathlib import Path
 
 import torch
 
-from rwkvclip_dist.pretrained_format import strip_prefixes
+from rwkvclip_dist.pretrained_format import read_torch_file, strip_prefixes
 
 
 def _deepspeed_safe_globals() -> list:
@@ -51,8 +52,15 @@ def load_zero_checkpoint(checkpoint_dir: str | Path, tag: str | None = None) -> 
         raise FileNotFoundError(f"DeepSpeed checkpoint directory {checkpoint_dir} does not exist")
     if tag is None and not (checkpoint_dir / "latest").is_file():
         raise FileNotFoundError(f"{checkpoint_dir} has no 'latest' file; pass the tag (e.g. step_00000400)")
-    with _weights_only_loads():
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    if tag is not None and not (checkpoint_dir / tag).is_dir():
+        tags = sorted(p.name for p in checkpoint_dir.iterdir() if p.is_dir())
+        raise FileNotFoundError(f"{checkpoint_dir} has no checkpoint {tag!r}; it has {', '.join(tags) or 'none'}")
+    try:
+        with _weights_only_loads():
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
+        raise ValueError(f"{checkpoint_dir}: DeepSpeed could not read the checkpoint (truncated or corrupt, or "
+                         f"not a ZeRO checkpoint): {(str(err).strip().splitlines() or [''])[0]}") from None
     state = strip_prefixes({k: v.float() for k, v in state.items()})
     # The trainer hands DeepSpeed 0-dim parameters as shape [1] (rwkvclip_dist/parallel/engine.py).
     if "logit_scale" in state and state["logit_scale"].shape == (1,):
@@ -72,7 +80,7 @@ def trained_model(checkpoint_dir: str | Path, tag: str | None = None) -> tuple[s
     record_file = checkpoint_dir / str(tag) / CLIENT_FILE
     if tag is None or not record_file.is_file():
         return None
-    record = torch.load(record_file, map_location="cpu", weights_only=True)
+    record = read_torch_file(record_file)
     model = (record.get("recipe") or {}).get("model") if isinstance(record, dict) else None
     if not isinstance(model, dict) or "name" not in model:
         return None

@@ -6,18 +6,20 @@ Fields are plain types so a recipe YAML maps onto them one to one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from rwkvclip_dist.data.columns import TEXT_COLUMNS
+from rwkvclip_dist.typed_config import FieldError, path_field
 
 
 @dataclass
 class StreamConfig:
     """One MDS data source mixed into training (e.g. LAION, YFCC)."""
 
-    remote: str
+    remote: str = path_field(exists="dir", inside="index.json")
     """Where the shards live: a local directory, ``s3://``, ``gs://``, ... (anything Streaming reads)."""
 
-    local: str | None = None
+    local: str | None = path_field(None)
     """Local cache directory for a remote stream; ``None`` reads a local ``remote`` in place."""
 
     proportion: float | None = None
@@ -47,8 +49,8 @@ class DataConfig:
     shuffle: bool = True
     """Shuffle samples each epoch (Streaming's shuffle; the order is a function of the seed)."""
 
-    shuffle_algo: str = "py1e"
-    """Streaming shuffle algorithm: py1e, py1br, py1b, py1s, py2s, naive."""
+    shuffle_algo: Literal["py1e", "py1br", "py1s", "py2s", "naive"] = "py1e"
+    """Streaming shuffle algorithm (``streaming.base.shuffle.algos``)."""
 
     shuffle_seed: int = 9176
     """Seed of the sample order (the training seed drives crops, flips and the text choice)."""
@@ -80,16 +82,29 @@ class DataConfig:
     download_timeout: float = 60.0
     """Seconds to wait for one shard download before failing."""
 
+    def _check_ranges(self) -> None:
+        at_least = {"num_workers": 0, "shuffle_seed": 0, "shuffle_block_size": 1, "num_canonical_nodes": 1,
+                    "image_size": 1, "predownload": 1}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise FieldError(name, f"must be >= {low}, got {value}")
+        if not 0 <= self.hflip <= 1:
+            raise FieldError("hflip", f"is a probability, must be in [0, 1], got {self.hflip}")
+        if not self.download_timeout > 0:
+            raise FieldError("download_timeout", f"must be > 0 seconds, got {self.download_timeout}")
+
     def __post_init__(self) -> None:
         self.streams = [s if isinstance(s, StreamConfig) else StreamConfig(**s) for s in self.streams]
+        self._check_ranges()
         unknown = set(self.text_weights) - set(TEXT_COLUMNS)
         if unknown:
-            raise ValueError(f"data.text_weights: unknown text kind(s) {sorted(unknown)}; "
+            raise FieldError("text_weights", f"unknown text kind(s) {sorted(unknown)}; "
                              f"expected keys among {list(TEXT_COLUMNS)}")
         bad = {k: v for k, v in self.text_weights.items() if not v >= 0}
         if bad:
-            raise ValueError(f"data.text_weights: weights must be >= 0, got {bad}")
+            raise FieldError("text_weights", f"weights must be >= 0, got {bad}")
         if not any(v > 0 for v in self.text_weights.values()):
-            raise ValueError("data.text_weights: at least one weight must be positive")
+            raise FieldError("text_weights", "at least one weight must be positive")
         if self.batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+            raise FieldError("batch_size", f"must be >= 1, got {self.batch_size}")

@@ -5,7 +5,8 @@ One path serves ``tools/evaluate.py`` and the in-loop evaluation of a training r
 :func:`zeroshot_scores`.
 """
 
-from rwkvclip_dist.eval.datasets import class_names, load_class_prompts, open_labelled_images
+from rwkvclip_dist.eval.classnames import class_names, load_class_prompts
+from rwkvclip_dist.eval.datasets import open_labelled_images
 from rwkvclip_dist.eval.features import LoaderConfig, image_features
 from rwkvclip_dist.eval.zeroshot import build_zeroshot_classifier, zeroshot_from_features, zeroshot_scores
 

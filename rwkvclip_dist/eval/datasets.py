@@ -70,35 +70,3 @@ def open_labelled_images(path: str | Path, transform) -> tuple[Dataset, list[str
         return MDSLabelledImages(path, transform), None
     folder = ImageFolder(str(path), transform=transform)
     return folder, [c.replace("_", " ") for c in folder.classes]
-
-
-def load_class_prompts(spec: str | Path) -> dict:
-    """A template set: a shipped name (``imagenet``, ``cifar10``, ...) or a JSON file with
-    ``templates`` (and optionally ``classnames`` and ``metric``)."""
-    shipped = Path(__file__).parent / "templates" / f"{spec}.json"
-    path = shipped if shipped.is_file() else Path(spec)
-    if not path.is_file():
-        names = sorted(p.stem for p in shipped.parent.glob("*.json"))
-        raise FileNotFoundError(f"no template set {spec!r}: not a file and not one of {names}")
-    data = json.loads(path.read_text())
-    if not isinstance(data.get("templates"), list) or not data["templates"]:
-        raise ValueError(f"{path}: needs a non-empty 'templates' list")
-    if data.get("metric", "top1") not in ("top1", "mean_per_class"):
-        raise ValueError(f"{path}: 'metric' must be 'top1' or 'mean_per_class', got {data['metric']!r}")
-    return data
-
-
-def class_names(prompts: dict, folder_names: list[str] | None, classnames_file: str | None, data: str) -> list[str]:
-    """The class names of a zero-shot evaluation on ``data``, in label order: a text file (one per
-    line) if given, else the template set's ``classnames``, else the image folder's sub-folder names."""
-    if classnames_file:
-        names = [line.strip() for line in Path(classnames_file).read_text().splitlines() if line.strip()]
-    elif prompts.get("classnames"):
-        names = list(prompts["classnames"])
-    elif folder_names:
-        names = folder_names
-    else:
-        raise ValueError(f"{data}: no class names (give a class-names file or a template set with 'classnames')")
-    if folder_names is not None and len(names) != len(folder_names):
-        raise ValueError(f"{len(names)} class names for {len(folder_names)} class folders in {data}")
-    return names

@@ -35,8 +35,10 @@ def load_retrieval_annotations(
     caption.
     """
     path, root = Path(annotations), Path(image_root)
-    with path.open() as handle:
-        data = json.load(handle)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON: {err}") from None
     if isinstance(data, dict) and "annotations" in data:
         pairs = _coco(data, path)
     elif isinstance(data, dict) and "images" in data:

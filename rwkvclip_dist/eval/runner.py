@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rwkvclip_dist.eval.datasets import class_names, load_class_prompts, open_labelled_images
+from rwkvclip_dist.eval.classnames import class_names, load_class_prompts
+from rwkvclip_dist.eval.datasets import open_labelled_images
 from rwkvclip_dist.eval.distributed import all_gather_rows, padded_shard, rank
 from rwkvclip_dist.eval.features import LoaderConfig, image_features
 from rwkvclip_dist.eval.linear_probe import LinearProbeConfig, linear_probe
@@ -49,37 +50,62 @@ class EvalConfig:
     text_batch_size: int = 256
     probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
 
+    def check(self) -> None:
+        """Every input the tasks need is given and exists (and the template set reads), before any
+        model is loaded or feature computed."""
+        unknown = set(self.tasks) - set(TASKS)
+        if unknown:
+            raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {TASKS}")
+        needed = {"zeroshot": [("--data", self.data)],
+                  "linear_probe": [("--data", self.data), ("--train-data", self.train_data)],
+                  "retrieval": [("--annotations", self.annotations), ("--image-root", self.image_root)]}
+        for task in self.tasks:
+            for flag, value in needed[task]:
+                if not value:
+                    raise ValueError(f"--task {task} needs {flag}")
+                if not Path(value).exists():
+                    raise FileNotFoundError(f"{flag} {value}: no such file or directory")
+        if "zeroshot" in self.tasks:
+            load_class_prompts(self.templates)
+            if self.classnames and not Path(self.classnames).is_file():
+                raise FileNotFoundError(f"--classnames {self.classnames}: no such file")
+
 
 class Evaluator:
     def __init__(self, model: nn.Module, eval_transform, tokenizer, config: EvalConfig, device: torch.device):
-        unknown = set(config.tasks) - set(TASKS)
-        if unknown:
-            raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {TASKS}")
+        config.check()
         self.model, self.transform, self.tokenizer = model, eval_transform, tokenizer
         self.config, self.device = config, device
-        self._features: dict[str, tuple[torch.Tensor, torch.Tensor, list[str] | None]] = {}
+        self._datasets: dict[str, tuple[torch.utils.data.Dataset, list[str] | None]] = {}
+        self._features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if "zeroshot" in config.tasks:  # class names are settled before any image is encoded
+            self.prompts = load_class_prompts(config.templates)
+            self.classnames = class_names(self.prompts, self._open(config.data)[1], config.classnames, str(config.data))
 
-    def labelled_features(self, path: str | None, what: str):
+    def _open(self, path: str):
+        if path not in self._datasets:
+            self._datasets[path] = open_labelled_images(path, self.transform)
+        return self._datasets[path]
+
+    def labelled_features(self, path: str | None, what: str) -> tuple[torch.Tensor, torch.Tensor]:
         if path is None:
             raise ValueError(f"{what} needs a data directory")
         if path not in self._features:
-            dataset, folder_names = open_labelled_images(path, self.transform)
-            feats, labels = image_features(self.model, dataset, self.config.loader, self.device, desc=f"features {Path(path).name}")
-            self._features[path] = (feats, labels, folder_names)
+            self._features[path] = image_features(self.model, self._open(path)[0], self.config.loader, self.device,
+                                                  desc=f"features {Path(path).name}")
         return self._features[path]
 
     def zeroshot(self) -> dict:
-        feats, labels, folder_names = self.labelled_features(self.config.data, "zeroshot")
-        prompts = load_class_prompts(self.config.templates)
-        names = class_names(prompts, folder_names, self.config.classnames, str(self.config.data))
-        result = zeroshot_scores(self.model, feats, labels, names, prompts["templates"], self.tokenizer,
+        feats, labels = self.labelled_features(self.config.data, "zeroshot")
+        templates = self.prompts["templates"]
+        result = zeroshot_scores(self.model, feats, labels, self.classnames, templates, self.tokenizer,
                                  self.device, self.config.text_batch_size)
-        metric = prompts.get("metric", "top1")
-        return {"metric": metric, "score": result[metric], **result, "n_templates": len(prompts["templates"])}
+        metric = self.prompts.get("metric", "top1")
+        return {"metric": metric, "score": result[metric], **result, "n_templates": len(templates)}
 
     def linear_probe(self) -> dict:
-        train_feats, train_labels, _ = self.labelled_features(self.config.train_data, "linear_probe (train)")
-        test_feats, test_labels, _ = self.labelled_features(self.config.data, "linear_probe (test)")
+        train_feats, train_labels = self.labelled_features(self.config.train_data, "linear_probe (train)")
+        test_feats, test_labels = self.labelled_features(self.config.data, "linear_probe (test)")
         return linear_probe(train_feats, train_labels, test_feats, test_labels, self.config.probe)
 
     def retrieval(self) -> dict:

@@ -37,13 +37,14 @@ class Components:
     global_batch: int
 
 
-def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: torch.device) -> Components:
+def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: torch.device,
+                     evals: list) -> Components:
+    """``evals``: the opened in-loop evaluations (``training.evals.open_evaluations``)."""
     from rwkvclip_dist.checkpoint.manager import CheckpointManager
     from rwkvclip_dist.data.loader import build_train_dataloader
     from rwkvclip_dist.loss import build_loss
     from rwkvclip_dist.model.registry import create_model
     from rwkvclip_dist.parallel.engine import create_engine, deepspeed_config
-    from rwkvclip_dist.training.evals import ZeroShotTask
     from rwkvclip_dist.training.optim import build_optimizer
     from rwkvclip_dist.training.schedule import build_schedule
 
@@ -66,6 +67,5 @@ def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: t
         loss_fn=build_loss(recipe.loss), loader=loader, dataset=dataset,
         schedule=build_schedule(recipe.schedule, recipe.train.steps),
         checkpoints=CheckpointManager(checkpoint_dir, recipe.checkpoint.keep_last),
-        evals=[ZeroShotTask(section, image_size, model.config.text.context_length, device)
-               for section in recipe.eval.zeroshot],
+        evals=evals,
         global_batch=recipe.data.batch_size * launch.world_size)

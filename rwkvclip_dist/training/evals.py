@@ -13,20 +13,26 @@ from functools import partial
 import torch
 from torch import nn
 
-from rwkvclip_dist.typed_config import FieldError
+from rwkvclip_dist.typed_config import FieldError, path_field
+
+
+def _names_a_file(classes: str) -> bool:
+    from rwkvclip_dist.eval.classnames import is_shipped_template_set
+
+    return not is_shipped_template_set(classes)
 
 
 @dataclass
 class ZeroShotEvalSection:
     name: str = "zeroshot"
     """Metric prefix: figures appear as <name>_top1, <name>_top5, <name>_mean_per_class."""
-    data: str = ""
+    data: str = path_field("", exists="dir")
     """Held-out labelled images: a labelled MDS directory (``jpg`` and ``label`` columns) or an image
-    folder with one sub-folder per class."""
-    classes: str = ""
+    folder with one sub-folder per class (WordNet-id folders get the ImageNet-1k class names)."""
+    classes: str = path_field("", exists="file", is_path=_names_a_file)
     """Template set: a shipped name (``imagenet``, ...) or a JSON file with ``templates`` and, unless
     ``classnames`` or the folder names give them, ``classnames``."""
-    classnames: str = ""
+    classnames: str = path_field("", exists="file")
     """Optional text file with one class name per line, in label order."""
     every_steps: int = 0
     """Evaluate every N optimizer steps; 0 evaluates only at the end."""
@@ -36,6 +42,8 @@ class ZeroShotEvalSection:
     """DataLoader worker processes decoding the held-out images."""
 
     def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise FieldError("name", "must not be empty (it prefixes the metrics: <name>_top1, ...)")
         for name in ("data", "classes"):
             if not getattr(self, name):
                 raise FieldError(name, f"must be set (evaluation {self.name!r})")
@@ -49,6 +57,12 @@ class EvalSection:
     zeroshot: list[ZeroShotEvalSection] = field(default_factory=list)
     at_end: bool = True
     """Run every evaluation once more after the last step."""
+
+    def __post_init__(self) -> None:
+        names = [section.name for section in self.zeroshot]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise FieldError("zeroshot", f"evaluation names must differ (they prefix the metrics), {twice} repeat")
 
 
 class ZeroShotTask:
@@ -83,3 +97,13 @@ class ZeroShotTask:
                                           self.device, desc=f"eval {section.name}")
         results = zeroshot_scores(model, features, labels, self.classnames, self.templates, self.tokenizer, self.device)
         return {f"{section.name}_{key}": value for key, value in results.items() if value is not None}
+
+
+def open_evaluations(sections: list[ZeroShotEvalSection], model_name: str, model_overrides: dict,
+                     device: torch.device) -> list[ZeroShotTask]:
+    """Every ``eval.zeroshot`` entry with its data and class names opened, for the recipe's model
+    (its resolution and context length); needs no process group, so it can run before one starts."""
+    from rwkvclip_dist.model.registry import get_model_config
+
+    config = get_model_config(model_name, **model_overrides)
+    return [ZeroShotTask(s, config.image.image_size, config.text.context_length, device) for s in sections]

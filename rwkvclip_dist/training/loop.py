@@ -60,9 +60,13 @@ class Trainer:
     def __init__(self, recipe: Recipe, run_dir: Path, launch: LaunchEnv) -> None:
         from rwkvclip_dist.parallel.engine import init_distributed
         from rwkvclip_dist.training.components import build_components
+        from rwkvclip_dist.training.evals import open_evaluations
 
         self.recipe, self.run_dir, self.launch = recipe, run_dir, launch
         self.device = setup_process(launch)
+        # Evaluation data and class names are opened before any process group starts: a mistake there
+        # stops every rank at once with its message, not after the engine is built.
+        evals = open_evaluations(recipe.eval.zeroshot, recipe.model.name, recipe.model.overrides, self.device)
         init_distributed(launch, recipe.parallel.backend)
         self.is_main = launch.rank == 0
         if self.is_main:
@@ -70,7 +74,7 @@ class Trainer:
             save_recipe(recipe, run_dir / "recipe.yaml")
         collectives.barrier()
         self.state = TrainState()
-        self.parts = build_components(recipe, run_dir, launch, self.device)
+        self.parts = build_components(recipe, run_dir, launch, self.device, evals)
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:

@@ -7,7 +7,9 @@ its own values when the recipe loads, so a mistake stops the run before any proc
 starts. ``base: other.yaml`` inherits from another recipe (path relative to the file that says it;
 mappings merge key by key, anything else is replaced). Command-line overrides are dotted keys,
 ``optimizer.lr=3e-4``, parsed to the field's type. Unknown keys and bad values are errors that name
-the key and the file (or "command line") it came from.
+the key and the file (or "command line") it came from. Paths in a recipe (data streams, evaluation
+data and class files, the checkpoint directory) are relative to the folder of the file that sets
+them, as ``base:`` is; paths given on the command line are relative to the current directory.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from rwkvclip_dist.training.evals import EvalSection, ZeroShotEvalSection
 from rwkvclip_dist.training.metrics import LoggingSection
 from rwkvclip_dist.training.optim import OptimizerSection
 from rwkvclip_dist.training.schedule import ScheduleSection
-from rwkvclip_dist.typed_config import ConfigError, FieldError, build_dataclass, parse_override, to_plain
+from rwkvclip_dist.typed_config import (ConfigError, FieldError, FileOrigin, build_dataclass, parse_override,
+                                        to_plain)
 
 __all__ = [
     "ConfigError", "Recipe", "ModelSection", "TrainSection", "LossSection", "OptimizerSection",
@@ -88,6 +91,8 @@ class Recipe:
     """The recipe file this was loaded from (informational, set by the loader)."""
 
     def __post_init__(self) -> None:
+        if not self.data.streams:
+            raise FieldError("data.streams", "is empty: a run needs at least one MDS stream ({remote: DIR or URL})")
         if self.data.batch_size % self.train.accumulation_steps:
             raise FieldError("train.accumulation_steps", f"{self.train.accumulation_steps} must divide "
                              f"data.batch_size={self.data.batch_size} (micro-batches of equal size)")
@@ -133,7 +138,7 @@ def _load_tree(path: Path, origin: dict, chain: tuple[Path, ...] = ()) -> dict[s
         if not isinstance(base, str):
             raise ConfigError(f"recipe {path}: 'base' must be a file name, got {base!r}")
         tree = _load_tree(path.parent / base, origin, chain + (path,))
-    _merge(tree, data, origin, f"recipe {path}")
+    _merge(tree, data, origin, FileOrigin(f"recipe {path}", path.parent))
     return tree
 
 
@@ -159,8 +164,10 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
         node[last] = value
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Load ``path`` (following ``base:``), apply ``key.sub=value`` overrides, check every type."""
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_paths: bool = True) -> Recipe:
+    """Load ``path`` (following ``base:``), apply ``key.sub=value`` overrides, check every type and
+    value. Paths are made absolute; ``check_paths=False`` skips checking that data and class files
+    exist (for tools that only read a recipe's sizes)."""
     origin: dict[str, str] = {}
     tree = _load_tree(Path(path), origin)
     for item in overrides:
@@ -171,7 +178,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         _set_dotted(tree, key.strip(), value)
         origin[key.strip()] = "command line"
     tree.setdefault("source", str(Path(path)))
-    return build_dataclass(Recipe, tree, origin, f"recipe {Path(path)}")
+    return build_dataclass(Recipe, tree, origin, f"recipe {Path(path).resolve()}", check_paths=check_paths)
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
