@@ -50,14 +50,22 @@ def build_train_dataloader(cfg: DataConfig, image_size: int, seed: int
     """
     if not cfg.streams:
         raise ValueError("data.streams is empty: give at least one MDS stream")
-    dataset = ThreeTextDataset(
-        transform=train_transform(cfg.image_size or image_size, hflip=cfg.hflip),
-        text_weights=cfg.text_weights, sample_seed=seed,
-        streams=[_stream(s, cfg.download_timeout) for s in cfg.streams],
-        epoch_size=cfg.epoch_size, predownload=cfg.predownload, cache_limit=cfg.cache_limit,
-        batch_size=cfg.batch_size, shuffle=cfg.shuffle, shuffle_algo=cfg.shuffle_algo,
-        shuffle_seed=cfg.shuffle_seed, shuffle_block_size=cfg.shuffle_block_size,
-        num_canonical_nodes=cfg.num_canonical_nodes, download_timeout=cfg.download_timeout)
+    try:
+        dataset = ThreeTextDataset(
+            transform=train_transform(cfg.image_size or image_size, hflip=cfg.hflip),
+            text_weights=cfg.text_weights, sample_seed=seed,
+            streams=[_stream(s, cfg.download_timeout) for s in cfg.streams],
+            epoch_size=cfg.epoch_size, predownload=cfg.predownload, cache_limit=cfg.cache_limit,
+            batch_size=cfg.batch_size, shuffle=cfg.shuffle, shuffle_algo=cfg.shuffle_algo,
+            shuffle_seed=cfg.shuffle_seed, shuffle_block_size=cfg.shuffle_block_size,
+            num_canonical_nodes=cfg.num_canonical_nodes, download_timeout=cfg.download_timeout)
+    except ValueError as err:
+        # Streaming sizes the cache check against the shards; its message names no recipe key.
+        if cfg.cache_limit is not None and "cache limit" in str(err).lower():
+            raise ValueError(f"data.cache_limit={cfg.cache_limit!r}: {err}") from err
+        raise
+    if dataset.epoch_size == 0:
+        raise ValueError("data.streams: the stream weights (repeat/choose/proportion) select no sample per epoch")
     _check_columns(dataset, ("jpg", "raw", "synthetic", "generated"))
     loader = StreamingDataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                  drop_last=True, persistent_workers=False)
