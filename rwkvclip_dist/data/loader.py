@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import urllib.parse
+from typing import Any
 
 from streaming import Stream, StreamingDataLoader
 
@@ -33,6 +34,30 @@ def _stream(sc: StreamConfig, download_timeout: float) -> Stream:
                   choose=sc.choose, download_timeout=download_timeout)
 
 
+def _remote_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError]  # not found, timeouts, refused connections
+    try:  # boto3 comes with Streaming's S3 support; without it s3:// streams fail in Streaming itself
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return tuple(errors)
+    return (*errors, BotoCoreError, ClientError)
+
+
+def _open_dataset(configs: list[StreamConfig], **kwargs: Any) -> ThreeTextDataset:
+    """ThreeTextDataset(**kwargs) for the streams ``configs``; a remote index that cannot be read is one clear line."""
+    try:
+        return ThreeTextDataset(**kwargs)
+    except _remote_errors() as err:
+        remotes = [s.remote for s in configs if urllib.parse.urlparse(s.remote).scheme]
+        if not remotes:
+            raise
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        hint = ("; for an S3-compatible server set S3_ENDPOINT_URL and the AWS credentials (docs/data.md)"
+                if any(r.startswith("s3://") for r in remotes) else "")
+        cls = FileNotFoundError if isinstance(err, FileNotFoundError) or "not found" in first.lower() else ConnectionError
+        raise cls(f"data.streams: cannot open remote stream(s) {', '.join(remotes)}: {first}{hint}") from err
+
+
 def _check_columns(dataset: ThreeTextDataset, needed: tuple[str, ...]) -> None:
     for stream, shard in zip(dataset.stream_per_shard, dataset.shards):
         missing = [c for c in needed if c not in shard.column_names]
@@ -51,8 +76,8 @@ def build_train_dataloader(cfg: DataConfig, image_size: int, seed: int
     if not cfg.streams:
         raise ValueError("data.streams is empty: give at least one MDS stream")
     try:
-        dataset = ThreeTextDataset(
-            transform=train_transform(cfg.image_size or image_size, hflip=cfg.hflip),
+        dataset = _open_dataset(
+            cfg.streams, transform=train_transform(cfg.image_size or image_size, hflip=cfg.hflip),
             text_weights=cfg.text_weights, sample_seed=seed,
             streams=[_stream(s, cfg.download_timeout) for s in cfg.streams],
             epoch_size=cfg.epoch_size, predownload=cfg.predownload, cache_limit=cfg.cache_limit,
@@ -81,9 +106,9 @@ def build_eval_dataloader(remote: str, image_size: int, batch_size: int, *, loca
     column), ``(image, tokens, text_id, label)``. A sample without the asked-for text uses ``raw``.
     Across ranks, Streaming splits the samples and pads the last ones by repetition to equal counts.
     """
-    dataset = ThreeTextDataset(
-        transform=eval_transform(image_size), fixed_text=text, with_label=False,
-        streams=[_stream(StreamConfig(remote=remote, local=local), 60.0)],
+    dataset = _open_dataset(
+        [StreamConfig(remote=remote, local=local)], transform=eval_transform(image_size), fixed_text=text,
+        with_label=False, streams=[_stream(StreamConfig(remote=remote, local=local), 60.0)],
         batch_size=batch_size, shuffle=False)
     has_label = all("label" in s.column_names for s in dataset.shards)
     if with_label and not has_label:
