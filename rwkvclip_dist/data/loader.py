@@ -9,6 +9,7 @@ the uninterrupted run would have seen next.
 
 from __future__ import annotations
 
+import logging
 import os
 import urllib.parse
 from typing import Any
@@ -18,6 +19,8 @@ from streaming import Stream, StreamingDataLoader
 from rwkvclip_dist.data.config import DataConfig, StreamConfig
 from rwkvclip_dist.data.dataset import ThreeTextDataset
 from rwkvclip_dist.data.transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
 
 
 def _stream(sc: StreamConfig, download_timeout: float) -> Stream:
@@ -67,6 +70,22 @@ def _check_columns(dataset: ThreeTextDataset, needed: tuple[str, ...]) -> None:
                              f"{missing} (see docs/data.md)")
 
 
+def _warn_if_cache_thrashes(cfg: DataConfig, dataset: ThreeTextDataset) -> None:
+    """A shuffle block wider than the cache makes every shard be fetched again and again per epoch
+    (measured: 605 downloads of 14 shards per epoch; benchmarks/input_pipeline.md)."""
+    total = sum(shard.raw_data.bytes for shard in dataset.shards)
+    if not cfg.shuffle or not dataset.cache_limit or dataset.cache_limit >= total:
+        return
+    fits = dataset.cache_limit * dataset.num_samples // total
+    if cfg.shuffle_block_size is None or cfg.shuffle_block_size > fits // 2:
+        block = cfg.shuffle_block_size or "Streaming's default (>= 262144)"
+        if int(os.environ.get("RANK", "0")) == 0:
+            log.warning("data.cache_limit=%s holds about %d of the %d samples but data.shuffle_block_size is %s: "
+                        "shards will be evicted and fetched many times per epoch; set data.shuffle_block_size "
+                        "to at most %d (docs/data.md, Object stores)", cfg.cache_limit, fits,
+                        dataset.num_samples, block, max(fits // 2, 1))
+
+
 def build_train_dataloader(cfg: DataConfig, image_size: int, seed: int
                            ) -> tuple[StreamingDataLoader, ThreeTextDataset]:
     """Shuffled, augmented loader of ``(image, tokens, text_id)`` batches of ``cfg.batch_size``.
@@ -91,6 +110,7 @@ def build_train_dataloader(cfg: DataConfig, image_size: int, seed: int
         raise
     if dataset.epoch_size == 0:
         raise ValueError("data.streams: the stream weights (repeat/choose/proportion) select no sample per epoch")
+    _warn_if_cache_thrashes(cfg, dataset)
     _check_columns(dataset, ("jpg", "raw", "synthetic", "generated"))
     loader = StreamingDataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                  drop_last=True, persistent_workers=False)

@@ -1,9 +1,10 @@
-"""A real S3-compatible server on 127.0.0.1 for the object-store tests: moto's standalone server.
+"""An S3-compatible server on 127.0.0.1 (moto's standalone server) for the tests and benchmarks.
 
 moto_server speaks the S3 REST API over HTTP (Flask/Werkzeug), so Streaming's own S3 download path
 (boto3, ``S3_ENDPOINT_URL``, credentials from the environment) runs unchanged against it; nothing is
 patched in-process. It runs as a subprocess so forked ranks and DataLoader workers share it, and its
-access log (one line per request) shows which objects were fetched how often.
+access log (one line per request) shows which objects were fetched how often. Needs ``moto[server]``
+(the ``test`` and ``bench`` extras); training itself never imports this module.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from pathlib import Path
 from rwkvclip_dist.parallel.launch_env import free_port
 
 _GET = re.compile(r'"GET /([^ ?]+)[^ ]* HTTP/1\.[01]" 200 ')
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "rwkvclip-test", "AWS_SECRET_ACCESS_KEY": "rwkvclip-test-secret",
+# moto accepts any credentials; boto3 refuses to sign without some.
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "rwkvclip-local", "AWS_SECRET_ACCESS_KEY": "rwkvclip-local-secret",
                "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-class S3Server:
-    """``with S3Server(log) as s3:`` starts moto_server on a free port and stops it on exit."""
+class LocalS3Server:
+    """``with LocalS3Server(log) as s3:`` starts moto_server on a free port and stops it on exit."""
 
     def __init__(self, log_path: str | Path) -> None:
         self.log_path = Path(log_path)
@@ -38,7 +40,7 @@ class S3Server:
         """What a client process needs: Streaming reads S3_ENDPOINT_URL, boto3 the credentials."""
         return {"S3_ENDPOINT_URL": self.url, **CREDENTIALS}
 
-    def start(self, attempts: int = 3) -> S3Server:
+    def start(self, attempts: int = 3) -> LocalS3Server:
         for _ in range(attempts):  # the free port can be taken between the probe and the bind
             port = free_port()
             with self.log_path.open("ab") as log:
@@ -69,7 +71,7 @@ class S3Server:
             self._proc.wait(10)
         self._proc = None
 
-    def __enter__(self) -> S3Server:
+    def __enter__(self) -> LocalS3Server:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
