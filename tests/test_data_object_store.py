@@ -83,7 +83,9 @@ def test_cache_limit_below_the_data_set_evicts_and_refetches(s3_env, tmp_path, c
 def test_missing_bucket_is_a_clear_error(s3_env, tmp_path):
     cfg = DataConfig(streams=[StreamConfig(remote="s3://no-such-bucket/train", local=str(tmp_path / "c"))],
                      batch_size=4, num_workers=0, download_timeout=10)
-    with pytest.raises(FileNotFoundError, match=r"data\.streams: cannot open remote stream\(s\) s3://no-such-bucket/train: Object s3://no-such-bucket/train/index\.json not found"):
+    expected = (r"data\.streams: cannot open remote stream\(s\) s3://no-such-bucket/train: "
+                r"Object s3://no-such-bucket/train/index\.json not found")
+    with pytest.raises(FileNotFoundError, match=expected):
         build_train_dataloader(cfg, image_size=8, seed=0)
 
 

@@ -47,7 +47,8 @@ def _remote_errors() -> tuple[type[BaseException], ...]:
 
 
 def _open_dataset(configs: list[StreamConfig], **kwargs: Any) -> ThreeTextDataset:
-    """ThreeTextDataset(**kwargs) for the streams ``configs``; a remote index that cannot be read is one clear line."""
+    """``ThreeTextDataset(**kwargs)`` over the streams ``configs``; a remote index that cannot be read
+    becomes one clear line naming the streams (Streaming raises boto3's error with a long traceback)."""
     try:
         return ThreeTextDataset(**kwargs)
     except _remote_errors() as err:
@@ -57,8 +58,9 @@ def _open_dataset(configs: list[StreamConfig], **kwargs: Any) -> ThreeTextDatase
         first = (str(err).splitlines() or [type(err).__name__])[0]
         hint = ("; for an S3-compatible server set S3_ENDPOINT_URL and the AWS credentials (docs/data.md)"
                 if any(r.startswith("s3://") for r in remotes) else "")
-        cls = FileNotFoundError if isinstance(err, FileNotFoundError) or "not found" in first.lower() else ConnectionError
-        raise cls(f"data.streams: cannot open remote stream(s) {', '.join(remotes)}: {first}{hint}") from err
+        missing = isinstance(err, FileNotFoundError) or "not found" in first.lower()
+        message = f"data.streams: cannot open remote stream(s) {', '.join(remotes)}: {first}{hint}"
+        raise (FileNotFoundError if missing else ConnectionError)(message) from err
 
 
 def _check_columns(dataset: ThreeTextDataset, needed: tuple[str, ...]) -> None:
@@ -72,7 +74,7 @@ def _check_columns(dataset: ThreeTextDataset, needed: tuple[str, ...]) -> None:
 
 def _warn_if_cache_thrashes(cfg: DataConfig, dataset: ThreeTextDataset) -> None:
     """A shuffle block wider than the cache makes every shard be fetched again and again per epoch
-    (measured: 605 downloads of 14 shards per epoch; benchmarks/input_pipeline.md)."""
+    (measured: 2,391 downloads of 14 shards in a 2,048-sample epoch; benchmarks/input_pipeline.md)."""
     total = sum(shard.raw_data.bytes for shard in dataset.shards)
     if not cfg.shuffle or not dataset.cache_limit or dataset.cache_limit >= total:
         return

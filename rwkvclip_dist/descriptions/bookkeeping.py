@@ -158,7 +158,8 @@ class Recorder:
             self._last_postfix = now
             rate = self.stats.done / max(now - self._started, 1e-9)
             self._bar.set_postfix(
-                {self.task.rate_label: f"{rate:.1f}", "done": self.stats.done, "failed": sum(self.stats.failed.values())},
+                {self.task.rate_label: f"{rate:.1f}", "done": self.stats.done,
+                 "failed": sum(self.stats.failed.values())},
                 refresh=False,
             )
 

@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", required=True, choices=("caption", "tags"), help="what to write per image")
     add_run_args(p, "output JSONL {key, synthetic|tags, model, prompt_version}",
                  "key, image (MDS column) or image_path (JSONL field)")  # fmt: skip
-    p.add_argument("--prompt", type=Path, help="instruction file (default: prompts/<step>/v1.txt; its stem is the version)")
+    p.add_argument("--prompt", type=Path, help="instruction file (default prompts/<step>/v1.txt; stem = version)")
     p.add_argument(
         "--max-text-tokens", type=int, default=MAX_TEXT_TOKENS,
         help=f"caption step: CLIP BPE tokens a caption may have (default {MAX_TEXT_TOKENS}: the 77-token context)",

@@ -2,8 +2,9 @@
 
 An answer is rejected, with a reason tag counted in the run summary, when it is empty, a refusal,
 over-long (more CLIP BPE tokens than the text tower's 77-token context holds, or cut off by the
-completion cap), carries web noise (URL, file name, price), or contradicts its grounding. The grounding rule (docs/descriptions.md, "Grounding gate") only judges words from a
-closed vocabulary of concrete objects (vocabulary.json), so it errs towards accepting:
+completion cap), carries web noise (URL, file name, price), or contradicts its grounding. The
+grounding rule (docs/descriptions.md, "Grounding gate") only judges words from a closed vocabulary
+of concrete objects (vocabulary.json), so it errs towards accepting:
 
 * object: a vocabulary concept the description mentions (not negated) must appear in a tag or in
   the caption, whenever the sample has tags or a caption at all;
