@@ -69,7 +69,8 @@ def main() -> int:
         for key, data in images.items():
             writer.write({"key": key, "jpg": data, "raw": "a picture"})
     digests = {hashlib.sha256(data).hexdigest(): key for key, data in images.items()}
-    answers = {key: "A smooth colour gradient with a little grain, tile, gradient, square" for key in images}
+    # One answer that passes both steps' gates: a short caption that is also a list of short tags.
+    answers = {key: "a colour gradient tile, square, grain, red" for key in images}
     url_queue, stop = mp.Queue(), mp.Event()
     server = mp.Process(target=_serve, args=(digests, answers, url_queue, stop), daemon=True)
     server.start()
