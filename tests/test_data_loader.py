@@ -36,10 +36,11 @@ def jpeg(i: int) -> bytes:
     return buf.getvalue()
 
 
-def write_shards(path: str, n: int, prefix: str = "s", synthetic_every: int = 1, corrupt=()) -> None:
+def write_shards(path: str, n: int, prefix: str = "s", synthetic_every: int = 1, corrupt=(),
+                 size_limit: int = 1 << 14) -> None:
     """``n`` rows with unique texts ``{prefix} raw i`` etc.; rows ``i % synthetic_every != 0`` lack a
     synthetic caption; rows in ``corrupt`` carry undecodable image bytes."""
-    with MDSWriter(out=path, columns=columns(), compression=COMPRESSION, size_limit=1 << 14) as w:
+    with MDSWriter(out=path, columns=columns(), compression=COMPRESSION, size_limit=size_limit) as w:
         for i in range(n):
             w.write({"key": f"{prefix}{i}", "jpg": b"\xff\xd8 broken" if i in corrupt else jpeg(i),
                      "raw": f"{prefix} raw {i}",

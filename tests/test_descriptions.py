@@ -73,7 +73,7 @@ def test_writes_every_key_once_with_bounded_concurrency(server, tmp_path):
     rows = read_rows(out)
     assert sorted(r["key"] for r in rows) == keys
     assert all(set(r) == {"key", "generated", "model", "prompt_version"} for r in rows)
-    assert {r["model"] for r in rows} == {"test-model"} and {r["prompt_version"] for r in rows} == {"v1"}
+    assert {r["model"] for r in rows} == {"test-model"} and {r["prompt_version"] for r in rows} == {"v2"}
     by_key = {r["key"]: r["generated"] for r in rows}
     assert by_key["s001"] == "A photo of a red car parked on a street."
     assert srv.max_in_flight == 6
@@ -117,6 +117,8 @@ def test_quality_gates_retry_once_then_record_failure(server, tmp_path):
     reasons = {f["key"]: f["reason"] for f in read_rows(cfg.failures_path)}
     assert reasons == {"s001": "empty", "s002": "too_long", "s003": "too_long",
                        "s004": "contradiction_object", "s005": "web_noise"}  # fmt: skip
+    details = {f["key"]: f["detail"] for f in read_rows(cfg.failures_path)}
+    assert details["s002"] == "160 CLIP tokens > 75 (the text tower reads 77)"
     assert all(srv.requests[k] == 2 for k in reasons) and srv.requests["s007"] == 1
     # The retry asks at the raised temperature so greedy decoding cannot repeat the rejected answer.
     assert srv.temperatures["s000"] == [0.2, 0.7]

@@ -5,11 +5,18 @@ weights and cannot run here. It speaks the same OpenAI protocol (GET /v1/models,
 /v1/chat/completions), answers by restating the sample's caption, and lets a test inject faults per
 sample key: HTTP 500/429, hangs past the client's timeout, malformed JSON, dropped connections, and
 bad answers for the quality gates.
+
+Requests with an image part (the caption and tag steps, as vLLM serves vision-language models) are
+answered from ``vision_answers``: the server decodes the base64 data URL, finds the sample key by the
+SHA-256 of the bytes (``images``), keeps the bytes it received (``received_images``) and rejects a
+request whose image it does not know with HTTP 400, as a real server rejects an undecodable one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import re
 import threading
@@ -53,6 +60,12 @@ class ChatServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self.url = ""
+        self.images: dict[str, str] = {}
+        """SHA-256 hex of image bytes -> sample key, for requests with an image part."""
+        self.vision_answers: dict[str, str] = {}
+        """sample key -> the answer to its image request."""
+        self.received_images: dict[str, bytes] = {}
+        self.instructions: list[str] = []
 
     def start(self) -> ChatServer:
         self._loop = asyncio.new_event_loop()
@@ -106,8 +119,14 @@ class ChatServer:
             return web.json_response(
                 {"error": {"message": f"The model `{body.get('model')}` does not exist.", "code": 404}}, status=404
             )
-        prompt = body["messages"][-1]["content"]
-        key = _KEY.search(prompt)[1]
+        content = body["messages"][-1]["content"]
+        if isinstance(content, list):
+            key, answer = self._vision(content)
+            if key is None:
+                return web.json_response({"error": {"message": answer, "code": 400}}, status=400)
+        else:
+            key = _KEY.search(content)[1]
+            answer = f"A photo of {_CAPTION.search(content)[1]}."
         self.requests[key] += 1
         self.temperatures[key].append(body.get("temperature"))
         pending = self.faults.get(key)
@@ -116,11 +135,25 @@ class ChatServer:
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             await asyncio.sleep(self.hang_s if fault == "timeout" else self.delay_s)
-            return self._reply(request, fault, _CAPTION.search(prompt)[1])
+            return self._reply(request, fault, answer)
         finally:
             self.in_flight -= 1
 
-    def _reply(self, request: web.Request, fault: str, caption: str) -> web.StreamResponse:
+    def _vision(self, content: list[dict]) -> tuple[str | None, str]:
+        """(key, answer) of an image request, or (None, error message)."""
+        urls = [part["image_url"]["url"] for part in content if part.get("type") == "image_url"]
+        self.instructions += [part["text"] for part in content if part.get("type") == "text"]
+        match = re.fullmatch(r"data:image/(jpeg|png|gif|webp);base64,(.+)", urls[0] if len(urls) == 1 else "")
+        if match is None:
+            return None, "expected one image_url part with a base64 data URL"
+        data = base64.b64decode(match[2], validate=True)
+        key = self.images.get(hashlib.sha256(data).hexdigest())
+        if key is None:
+            return None, "cannot decode the image"
+        self.received_images[key] = data
+        return key, self.vision_answers[key]
+
+    def _reply(self, request: web.Request, fault: str, answer: str) -> web.StreamResponse:
         if fault in ("500", "503"):
             return web.Response(status=int(fault), text="engine overloaded")
         if fault == "429":
@@ -130,7 +163,7 @@ class ChatServer:
         if fault == "drop":
             request.transport.close()
             return web.Response(status=200, text="")
-        text, finish = BAD_ANSWERS.get(fault, (f"A photo of {caption}.", "stop"))
+        text, finish = BAD_ANSWERS.get(fault, (answer, "stop"))
         return web.Response(
             text=json.dumps({
                 "id": "cmpl-test", "object": "chat.completion", "model": self.models[0],

@@ -29,7 +29,7 @@ DOGS = Sample("k", raw="my dog rex IMG_1.jpg", synthetic="two brown dogs running
         ("  ...  ", "empty"),
         ("I'm sorry, but I cannot describe images.", "refusal"),
         ("As an AI language model I can only guess: two dogs.", "refusal"),
-        ("dog " * 121, "too_long"),
+        ("dog " * 76, "too_long"),
         ("Two dogs, photo from https://example.org/x", "web_noise"),
         ("Two dogs on a beach (IMG_1.jpg).", "web_noise"),
         ("Two dogs on a beach, yours for $20.", "web_noise"),
@@ -40,6 +40,26 @@ DOGS = Sample("k", raw="my dog rex IMG_1.jpg", synthetic="two brown dogs running
 )
 def test_gates(answer, reason):
     assert judge(answer, DOGS).reason == reason
+
+
+def test_length_gate_counts_the_text_towers_tokens():
+    """The budget is the 77-token context less <start> and <end>: 75 BPE tokens pass and reach the
+    tower whole; 76 would be truncated by the tokenizer, so they are rejected (then asked once more)."""
+    import torch
+
+    from rwkvclip_dist.data.tokenizer import CONTEXT_LENGTH, EOT_TOKEN, count_tokens, tokenize
+
+    dogs = Sample("d", synthetic="dogs on a beach", tags=("dog",))
+    fits, over = "dog " * 75, "dog " * 76
+    assert judge(fits, dogs).ok and count_tokens(fits) == 75
+    ids = tokenize(fits)[0]
+    assert ids[CONTEXT_LENGTH - 1] == EOT_TOKEN and torch.equal(ids[1:76], tokenize("dog")[0][1].repeat(75))
+    verdict = judge(over, dogs)
+    assert (verdict.reason, verdict.detail) == ("too_long", "76 CLIP tokens > 75 (the text tower reads 77)")
+    # 30 words that a word count would pass are 120 tokens, most of which the tower never sees.
+    rare = "kaleidoscopically " * 30
+    assert judge(rare, Sample("r", raw="pattern")).reason == "too_long"
+    assert judge(fits, dogs, QualityConfig(max_text_tokens=74)).reason == "too_long"
 
 
 def test_gate_rules_use_tags_and_absent_grounding():
@@ -153,7 +173,7 @@ def test_recover_rejects_damaged_files(tmp_path):
 
 def test_prompt_template(tmp_path):
     prompt = load_prompt()
-    assert prompt.version == "v1"
+    assert prompt.version == "v2"
     text = prompt.render(Sample("k", raw="  holiday\n pic ", tags=("dog",)))
     assert text.endswith("Web text: holiday pic\nCaption: (none)\nTags: dog")
     assert text.startswith(prompt.instruction) and "{" not in text

@@ -7,13 +7,19 @@ process plus its DataLoader workers) is samples/s per core. Results go in benchm
 
     python tools/bench_input_pipeline.py --samples 2048 --image-side 320 --image-size 224 --repeats 3
     python tools/bench_input_pipeline.py --workers 2      # DataLoader workers, as in training
+    python tools/bench_input_pipeline.py --object-store   # also from S3 (moto_server on 127.0.0.1)
 
-webdataset is needed for the comparison only (pip install webdataset).
+webdataset is needed for the comparison only, moto[server] for --object-store (the bench extra).
+With --object-store the same samples are also built into smaller shards (--store-shard-mb) and read
+from local disk and through an S3 server with a fresh local cache per run (download, zstd
+decompression and eviction included); the server is a separate process whose CPU is not counted,
+as a remote store's would not be.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -112,6 +118,53 @@ def webdataset_loader(tars: list[str], image_size: int, batch: int, workers: int
     return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers)
 
 
+def ours_remote(remote: str, image_size: int, batch: int, workers: int, cache_limit: str | None = None,
+                shuffle_block_size: int | None = None):
+    """Our loader over ``remote`` with a fresh local cache, removed when the loader is gone."""
+    import shutil
+    import weakref
+
+    from rwkvclip_dist.data.config import DataConfig, StreamConfig
+    from rwkvclip_dist.data.loader import build_train_dataloader
+    cache = tempfile.mkdtemp(prefix="bench-cache-")
+    cfg = DataConfig(streams=[StreamConfig(remote=remote, local=cache)], batch_size=batch,
+                     num_workers=workers, text_weights={"raw": 1.0}, cache_limit=cache_limit,
+                     shuffle_block_size=shuffle_block_size)
+    loader = build_train_dataloader(cfg, image_size, seed=0)[0]
+    weakref.finalize(loader, shutil.rmtree, cache, ignore_errors=True)
+    return loader
+
+
+def object_store_pipelines(args, tars: list[str], work: str, shape: tuple, stack) -> tuple[dict, object]:
+    """Rows reading the same samples in --store-shard-mb shards: local disk, S3 cold cache, S3 with a
+    cache of about a quarter of the data (shards evicted and fetched again) under Streaming's default
+    shuffle block and under one that fits the cache; and the server, to count shard downloads."""
+    from rwkvclip_dist.data.builder import BuildOptions, build_shards
+    from rwkvclip_dist.data.local_s3 import LocalS3Server
+    small = os.path.join(os.path.dirname(tars[0]), f"mds_{args.store_shard_mb}mb")
+    if not os.path.exists(os.path.join(small, "index.json")):
+        build_shards(BuildOptions(inputs=tars, out=small, workers=1, size_limit=args.store_shard_mb << 20))
+    shards = json.load(open(os.path.join(small, "index.json")))["shards"]
+    raw = [s["raw_data"]["bytes"] for s in shards]
+    # Streaming wants room for 4 shards, each counted raw plus compressed; below the data set's size
+    # so that shards are evicted.
+    limit = max(sum(raw) // 4, 4 * max(s["raw_data"]["bytes"] + s["zip_data"]["bytes"] for s in shards) + 1)
+    if limit >= sum(raw):
+        raise SystemExit(f"--store-shard-mb {args.store_shard_mb}: {len(shards)} shards are too few for a cache "
+                         f"below the data set's size; use smaller shards or more --samples")
+    s3 = stack.enter_context(LocalS3Server(os.path.join(work, "moto_server.log")))
+    os.environ.update(s3.env)
+    remote = s3.upload(small, "bench", "mds")
+    tag = f"{len(shards)} shards of {args.store_shard_mb} MB"
+    capped = f"mds (ours), {tag}, S3, cache_limit {limit / 2**20:.0f} MB of {sum(raw) / 2**20:.0f} MB"
+    block = limit * args.samples // sum(raw) // 2  # half the samples the cache holds
+    return {f"mds (ours), {tag}, local disk": lambda: ours(small, *shape),
+            f"mds (ours), {tag}, S3 on 127.0.0.1, cold cache": lambda: ours_remote(remote, *shape),
+            f"{capped}, default shuffle block": lambda: ours_remote(remote, *shape, cache_limit=str(limit)),
+            f"{capped}, shuffle_block_size {block}":
+                lambda: ours_remote(remote, *shape, cache_limit=str(limit), shuffle_block_size=block)}, s3
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", type=int, default=2048,
@@ -122,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per pipeline")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--object-store", action="store_true",
+                   help="add rows read through an S3 server (moto_server on 127.0.0.1)")
+    p.add_argument("--store-shard-mb", type=int, default=4, help="shard size of the --object-store rows")
     args = p.parse_args(argv)
     if args.samples % args.batch:
         p.error("--samples must be a multiple of --batch so both pipelines count the same samples")
@@ -147,11 +203,21 @@ def main(argv: list[str] | None = None) -> int:
     pipelines = {"mds (ours)": lambda: ours(mds, *shape),
                  "stock StreamingDataset, same decode": lambda: stock_streaming(mds, *shape),
                  "webdataset": lambda: webdataset_loader(tars, *shape)}
-    results: dict[str, list[tuple[int, float, float, float]]] = {k: [] for k in pipelines}
-    for _ in range(args.repeats):  # interleaved, so load from other processes hits all alike
-        for name, make in pipelines.items():
-            results[name].append(timed(make()))
-            clean_stale_shared_memory()
+    downloads: dict[str, list[int]] = {}
+    with contextlib.ExitStack() as stack:
+        s3 = None
+        if args.object_store:
+            remote_rows, s3 = object_store_pipelines(args, tars, work, shape, stack)
+            pipelines.update(remote_rows)
+        results: dict[str, list[tuple[int, float, float, float]]] = {k: [] for k in pipelines}
+        for _ in range(args.repeats):  # interleaved, so load from other processes hits all alike
+            for name, make in pipelines.items():
+                before = s3.gets() if s3 else None
+                results[name].append(timed(make()))
+                clean_stale_shared_memory()
+                if s3 and "S3" in name:
+                    downloads.setdefault(name, []).append(
+                        sum(n for key, n in (s3.gets() - before).items() if "/shard." in key))
     print(f"{args.samples} samples, JPEG {args.image_side}px -> {args.image_size}px, batch {args.batch}, "
           f"{args.workers} DataLoader workers, 1 torch thread per process, median of {args.repeats}")
     print("| pipeline | samples/s (wall) | samples per CPU-second, whole process (per core) "
@@ -162,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         cpu = statistics.median(n / c for n, _, c, _ in runs)
         main_cpu = statistics.median(n / m for n, _, _, m in runs)
         print(f"| {name} | {wall:.0f} | {cpu:.0f} | {main_cpu:.0f} |")
+    for name, counts in downloads.items():
+        print(f"shard downloads per epoch, {name}: {statistics.median(counts):.0f}")
     return 0
 
 

@@ -23,13 +23,16 @@ class StreamConfig:
     """Local cache directory for a remote stream; ``None`` reads a local ``remote`` in place."""
 
     proportion: float | None = None
-    """Relative weight of this stream in the mix (Streaming normalises); set on all streams or none."""
+    """Relative weight in the mix: the epoch (``data.epoch_size``, else the sum of all streams' sizes)
+    takes ``floor(epoch * p / sum(p))`` samples from this stream, the remainder spread by a seeded
+    draw. Set on every stream or on none; cannot be combined with ``repeat``/``choose``."""
 
     repeat: float | None = None
-    """Up- or down-sample this stream by this factor per epoch (alternative to ``proportion``)."""
+    """Absolute weight: ``int(repeat * stream size)`` samples per epoch (2.5 = every sample twice, half
+    of them a third time; 0.5 = a seeded half). Streams without a weight count once."""
 
     choose: int | None = None
-    """Take exactly this many samples from this stream per epoch (alternative to ``proportion``)."""
+    """Absolute weight: exactly this many samples from this stream per epoch."""
 
 
 @dataclass
@@ -108,3 +111,33 @@ class DataConfig:
             raise FieldError("text_weights", "at least one weight must be positive")
         if self.batch_size < 1:
             raise FieldError("batch_size", f"must be >= 1, got {self.batch_size}")
+        check_stream_weights(self.streams, self.epoch_size)
+
+
+def check_stream_weights(streams: list[StreamConfig], epoch_size: int | None) -> None:
+    """Reject the weightings Streaming cannot mix, naming the recipe key (Streaming's own errors
+    name neither the recipe nor the stream)."""
+    weights = ("proportion", "repeat", "choose")
+    for i, s in enumerate(streams):
+        given = [w for w in weights if getattr(s, w) is not None]
+        if len(given) > 1:
+            raise FieldError(f"streams[{i}]", f"set at most one of proportion, repeat, choose "
+                             f"(got {' and '.join(given)})")
+        for w in given:
+            if not getattr(s, w) >= 0:
+                raise FieldError(f"streams[{i}].{w}", f"must be >= 0, got {getattr(s, w)}")
+    relative = [s.proportion is not None for s in streams]
+    if any(relative) and not all(relative):
+        i = relative.index(False)
+        raise FieldError(f"streams[{i}]", f"has no proportion while data.streams[{relative.index(True)}] has "
+                         f"one; proportion (relative) must be set on every stream or on none")
+    if all(relative) and streams and not sum(s.proportion for s in streams) > 0:
+        raise FieldError("streams", "at least one proportion must be positive")
+    absolute = [i for i, s in enumerate(streams) if s.repeat is not None or s.choose is not None]
+    if absolute and epoch_size is not None:
+        kind = "repeat" if streams[absolute[0]].repeat is not None else "choose"
+        raise FieldError("epoch_size", f"{epoch_size} cannot be combined with data.streams[{absolute[0]}].{kind}: "
+                         f"repeat and choose fix the epoch size themselves; use proportion to mix into a given "
+                         f"epoch size")
+    if epoch_size is not None and epoch_size < 1:
+        raise FieldError("epoch_size", f"must be >= 1, got {epoch_size}")

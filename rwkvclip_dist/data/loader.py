@@ -9,14 +9,18 @@ the uninterrupted run would have seen next.
 
 from __future__ import annotations
 
+import logging
 import os
 import urllib.parse
+from typing import Any
 
 from streaming import Stream, StreamingDataLoader
 
 from rwkvclip_dist.data.config import DataConfig, StreamConfig
 from rwkvclip_dist.data.dataset import ThreeTextDataset
 from rwkvclip_dist.data.transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
 
 
 def _stream(sc: StreamConfig, download_timeout: float) -> Stream:
@@ -33,6 +37,32 @@ def _stream(sc: StreamConfig, download_timeout: float) -> Stream:
                   choose=sc.choose, download_timeout=download_timeout)
 
 
+def _remote_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError]  # not found, timeouts, refused connections
+    try:  # boto3 comes with Streaming's S3 support; without it s3:// streams fail in Streaming itself
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return tuple(errors)
+    return (*errors, BotoCoreError, ClientError)
+
+
+def _open_dataset(configs: list[StreamConfig], **kwargs: Any) -> ThreeTextDataset:
+    """``ThreeTextDataset(**kwargs)`` over the streams ``configs``; a remote index that cannot be read
+    becomes one clear line naming the streams (Streaming raises boto3's error with a long traceback)."""
+    try:
+        return ThreeTextDataset(**kwargs)
+    except _remote_errors() as err:
+        remotes = [s.remote for s in configs if urllib.parse.urlparse(s.remote).scheme]
+        if not remotes:
+            raise
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        hint = ("; for an S3-compatible server set S3_ENDPOINT_URL and the AWS credentials (docs/data.md)"
+                if any(r.startswith("s3://") for r in remotes) else "")
+        missing = isinstance(err, FileNotFoundError) or "not found" in first.lower()
+        message = f"data.streams: cannot open remote stream(s) {', '.join(remotes)}: {first}{hint}"
+        raise (FileNotFoundError if missing else ConnectionError)(message) from err
+
+
 def _check_columns(dataset: ThreeTextDataset, needed: tuple[str, ...]) -> None:
     for stream, shard in zip(dataset.stream_per_shard, dataset.shards):
         missing = [c for c in needed if c not in shard.column_names]
@@ -40,6 +70,22 @@ def _check_columns(dataset: ThreeTextDataset, needed: tuple[str, ...]) -> None:
             where = dataset.streams[stream].remote or dataset.streams[stream].local
             raise ValueError(f"data stream {where!r}: shard {shard.raw_data.basename} lacks column(s) "
                              f"{missing} (see docs/data.md)")
+
+
+def _warn_if_cache_thrashes(cfg: DataConfig, dataset: ThreeTextDataset) -> None:
+    """A shuffle block wider than the cache makes every shard be fetched again and again per epoch
+    (measured: 2,391 downloads of 14 shards in a 2,048-sample epoch; benchmarks/input_pipeline.md)."""
+    total = sum(shard.raw_data.bytes for shard in dataset.shards)
+    if not cfg.shuffle or not dataset.cache_limit or dataset.cache_limit >= total:
+        return
+    fits = dataset.cache_limit * dataset.num_samples // total
+    if cfg.shuffle_block_size is None or cfg.shuffle_block_size > fits // 2:
+        block = cfg.shuffle_block_size or "Streaming's default (>= 262144)"
+        if int(os.environ.get("RANK", "0")) == 0:
+            log.warning("data.cache_limit=%s holds about %d of the %d samples but data.shuffle_block_size is %s: "
+                        "shards will be evicted and fetched many times per epoch; set data.shuffle_block_size "
+                        "to at most %d (docs/data.md, Object stores)", cfg.cache_limit, fits,
+                        dataset.num_samples, block, max(fits // 2, 1))
 
 
 def build_train_dataloader(cfg: DataConfig, image_size: int, seed: int
@@ -50,14 +96,23 @@ def build_train_dataloader(cfg: DataConfig, image_size: int, seed: int
     """
     if not cfg.streams:
         raise ValueError("data.streams is empty: give at least one MDS stream")
-    dataset = ThreeTextDataset(
-        transform=train_transform(cfg.image_size or image_size, hflip=cfg.hflip),
-        text_weights=cfg.text_weights, sample_seed=seed,
-        streams=[_stream(s, cfg.download_timeout) for s in cfg.streams],
-        epoch_size=cfg.epoch_size, predownload=cfg.predownload, cache_limit=cfg.cache_limit,
-        batch_size=cfg.batch_size, shuffle=cfg.shuffle, shuffle_algo=cfg.shuffle_algo,
-        shuffle_seed=cfg.shuffle_seed, shuffle_block_size=cfg.shuffle_block_size,
-        num_canonical_nodes=cfg.num_canonical_nodes, download_timeout=cfg.download_timeout)
+    try:
+        dataset = _open_dataset(
+            cfg.streams, transform=train_transform(cfg.image_size or image_size, hflip=cfg.hflip),
+            text_weights=cfg.text_weights, sample_seed=seed,
+            streams=[_stream(s, cfg.download_timeout) for s in cfg.streams],
+            epoch_size=cfg.epoch_size, predownload=cfg.predownload, cache_limit=cfg.cache_limit,
+            batch_size=cfg.batch_size, shuffle=cfg.shuffle, shuffle_algo=cfg.shuffle_algo,
+            shuffle_seed=cfg.shuffle_seed, shuffle_block_size=cfg.shuffle_block_size,
+            num_canonical_nodes=cfg.num_canonical_nodes, download_timeout=cfg.download_timeout)
+    except ValueError as err:
+        # Streaming sizes the cache check against the shards; its message names no recipe key.
+        if cfg.cache_limit is not None and "cache limit" in str(err).lower():
+            raise ValueError(f"data.cache_limit={cfg.cache_limit!r}: {err}") from err
+        raise
+    if dataset.epoch_size == 0:
+        raise ValueError("data.streams: the stream weights (repeat/choose/proportion) select no sample per epoch")
+    _warn_if_cache_thrashes(cfg, dataset)
     _check_columns(dataset, ("jpg", "raw", "synthetic", "generated"))
     loader = StreamingDataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                  drop_last=True, persistent_workers=False)
@@ -73,9 +128,9 @@ def build_eval_dataloader(remote: str, image_size: int, batch_size: int, *, loca
     column), ``(image, tokens, text_id, label)``. A sample without the asked-for text uses ``raw``.
     Across ranks, Streaming splits the samples and pads the last ones by repetition to equal counts.
     """
-    dataset = ThreeTextDataset(
-        transform=eval_transform(image_size), fixed_text=text, with_label=False,
-        streams=[_stream(StreamConfig(remote=remote, local=local), 60.0)],
+    dataset = _open_dataset(
+        [StreamConfig(remote=remote, local=local)], transform=eval_transform(image_size), fixed_text=text,
+        with_label=False, streams=[_stream(StreamConfig(remote=remote, local=local), 60.0)],
         batch_size=batch_size, shuffle=False)
     has_label = all("label" in s.column_names for s in dataset.shards)
     if with_label and not has_label:

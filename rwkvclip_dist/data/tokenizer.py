@@ -35,3 +35,9 @@ def tokenize(texts: str | list[str], context_length: int = CONTEXT_LENGTH) -> to
     if context_length < 2:
         raise ValueError(f"context_length must be >= 2 (room for <start> and <end>), got {context_length}")
     return _tokenizer()(texts, context_length=context_length)
+
+
+def count_tokens(text: str) -> int:
+    """BPE tokens of ``text`` as the text tower sees them, without ``<start>``/``<end>``: the text fits
+    the context untruncated when this is at most ``CONTEXT_LENGTH - 2``."""
+    return len(_tokenizer().encode(text))

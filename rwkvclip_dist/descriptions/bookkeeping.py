@@ -1,6 +1,7 @@
 """What a generation run owns besides the model calls: which samples are pending, the output and
-failure files, the counters of the final summary and the progress bar. Shared by the server client
-(runner.py) and the offline vLLM path (offline.py) so both follow the same rules."""
+failure files, the counters of the final summary and the progress bar. Shared by every step (tasks.py:
+describe, caption, tags), the server client (runner.py) and the offline vLLM path (offline.py), so all
+follow the same rules."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rwkvclip_dist.descriptions.output import JsonlAppender, recover
-from rwkvclip_dist.descriptions.prompt import DEFAULT_PROMPT, PromptTemplate
-from rwkvclip_dist.descriptions.quality import QualityConfig, judge
-from rwkvclip_dist.descriptions.sources import Sample, ShardSpec, SourceFields, count_samples, iter_samples
+from rwkvclip_dist.descriptions.sources import (
+    Sample, ShardSpec, SourceFields, apply_joins, count_samples, iter_samples, load_joins,
+)  # fmt: skip
+from rwkvclip_dist.descriptions.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +28,12 @@ class RunConfig:
     input: Path
     """A .jsonl file or an MDS directory (holding index.json)."""
     out: Path
-    """Descriptions JSONL; failures go to the same name with suffix .failures.jsonl."""
+    """Output JSONL; failures go to the same name with suffix .failures.jsonl."""
     fields: SourceFields = SourceFields()
     shard: ShardSpec = ShardSpec()
-    prompt_path: Path = DEFAULT_PROMPT
-    quality: QualityConfig = QualityConfig()
+    joins: tuple[Path, ...] = ()
+    """JSONL files whose ``synthetic``/``tags`` replace the input's per key (later files win), e.g. the
+    caption and tag steps' outputs; only this shard's keys are held in memory."""
     quality_retries: int = 1
     """Fresh answers requested after a gate rejects one, before the sample is recorded as failed."""
     retry_temperature: float = 0.7
@@ -49,7 +52,7 @@ class RunConfig:
 @dataclass
 class RunStats:
     done: int = 0
-    """Descriptions written by this run."""
+    """Rows (descriptions, captions or tag lists) written by this run."""
     retried: int = 0
     """Samples that needed more than one request (transport trouble or a rejected answer)."""
     failed: Counter = field(default_factory=Counter)
@@ -68,11 +71,11 @@ class RunStats:
 
 
 class Recorder:
-    """Writes accepted descriptions and failures exactly once per key and keeps the counters."""
+    """Writes accepted answers and failures exactly once per key and keeps the counters."""
 
-    def __init__(self, cfg: RunConfig, prompt: PromptTemplate, model: str) -> None:
+    def __init__(self, cfg: RunConfig, task: Task, model: str) -> None:
         self.cfg = cfg
-        self.prompt = prompt
+        self.task = task
         self.model = model
         self.stats = RunStats()
         # Lock before recover(): the repair of a torn tail must not race another writer.
@@ -83,6 +86,7 @@ class Recorder:
             self._out.close()
             raise
         self._claimed: set[str] = set()
+        self._joined = load_joins(cfg.joins, cfg.shard)
         self._failures = JsonlAppender(cfg.failures_path, cfg.fsync_interval_s)
         self._bar = tqdm(
             total=count_samples(cfg.input), unit="sample", disable=not cfg.progress, dynamic_ncols=True, smoothing=0.05
@@ -92,7 +96,7 @@ class Recorder:
 
     def pending(self) -> Iterator[Sample]:
         """Samples of this shard not yet written, each key once; the bar counts every input sample."""
-        for sample in iter_samples(self.cfg.input, self.cfg.fields):
+        for sample in iter_samples(self.cfg.input, self.cfg.fields, with_image=self.task.needs_image):
             if not self.cfg.shard.owns(sample.key):
                 self.stats.other_shard += 1
             elif sample.key in self._done:
@@ -100,13 +104,14 @@ class Recorder:
             elif sample.key in self._claimed:
                 self.stats.duplicate_keys += 1
                 log.warning("%s: key %r appears again; keeping its first sample", self.cfg.input, sample.key)
-            elif not sample.has_text:
-                self._claimed.add(sample.key)
-                self.fail(sample, "no_source_text", "raw text, caption and tags are all empty", retried=False)
-                continue
             else:
                 self._claimed.add(sample.key)
-                yield sample
+                sample = apply_joins(sample, self._joined)
+                missing = self.task.missing_input(sample)
+                if missing is None:
+                    yield sample
+                else:
+                    self.fail(sample, *missing, retried=False)
                 continue
             self._tick()
 
@@ -115,9 +120,9 @@ class Recorder:
 
         Returns whether the sample is finished (False: the caller should ask once more).
         """
-        verdict = judge(answer, sample, self.cfg.quality, finish_reason)
+        verdict = self.task.judge(answer, sample, finish_reason)
         if verdict.ok:
-            self.accept(sample, verdict.text, retried)
+            self.accept(sample, verdict.result, retried)
             return True
         if last_try:
             self.fail(sample, verdict.reason or "rejected", verdict.detail, retried)
@@ -125,11 +130,11 @@ class Recorder:
         log.debug("key %r: answer rejected (%s: %s); asking again", sample.key, verdict.reason, verdict.detail)
         return False
 
-    def accept(self, sample: Sample, text: str, retried: bool) -> None:
+    def accept(self, sample: Sample, value: object, retried: bool) -> None:
         if sample.key in self._done:
             raise RuntimeError(f"key {sample.key!r} would be written twice to {self.cfg.out}")
         self._out.write(
-            {"key": sample.key, "generated": text, "model": self.model, "prompt_version": self.prompt.version}
+            {"key": sample.key, self.task.field: value, "model": self.model, "prompt_version": self.task.version}
         )
         self._done.add(sample.key)
         self.stats.done += 1
@@ -139,7 +144,7 @@ class Recorder:
     def fail(self, sample: Sample, reason: str, detail: str, retried: bool) -> None:
         self._failures.write(
             {"key": sample.key, "reason": reason, "detail": detail, "model": self.model,
-             "prompt_version": self.prompt.version}
+             "prompt_version": self.task.version}
         )  # fmt: skip
         self.stats.failed[reason] += 1
         self.stats.retried += int(retried)
@@ -153,7 +158,8 @@ class Recorder:
             self._last_postfix = now
             rate = self.stats.done / max(now - self._started, 1e-9)
             self._bar.set_postfix(
-                {"desc/s": f"{rate:.1f}", "done": self.stats.done, "failed": sum(self.stats.failed.values())},
+                {self.task.rate_label: f"{rate:.1f}", "done": self.stats.done,
+                 "failed": sum(self.stats.failed.values())},
                 refresh=False,
             )
 

@@ -142,10 +142,11 @@ class ChatClient:
                 f"--model must be one of: {', '.join(served) or '(none listed)'}"
             )
 
-    async def complete(self, prompt: str, *, temperature: float | None = None) -> ChatResult:
+    async def complete(self, messages: list[dict[str, Any]], *, temperature: float | None = None) -> ChatResult:
+        """One chat completion of ``messages`` (text, or text and image parts as tasks.py builds them)."""
         payload: dict[str, Any] = {
             "model": self.cfg.model,
-            "messages": [{"role": "user", "content": prompt}],
+            "messages": messages,
             "temperature": self.cfg.temperature if temperature is None else temperature,
             "max_tokens": self.cfg.max_tokens,
         }

@@ -12,8 +12,8 @@ import logging
 from dataclasses import dataclass
 
 from rwkvclip_dist.descriptions.bookkeeping import Recorder, RunConfig, RunStats
-from rwkvclip_dist.descriptions.prompt import load_prompt
 from rwkvclip_dist.descriptions.sources import check_input
+from rwkvclip_dist.descriptions.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -40,22 +40,23 @@ def _import_vllm():  # returns the vllm module, which has no type stubs where it
     return vllm
 
 
-def run_offline(cfg: RunConfig, offline: OfflineConfig) -> RunStats:
+def run_offline(cfg: RunConfig, offline: OfflineConfig, task: Task) -> RunStats:
+    """Run ``task`` with vllm.LLM; image steps need a vision-language model (LLM.chat takes the
+    same image_url parts as the server)."""
     vllm = _import_vllm()
-    prompt = load_prompt(cfg.prompt_path)
     check_input(cfg.input)  # before loading the model, which takes minutes
     llm = vllm.LLM(model=offline.model, tensor_parallel_size=offline.tensor_parallel_size)
     first = vllm.SamplingParams(temperature=offline.temperature, max_tokens=offline.max_tokens)
     again = vllm.SamplingParams(
         temperature=max(offline.temperature, cfg.retry_temperature), max_tokens=offline.max_tokens
     )
-    recorder = Recorder(cfg, prompt, model=offline.model)
+    recorder = Recorder(cfg, task, model=offline.model)
     try:
         pending = recorder.pending()
         while batch := list(itertools.islice(pending, offline.batch_size)):
             for attempt in range(cfg.quality_retries + 1):
                 params = first if attempt == 0 else again
-                conversations = [[{"role": "user", "content": prompt.render(s)}] for s in batch]
+                conversations = [task.messages(s) for s in batch]
                 outputs = llm.chat(conversations, params, use_tqdm=False)
                 last_try = attempt == cfg.quality_retries
                 batch = [

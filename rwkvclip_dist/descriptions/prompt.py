@@ -14,7 +14,7 @@ from pathlib import Path
 from rwkvclip_dist.descriptions.sources import Sample
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
-DEFAULT_PROMPT = PROMPTS_DIR / "v1.txt"
+DEFAULT_PROMPT = PROMPTS_DIR / "v2.txt"
 _SEPARATOR = "%%"
 _FIELDS = frozenset({"raw", "caption", "tags"})
 # Shown in place of a missing source so the model knows it was absent rather than empty by mistake.

@@ -1,9 +1,10 @@
 """Quality gates on generated descriptions.
 
 An answer is rejected, with a reason tag counted in the run summary, when it is empty, a refusal,
-over-long (or cut off by the token cap), carries web noise (URL, file name, price), or contradicts
-its grounding. The grounding rule (docs/descriptions.md, "Grounding gate") only judges words from a
-closed vocabulary of concrete objects (vocabulary.json), so it errs towards accepting:
+over-long (more CLIP BPE tokens than the text tower's 77-token context holds, or cut off by the
+completion cap), carries web noise (URL, file name, price), or contradicts its grounding. The
+grounding rule (docs/descriptions.md, "Grounding gate") only judges words from a closed vocabulary
+of concrete objects (vocabulary.json), so it errs towards accepting:
 
 * object: a vocabulary concept the description mentions (not negated) must appear in a tag or in
   the caption, whenever the sample has tags or a caption at all;
@@ -20,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from rwkvclip_dist.descriptions.sources import Sample
 
@@ -58,10 +60,14 @@ _QUOTES = ('"', "'", "\u201c", "\u201d", "\u2018", "\u2019")
 _TOKEN = re.compile(r"[a-z]+|\d+|[.,;:!?()\"]")
 
 
+# The text tower reads 77 tokens, <start> and <end> included (data/tokenizer.py).
+MAX_TEXT_TOKENS = 75
+
+
 @dataclass(frozen=True)
 class QualityConfig:
-    max_words: int = 120
-    """Longer answers are rejected as 'too_long'."""
+    max_text_tokens: int = MAX_TEXT_TOKENS
+    """Answers with more CLIP BPE tokens are rejected as 'too_long' (the tower would truncate them)."""
     check_grounding: bool = True
     """Apply the object/count/colour grounding gate."""
 
@@ -69,13 +75,40 @@ class QualityConfig:
 @dataclass(frozen=True)
 class Verdict:
     text: str
-    """The cleaned answer, written when ``reason`` is None."""
+    """The cleaned answer."""
     reason: str | None = None
     detail: str = ""
+    value: Any = None
+    """What is written when ``reason`` is None, if not ``text`` (the tag list of the tag step)."""
 
     @property
     def ok(self) -> bool:
         return self.reason is None
+
+    @property
+    def result(self) -> Any:
+        return self.text if self.value is None else self.value
+
+
+def surface_problem(text: str, finish_reason: str | None, max_text_tokens: int | None) -> tuple[str, str] | None:
+    """(reason, detail) for a cleaned answer that is empty, a refusal, cut off, over the token budget
+    (``None``: no budget) or carries web noise; the checks every free-text step shares."""
+    if not any(ch.isalpha() for ch in text):
+        return "empty", "no words in the answer"
+    if _REFUSAL.search(text):
+        return "refusal", text[:80]
+    if finish_reason == "length":
+        return "too_long", "cut off by the max_tokens cap"
+    if max_text_tokens is not None:
+        from rwkvclip_dist.data.tokenizer import count_tokens  # open_clip's BPE: loaded on first use
+
+        tokens = count_tokens(text)
+        if tokens > max_text_tokens:
+            return "too_long", f"{tokens} CLIP tokens > {max_text_tokens} (the text tower reads {max_text_tokens + 2})"
+    noise = _WEB_NOISE.search(text)
+    if noise:
+        return "web_noise", f"contains {noise.group(0)!r}"
+    return None
 
 
 def clean(answer: str) -> str:
@@ -93,18 +126,9 @@ def judge(
     answer: str, sample: Sample, cfg: QualityConfig = QualityConfig(), finish_reason: str | None = None
 ) -> Verdict:
     text = clean(answer)
-    if not any(ch.isalpha() for ch in text):
-        return Verdict(text, "empty", "no words in the answer")
-    if _REFUSAL.search(text):
-        return Verdict(text, "refusal", text[:80])
-    words = len(text.split())
-    if finish_reason == "length":
-        return Verdict(text, "too_long", "cut off by the max_tokens cap")
-    if words > cfg.max_words:
-        return Verdict(text, "too_long", f"{words} words > {cfg.max_words}")
-    noise = _WEB_NOISE.search(text)
-    if noise:
-        return Verdict(text, "web_noise", f"contains {noise.group(0)!r}")
+    problem = surface_problem(text, finish_reason, cfg.max_text_tokens)
+    if problem is not None:
+        return Verdict(text, *problem)
     if cfg.check_grounding:
         problem = grounding_problem(text, sample)
         if problem is not None:

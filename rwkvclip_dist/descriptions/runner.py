@@ -1,4 +1,5 @@
-"""Generate descriptions through an OpenAI-compatible server with bounded concurrency."""
+"""Run an annotation step (describe, caption, tags) through an OpenAI-compatible server with bounded
+concurrency."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import logging
 
 from rwkvclip_dist.descriptions.bookkeeping import Recorder, RunConfig, RunStats
 from rwkvclip_dist.descriptions.client import ChatClient, ClientConfig, RequestFailed, ServerError
-from rwkvclip_dist.descriptions.prompt import load_prompt
 from rwkvclip_dist.descriptions.sources import Sample, check_input
+from rwkvclip_dist.descriptions.tasks import DescribeTask, Task
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,12 @@ class _Run:
         self._outage_limit = 2 * client.cfg.concurrency + 8
 
     async def one(self, sample: Sample) -> None:
-        prompt = self.recorder.prompt.render(sample)
+        messages = self.recorder.task.messages(sample)
         retried = False
         for attempt in range(self.cfg.quality_retries + 1):
             temperature = None if attempt == 0 else max(self.client.cfg.temperature, self.cfg.retry_temperature)
             try:
-                result = await self.client.complete(prompt, temperature=temperature)
+                result = await self.client.complete(messages, temperature=temperature)
             except RequestFailed as err:
                 self.recorder.fail(sample, err.reason, err.detail, retried or err.attempts > 1)
                 self._note_outage(err.reason)
@@ -85,12 +86,11 @@ class _Run:
             raise self.fatal
 
 
-async def generate_online(cfg: RunConfig, client_cfg: ClientConfig) -> RunStats:
-    prompt = load_prompt(cfg.prompt_path)
+async def generate_online(cfg: RunConfig, client_cfg: ClientConfig, task: Task) -> RunStats:
     check_input(cfg.input)  # a typo in --input should not wait for, or blame, the server
     async with ChatClient(client_cfg) as client:
         await client.probe()
-        recorder = Recorder(cfg, prompt, model=client_cfg.model)
+        recorder = Recorder(cfg, task, model=client_cfg.model)
         try:
             await _Run(cfg, client, recorder).drive()
         finally:
@@ -98,5 +98,6 @@ async def generate_online(cfg: RunConfig, client_cfg: ClientConfig) -> RunStats:
     return recorder.stats
 
 
-def run_online(cfg: RunConfig, client_cfg: ClientConfig) -> RunStats:
-    return asyncio.run(generate_online(cfg, client_cfg))
+def run_online(cfg: RunConfig, client_cfg: ClientConfig, task: Task | None = None) -> RunStats:
+    """Run ``task`` (default: descriptions with the shipped prompt) over ``cfg.input``."""
+    return asyncio.run(generate_online(cfg, client_cfg, task or DescribeTask.load()))

@@ -1,7 +1,8 @@
-"""Input samples for description generation: JSONL files or local MDS shard directories.
+"""Input samples for the annotation jobs: JSONL files or local MDS shard directories.
 
-Each sample needs a key plus any of raw web text, synthetic caption and tags. Only those columns are
-decoded from MDS shards, so the (much larger) image bytes are never turned into pictures here.
+Each sample needs a key plus any of raw web text, synthetic caption and tags (the description step)
+or an image (the caption and tag steps). Only the columns a job needs are read from MDS shards: the
+description step never touches the (much larger) image bytes, and images are never decoded here.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ class Sample:
     raw: str = ""
     synthetic: str = ""
     tags: tuple[str, ...] = ()
+    image: bytes = field(default=b"", repr=False, compare=False)
+    """Encoded image bytes (JPEG, PNG, ...); read only for the caption and tag steps."""
 
     @property
     def has_text(self) -> bool:
@@ -37,6 +40,10 @@ class SourceFields:
     raw: str = "raw"
     synthetic: str = "synthetic"
     tags: str = "tags"
+    image: str = "jpg"
+    """MDS column holding the encoded image bytes."""
+    image_path: str = "image_path"
+    """JSONL field holding the image file's path (relative paths are from the JSONL file's folder)."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,7 @@ def _text(value: Any, where: str) -> str:
     return value
 
 
-def _sample(record: dict[str, Any], fields: SourceFields, where: str) -> Sample:
+def _sample(record: dict[str, Any], fields: SourceFields, where: str, image: bytes = b"") -> Sample:
     if record.get(fields.key) in (None, ""):
         raise ValueError(f"{where}: missing field {fields.key!r} (the sample key)")
     return Sample(
@@ -96,10 +103,25 @@ def _sample(record: dict[str, Any], fields: SourceFields, where: str) -> Sample:
         raw=_text(record.get(fields.raw), f"{where} field {fields.raw!r}"),
         synthetic=_text(record.get(fields.synthetic), f"{where} field {fields.synthetic!r}"),
         tags=parse_tags(record.get(fields.tags), f"{where} field {fields.tags!r}"),
+        image=image,
     )
 
 
-def iter_jsonl(path: Path, fields: SourceFields) -> Iterator[Sample]:
+def _image_file(record: dict[str, Any], fields: SourceFields, base: Path, where: str) -> bytes:
+    """Bytes of the JSONL row's image file; b"" when the row names none or the file is missing
+    (the job records that sample as failed 'no_image' and goes on)."""
+    value = record.get(fields.image_path)
+    if value in (None, ""):
+        return b""
+    if not isinstance(value, str):
+        raise ValueError(f"{where} field {fields.image_path!r}: expected a file path, got {type(value).__name__}")
+    try:
+        return (base / value).read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def iter_jsonl(path: Path, fields: SourceFields, with_image: bool = False) -> Iterator[Sample]:
     with path.open("r", encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
@@ -111,7 +133,8 @@ def iter_jsonl(path: Path, fields: SourceFields) -> Iterator[Sample]:
                 raise ValueError(f"{where}: not valid JSON ({err.msg})") from err
             if not isinstance(record, dict):
                 raise ValueError(f"{where}: expected a JSON object per line")
-            yield _sample(record, fields, where)
+            image = _image_file(record, fields, path.parent, where) if with_image else b""
+            yield _sample(record, fields, where, image)
 
 
 def _mds_index(root: Path) -> dict[str, Any]:
@@ -123,7 +146,7 @@ def _mds_index(root: Path) -> dict[str, Any]:
     return index
 
 
-def iter_mds(root: Path, fields: SourceFields) -> Iterator[Sample]:
+def iter_mds(root: Path, fields: SourceFields, with_image: bool = False) -> Iterator[Sample]:
     # Imported here: streaming pulls in torch (seconds of start-up) and only MDS input needs it.
     from streaming.base.compression import decompress
     from streaming.base.format import reader_from_json
@@ -146,10 +169,15 @@ def iter_mds(root: Path, fields: SourceFields) -> Iterator[Sample]:
             columns = dict(zip(reader.column_names, reader.column_encodings, strict=True))
             if fields.key not in columns:
                 raise ValueError(f"{root}/{raw_name}: no column {fields.key!r} (the sample key); has {sorted(columns)}")
+            if with_image and fields.image not in columns:
+                raise ValueError(f"{root}/{raw_name}: no image column {fields.image!r}; has {sorted(columns)}")
             wanted = {fields.key, fields.raw, fields.synthetic, fields.tags} & set(columns)
+            if with_image:
+                wanted.add(fields.image)
             for idx in range(reader.samples):
                 record = _decode_columns(reader, reader.get_sample_data(idx), wanted)
-                yield _sample(record, fields, f"{root}/{raw_name} sample {idx}")
+                image = (record.get(fields.image) or b"") if with_image else b""
+                yield _sample(record, fields, f"{root}/{raw_name} sample {idx}", image)
             if reader.dirname == scratch:
                 os.remove(Path(scratch) / raw_name)
 
@@ -188,10 +216,13 @@ def check_input(path: str | Path) -> str:
     return "jsonl"
 
 
-def iter_samples(path: str | Path, fields: SourceFields = SourceFields()) -> Iterator[Sample]:
-    """Samples from a ``.jsonl`` file or an MDS directory (one holding ``index.json``)."""
+def iter_samples(
+    path: str | Path, fields: SourceFields = SourceFields(), with_image: bool = False
+) -> Iterator[Sample]:
+    """Samples from a ``.jsonl`` file or an MDS directory (one holding ``index.json``); with
+    ``with_image`` each carries its encoded image bytes (MDS column or JSONL file path)."""
     reader = iter_mds if check_input(path) == "mds" else iter_jsonl
-    return reader(Path(path), fields)
+    return reader(Path(path), fields, with_image)
 
 
 def count_samples(path: str | Path) -> int:
@@ -204,3 +235,38 @@ def count_samples(path: str | Path) -> int:
         while chunk := handle.read(1 << 20):
             lines += chunk.count(b"\n")
     return lines
+
+
+def load_joins(paths: tuple[Path, ...], shard: ShardSpec) -> dict[str, dict[str, Any]]:
+    """key -> {synthetic?, tags?} from JSONL rows (the caption/tag steps' output, or any file in the
+    make_shards --captions contract), for this shard's keys only; later files win per field."""
+    joined: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--captions {path} does not exist")
+        with Path(path).open("r", encoding="utf-8") as handle:
+            for line_no, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{line_no}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{where}: not valid JSON ({err.msg})") from err
+                if not isinstance(record, dict) or record.get("key") in (None, ""):
+                    raise ValueError(f"{where}: expected a JSON object with a 'key'")
+                key = str(record["key"])
+                if not shard.owns(key):
+                    continue
+                parts = {}
+                if "synthetic" in record:
+                    parts["synthetic"] = _text(record["synthetic"], f"{where} field 'synthetic'")
+                if "tags" in record:
+                    parts["tags"] = parse_tags(record["tags"], f"{where} field 'tags'")
+                joined.setdefault(key, {}).update(parts)
+    return joined
+
+
+def apply_joins(sample: Sample, joined: dict[str, dict[str, Any]]) -> Sample:
+    parts = joined.get(sample.key)
+    return replace(sample, **parts) if parts else sample
