@@ -89,9 +89,9 @@ def test_choose_takes_exact_counts(streams):
                                                r"choose \(got proportion and choose\)"),
     ([{"proportion": 1}, {"repeat": 2.0}], {}, r"data\.streams\[1\]: has no proportion while "
                                                r"data\.streams\[0\] has one"),
-    ([{"repeat": -1.0}, {}], {}, r"data\.streams\[0\]\.repeat must be >= 0"),
+    ([{"repeat": -1.0}, {}], {}, r"data\.streams\[0\]\.repeat: must be >= 0"),
     ([{"proportion": 0}, {"proportion": 0}], {}, r"at least one proportion must be positive"),
-    ([{"choose": 8}, {}], {"epoch_size": 64}, r"data\.epoch_size=64 cannot be combined with "
+    ([{"choose": 8}, {}], {"epoch_size": 64}, r"data\.epoch_size: 64 cannot be combined with "
                                               r"data\.streams\[0\]\.choose"),
     ([{"choose": 2.5}, {}], {}, r"data\.streams\[0\]\.choose: expected int"),
 ])  # fmt: skip

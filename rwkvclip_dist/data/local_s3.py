@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,6 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from rwkvclip_dist.parallel.launch_env import free_port
 
 _GET = re.compile(r'"GET /([^ ?]+)[^ ]* HTTP/1\.[01]" 200 ')
 # moto accepts any credentials; boto3 refuses to sign without some.
@@ -42,7 +42,9 @@ class LocalS3Server:
 
     def start(self, attempts: int = 3) -> LocalS3Server:
         for _ in range(attempts):  # the free port can be taken between the probe and the bind
-            port = free_port()
+            with socket.socket() as probe:  # a port the OS just handed out is very likely free
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
             with self.log_path.open("ab") as log:
                 self._proc = subprocess.Popen(
                     [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
