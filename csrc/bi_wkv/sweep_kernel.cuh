@@ -30,16 +30,24 @@
 
 namespace rwkvclip {
 
-// The input dtype is a run-time argument (uniform over the grid, so the branch costs next to
-// nothing): one compiled kernel per (head size, kind) instead of three, which keeps builds short.
-__device__ __forceinline__ float load_float(const void* base, int64_t i, InputType type) {
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+// The input dtype is a run-time argument (uniform over the grid): one compiled kernel per (head
+// size, kind) instead of three, which keeps builds short. Only the chunk loads depend on it; this
+// calls f(T{}) with the element type, so each load sequence is compiled for its own type.
+template <class F>
+__device__ __forceinline__ void with_element_type(InputType type, F&& f) {
   switch (type) {
     case InputType::kBFloat16:
-      return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
+      f(__nv_bfloat16{});
+      break;
     case InputType::kHalf:
-      return __half2float(static_cast<const __half*>(base)[i]);
+      f(__half{});
+      break;
     default:
-      return static_cast<const float*>(base)[i];
+      f(float{});
   }
 }
 
@@ -78,8 +86,79 @@ struct Position {
   int64_t head_base;  // element (b, t=0, h, 0)
   int64_t t_stride;   // H * N
   // position i in sweep order -> time index; positions at or past T are padding
-  __device__ int time_of(int i) const { return chunk * kChunk + (dir == 0 ? i : kChunk - 1 - i); }
-  __device__ int64_t offset(int i, int j) const { return head_base + int64_t(time_of(i)) * t_stride + j; }
+  __device__ int time_at(int c, int i) const { return c * kChunk + (dir == 0 ? i : kChunk - 1 - i); }
+  __device__ int64_t offset_at(int c, int i, int j) const { return head_base + int64_t(time_at(c, i)) * t_stride + j; }
+  __device__ int time_of(int i) const { return time_at(chunk, i); }
+  __device__ int64_t offset(int i, int j) const { return offset_at(chunk, i, j); }
+};
+
+// The chunk's inputs travel global memory -> registers -> shared memory. Each thread loads whole
+// 16-byte vectors (a row of a chunk is N contiguous elements, N a multiple of 16, and the host
+// hands in 16-byte aligned tensors), all of a chunk's loads are issued before the first shared
+// store, and the next chunk's loads are issued before the current chunk's math, so that they are
+// in flight while it runs. The sources are a, b, [p], [q] and last the raw decay w.
+template <int N, int kTensors>
+struct ChunkPrefetch {
+  // fp32 needs the most vectors (4 elements each); 2-byte types leave the later slots unused
+  static constexpr int kSlots = (kChunk * N / 4 + kThreads - 1) / kThreads;
+  uint4 raw[kTensors][kSlots];
+
+  template <class T>
+  static constexpr int kPerVector = 16 / int(sizeof(T));
+  template <class T>
+  static constexpr int kVectors = kChunk * N / kPerVector<T>;
+
+  template <class T>
+  __device__ __forceinline__ void load(const void* const (&src)[kTensors], const Position& pos, int chunk, int tid) {
+    constexpr int kPer = kPerVector<T>;
+#pragma unroll
+    for (int slot = 0; slot < kSlots; ++slot) {
+      const int vec = tid + slot * kThreads;
+      const int i = vec / (N / kPer), j = (vec % (N / kPer)) * kPer;
+      if (vec < kVectors<T> && pos.time_at(chunk, i) < pos.T) {
+        const int64_t g = pos.offset_at(chunk, i, j);
+#pragma unroll
+        for (int t = 0; t < kTensors; ++t)
+          raw[t][slot] = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(src[t]) + g));
+      }
+    }
+  }
+
+  // Into the [kChunk][LD] fp32 tiles dst (a, b, [p], [q]) and, from the raw decay, the clamped log
+  // decay lw and the decay w. Padding (t >= T) gets 0 and lw = 0 (decay 1), so it changes nothing.
+  template <class T, int LD>
+  __device__ __forceinline__ void store(float* const (&dst)[kTensors - 1], float* lw, float* w, const Position& pos,
+                                        int tid) const {
+    constexpr int kPer = kPerVector<T>;
+#pragma unroll
+    for (int slot = 0; slot < kSlots; ++slot) {
+      const int vec = tid + slot * kThreads;
+      if (vec >= kVectors<T>) continue;
+      const int i = vec / (N / kPer), j = (vec % (N / kPer)) * kPer;
+      const bool ok = pos.time_of(i) < pos.T;
+      const int o = i * LD + j;
+#pragma unroll
+      for (int t = 0; t < kTensors; ++t) {
+        const T* e = reinterpret_cast<const T*>(&raw[t][slot]);
+        float x[kPer];
+#pragma unroll
+        for (int q = 0; q < kPer; ++q) x[q] = ok ? to_float(e[q]) : 0.f;
+        if (t < kTensors - 1) {
+#pragma unroll
+          for (int q = 0; q < kPer; q += 4)
+            *reinterpret_cast<float4*>(dst[t < kTensors - 1 ? t : 0] + o + q) = make_float4(x[q], x[q + 1], x[q + 2], x[q + 3]);
+        } else {
+#pragma unroll
+          for (int q = 0; q < kPer; ++q) {
+            float l = ok ? -expf(x[q]) : 0.f;
+            l = l < kLogDecayMin ? kLogDecayMin : l;  // not fmaxf: a NaN decay must stay NaN
+            lw[o + q] = l;
+            w[o + q] = expf(l);
+          }
+        }
+      }
+    }
+  }
 };
 
 // kKey only, thread j < N: d(w_raw) of this sweep's term at every position of the chunk, and the
@@ -138,8 +217,8 @@ __device__ void key_products(const SweepParams& prm, const Tiles<N>& s, const Po
     const int j0 = tile * 16;
     AccTile acc;
     wmma::fill_fragment(acc, 0.f);
-    mma_accumulate<N, wmma::row_major, wmma::col_major>(acc, s.b, LD, K + j0 * N, N, split);
-    wmma::store_matrix_sync(s.pl + j0, acc, LD, wmma::mem_row_major);
+    mma_accumulate<N, wmma::row_major, wmma::col_major, Space::kGlobal>(acc, s.b, LD, K + j0 * N, N, split);
+    store_shared(s.pl + j0, acc, LD);
   }
   if (tid < N) {
     float sum = 0.f;
@@ -151,7 +230,7 @@ __device__ void key_products(const SweepParams& prm, const Tiles<N>& s, const Po
 // Two fp32 additions onto a zeroed buffer commute exactly, so the two directions' atomicAdds
 // give a deterministic result.
 template <int N, Sweep KIND>
-__global__ void __launch_bounds__(kThreads) sweep_kernel(SweepParams prm) {
+__global__ void __launch_bounds__(kThreads, 2) sweep_kernel(SweepParams prm) {
   constexpr int L = kChunk;
   constexpr int LD = Tiles<N>::LD;
   constexpr int kWarps = kThreads / 32;
@@ -184,28 +263,34 @@ __global__ void __launch_bounds__(kThreads) sweep_kernel(SweepParams prm) {
   pos.t_stride = int64_t(prm.H) * N;
   const float* u = prm.u + h * N;
 
+  constexpr int kSources = 3 + int(kCol) + int(kRow);  // a, b, [p], [q], w
+  const void* sources[kSources];
+  float* tiles[kSources - 1];
+  {
+    int t = 0;
+    sources[t] = prm.a, tiles[t++] = s.a;
+    sources[t] = prm.b, tiles[t++] = s.b;
+    if constexpr (kCol) sources[t] = prm.p, tiles[t++] = s.p;
+    if constexpr (kRow) sources[t] = prm.q, tiles[t++] = s.q;
+    sources[t] = prm.w;
+  }
+  ChunkPrefetch<N, kSources> prefetch;
+  const auto first_chunk = [&](int step) { return pos.dir == 0 ? step : pos.chunks - 1 - step; };
+  with_element_type(prm.type, [&](auto tag) { prefetch.template load<decltype(tag)>(sources, pos, first_chunk(0), tid); });
   for (int idx = tid; idx < N * LD; idx += kThreads) s.M[idx] = 0.f;
   __syncthreads();
   float du_acc = 0.f;  // kKey, direction 0: thread j < N owns channel j
 
   for (int step = 0; step < pos.chunks; ++step) {
-    pos.chunk = pos.dir == 0 ? step : pos.chunks - 1 - step;
+    pos.chunk = first_chunk(step);
 
-    // -- load the chunk; padding (t >= T) gets a, b, p, q = 0 and w = 1, so it changes nothing
-    for (int idx = tid; idx < L * N; idx += kThreads) {
-      const int i = idx / N, j = idx % N;
-      const bool ok = pos.time_of(i) < pos.T;
-      const int64_t g = pos.offset(i, j);
-      const int o = i * LD + j;
-      s.a[o] = ok ? load_float(prm.a, g, prm.type) : 0.f;
-      s.b[o] = ok ? load_float(prm.b, g, prm.type) : 0.f;
-      if constexpr (kCol) s.p[o] = ok ? load_float(prm.p, g, prm.type) : 0.f;
-      if constexpr (kRow) s.q[o] = ok ? load_float(prm.q, g, prm.type) : 0.f;
-      float lw = ok ? -expf(load_float(prm.w, g, prm.type)) : 0.f;
-      lw = lw < kLogDecayMin ? kLogDecayMin : lw;  // not fmaxf: a NaN decay must stay NaN
-      s.lw[o] = lw;
-      s.w[o] = expf(lw);
-    }
+    // -- the chunk's inputs (loaded during the previous chunk) into the tiles, then the next
+    //    chunk's loads, which stay in flight during this chunk's math
+    with_element_type(prm.type, [&](auto tag) {
+      using T = decltype(tag);
+      prefetch.template store<T, LD>(tiles, s.lw, s.w, pos, tid);
+      if (step + 1 < pos.chunks) prefetch.template load<T>(sources, pos, first_chunk(step + 1), tid);
+    });
     if constexpr (kCol) {  // the score tile is filled piecewise below; what no piece covers is 0
       for (int idx = tid; idx < L * L; idx += kThreads) s.att[idx] = 0.f;
     }
@@ -231,7 +316,7 @@ __global__ void __launch_bounds__(kThreads) sweep_kernel(SweepParams prm) {
       AccTile acc;
       wmma::fill_fragment(acc, 0.f);
       mma_accumulate<N, wmma::row_major, wmma::col_major>(acc, s.q, LD, s.b, LD, split);
-      wmma::store_matrix_sync(s.dots, acc, L, wmma::mem_row_major);
+      store_shared(s.dots, acc, L);
     }
     for (int idx = tid; idx < L * N; idx += kThreads) {
       const int i = idx / N, j = idx % N;
@@ -274,9 +359,9 @@ __global__ void __launch_bounds__(kThreads) sweep_kernel(SweepParams prm) {
     //    wherever the in-half scores are
     if (kCol && warp == 0) {
       AccTile acc;
-      wmma::load_matrix_sync(acc, s.att, L, wmma::mem_row_major);
+      load_shared(acc, s.att, L);
       mma_accumulate<N, wmma::row_major, wmma::col_major>(acc, s.col, LD, s.inter, LD, split);
-      wmma::store_matrix_sync(s.att, acc, L, wmma::mem_row_major);
+      store_shared(s.att, acc, L);
     }
     __syncthreads();
 
@@ -292,11 +377,11 @@ __global__ void __launch_bounds__(kThreads) sweep_kernel(SweepParams prm) {
           const int c0 = tile * 16;
           mma_accumulate<N, wmma::row_major, wmma::row_major>(acc, s.pl, LD, s.M + c0, LD, split);
           mma_accumulate<L, wmma::row_major, wmma::row_major>(acc, s.att, L, s.b + c0, LD, split);
-          wmma::store_matrix_sync(s.col + c0, acc, LD, wmma::mem_row_major);
+          store_shared(s.col + c0, acc, LD);
         } else {
           const int j0 = (tile - kColTiles) * 16;  // B[c][j] = M[j][c]: M read column-major
           mma_accumulate<N, wmma::row_major, wmma::col_major>(acc, s.q, LD, s.M + j0 * LD, LD, split);
-          wmma::store_matrix_sync(s.inter + j0, acc, LD, wmma::mem_row_major);
+          store_shared(s.inter + j0, acc, LD);
         }
       }
     }
@@ -338,13 +423,11 @@ __global__ void __launch_bounds__(kThreads) sweep_kernel(SweepParams prm) {
     }
 
     // -- carry the state past this chunk: M <- M + sum_m (a_m decayed to the end) b_m^T, i.e.
-    //    M[j0.., c0..] += al^T b with al read column-major, one 16 x 16 tile per warp
+    //    M[j0.., c0..] += al^T b with al read column-major, one 16 x 16 tile per warp; the product is
+    //    summed apart from M and added in fp32 (mma_add_to: the tensor cores' sums truncate)
     for (int tile = warp; tile < kTilesPerRow * kTilesPerRow; tile += kWarps) {
       const int j0 = (tile / kTilesPerRow) * 16, c0 = (tile % kTilesPerRow) * 16;
-      AccTile acc;
-      wmma::load_matrix_sync(acc, s.M + j0 * LD + c0, LD, wmma::mem_row_major);
-      mma_accumulate<L, wmma::col_major, wmma::row_major>(acc, s.al + j0, LD, s.b + c0, LD, split);
-      wmma::store_matrix_sync(s.M + j0 * LD + c0, acc, LD, wmma::mem_row_major);
+      mma_add_to<L, wmma::col_major, wmma::row_major>(s.M + j0 * LD + c0, LD, s.al + j0, LD, s.b + c0, LD, split);
     }
     __syncthreads();
   }
