@@ -12,21 +12,26 @@ norm-wise error: every comparison is also made element by element (``_assert_eve
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from rwkvclip_dist.ops.bi_wkv_chunked import bi_wkv_chunked
 from rwkvclip_dist.ops.bi_wkv_reference import bi_wkv_float64
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the kernels cannot run on CPU")
+# tools/gpu_check.sh sets RWKVCLIP_REQUIRE_GPU=1: there a missing GPU fails these tests instead of skipping them
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("RWKVCLIP_REQUIRE_GPU") != "1",
+                                reason="needs a CUDA GPU: the kernels cannot run on CPU")
 
 TOKENS = [1, 2, 49, 64, 65, 196, 197, 256, 257, 577, 1025, 4096]
 TOKENS_OTHER_SIZES = [1, 17, 65, 197, 1025]  # N = 16 and 128: the chunk edges and a long sequence
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 5e-3}
 # element-wise: |got - want| <= ELEMENT_RTOL * |want| + ELEMENT_ATOL * rms(want); an unwritten
-# element (0 where the reference is of typical size) breaks the second term
+# element (0 where the reference is of typical size) breaks the second term. The emulated kernel
+# (T=197, N=64) needs at most 1.2e-3 (bf16) and 2.4e-6 (fp32) of ELEMENT_ATOL.
 ELEMENT_RTOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 2e-2}
-ELEMENT_ATOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+ELEMENT_ATOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> dict:
         "bench_train": read_json(out / "bench_train.json"),
         "bench_wkv_table": bench_wkv.read_text() if bench_wkv.is_file() else None,
         "build_report": build_log.read_text().splitlines()[-30:] if build_log.is_file() else None,
+        # what a failed step said last, so that results.json alone explains a failure
+        "failed_logs": {name: (out / "logs" / f"{name}.log").read_text(errors="replace").splitlines()[-60:]
+                        for name in failed if (out / "logs" / f"{name}.log").is_file()},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
@@ -42,6 +45,10 @@ def main(argv: list[str] | None = None) -> dict:
              "| step | result | seconds |", "|---|---|---:|"]
     lines += [f"| {s['step']} | {'ok' if s['exit_code'] == 0 else 'FAILED (' + str(s['exit_code']) + ')'} | "
               f"{s['seconds']} |" for s in steps]
+    if results["bench_wkv_table"]:
+        rows = [line for line in results["bench_wkv_table"].splitlines()
+                if line.startswith(("| T ", "|---")) or line.split("|")[1:2] in ([" 197 "], [" 4096 "])]
+        lines += ["", "Bi-WKV forward+backward (tools/bench_wkv.py; every T in results.json):", *rows]
     train = results["train"]
     if train:
         lines += ["", f"training: steps {train.get('resumed_from_step')} -> {train.get('steps')}, final loss "
