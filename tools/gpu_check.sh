@@ -4,7 +4,6 @@
 #   build        the Bi-WKV extension for this GPU (tools/build_ops.py --report: registers, spills)
 #   kernel_tests tests/test_cuda_bi_wkv.py: kernels vs float64 references (N 16/64/80/128, long-T
 #                slow decays, a full chip, element-wise checks), determinism, compile, autocast
-#   bench_wkv    tools/bench_wkv.py: ours vs the two-scan port, fla (if installed) and SDPA
 #   train        the demo recipe under DeepSpeed (NCCL, bf16, ZeRO-2, one rank), 100 steps, then
 #                resumed from its checkpoint for 5 more; metrics.json's bi_wkv_calls must show the
 #                fused kernel (cuda > 0, chunked = 0)
@@ -12,11 +11,14 @@
 #                and without activation checkpointing, L/14 at 224 (images/s, peak memory, MFU), and
 #                a torch.profiler trace of one B/16 step (top kernels in the results)
 #   sanitizer    compute-sanitizer racecheck, synccheck, initcheck, memcheck on tools/sanitize_wkv.py
+#   bench_wkv    tools/bench_wkv.py: ours vs the two-scan port, fla (if installed) and SDPA
 # Every step runs even when an earlier one failed (one GPU allocation gives every answer); the run
 # exits non-zero naming each failed step. All figures go to OUT_DIR/results.json, logs to
 # OUT_DIR/logs/; a short table is printed last.
 #
-# Usage: tools/gpu_check.sh [--cpu] [--wheelhouse DIR] [--budget S] [OUT_DIR]   (default gpu_check_out)
+# Usage: tools/gpu_check.sh [--cpu] [--wheelhouse DIR] [--only STEPS] [--budget S] [OUT_DIR]
+#   --only A,B     run only these steps (a second allocation for what the first did not finish:
+#                  sanitizer and bench names match by prefix, e.g. --only bench_train,sanitizer)
 #   --budget S     wall-clock seconds for all steps (default 500 on a GPU, 3600 with --cpu): a step
 #                  is cut at what is left, and steps that find nothing left fail as "not run", so
 #                  the run always ends with its results file inside the allocation.
@@ -29,13 +31,14 @@
 #   PYTHON=...     the interpreter that holds torch (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
-mode=gpu wheelhouse="" out=gpu_check_out budget=""
+mode=gpu wheelhouse="" out=gpu_check_out budget="" only=""
 while (($#)); do
   case "$1" in
     --cpu) mode=cpu ;;
     --budget) budget="${2:?--budget needs seconds}"; shift ;;
+    --only) only=",${2:?--only needs step names},"; shift ;;
     --wheelhouse) wheelhouse="${2:?--wheelhouse needs a directory}"; shift ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $1" >&2; exit 2 ;;
     *) out="$1" ;;
   esac
@@ -58,6 +61,10 @@ failed=()
 step() {
   local name=$1 limit=$2 start rc left
   shift 2
+  if [[ -n $only && $name != wheelhouse && $name != env && $only != *",$name,"* && $only != *",${name%%_*},"* ]]
+  then return; fi
+  # the CPU mode builds DeepSpeed's CPU communication op on first use and shares small machines
+  [[ $mode == cpu ]] && limit=$((limit * 3))
   echo "=== $name: $*" >"$out/logs/$name.log"
   start=$(date +%s)
   left=$((deadline - start))
@@ -102,23 +109,22 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {props.name}, sm_{
 EOF
   step build 300 "$python" tools/build_ops.py --report --jobs "$(nproc)"
   step kernel_tests 420 env RWKVCLIP_REQUIRE_GPU=1 "$python" -m pytest "${pytest_opts[@]}" tests/test_cuda_bi_wkv.py tests/test_ops_dispatch.py
-  step bench_wkv 240 "$python" tools/bench_wkv.py --repeats 10 --out "$out/bench_wkv.md"
   train_args=(parallel.precision=bf16 parallel.zero_stage=2 checkpoint.every_steps=50 logging.tensorboard=false)
   steps=100 more=5 expect_fused=1
   bench_args=(--steps 3 --warmup 2 --profile rwkv-b16:224 --require-fused)
+  wkv_args=(--repeats 10)
 else
   step env 120 "$python" -c 'import torch; print("torch", torch.__version__, "(CPU mode)")'
   step kernel_tests 600 "$python" -m pytest "${pytest_opts[@]}" tests/test_cuda_bi_wkv.py tests/test_ops_dispatch.py
-  step bench_wkv 300 "$python" tools/bench_wkv.py --device cpu --tokens 17 33 --heads 2 --repeats 2 \
-    --out "$out/bench_wkv.md"
   train_args=(parallel.precision=fp32 parallel.zero_stage=2 checkpoint.every_steps=3 logging.tensorboard=false
               data.batch_size=8 eval.zeroshot.0.batch_size=32)
   steps=3 more=2 expect_fused=0
   bench_args=(--tiny --steps 1 --warmup 1 --batch 4 --profile rwkv-tiny:32)
+  wkv_args=(--device cpu --tokens 17 33 --heads 2 --repeats 2)
 fi
 
 # training: a fresh run, then the same run directory resumed with a later final step
-rm -rf "$out/train"
+if [[ -z $only || $only == *",train,"* ]]; then rm -rf "$out/train"; fi
 step train 300 "$python" -m torch.distributed.run --nproc-per-node=1 --master-port=29517 --max-restarts=0 \
   rwkvclip_dist/train.py --recipe recipes/demo_digits.yaml --run-dir "$out/train" \
   "${train_args[@]}" train.steps=$steps
@@ -142,8 +148,6 @@ print(f"resumed {steps} -> {metrics['steps']}, final loss {metrics['final_loss']
       f"{metrics['samples_per_s']:.0f} samples/s, Bi-WKV calls {calls}")
 EOF
 
-step bench_train 420 "$python" tools/bench_train.py "${bench_args[@]}" --out "$out/bench_train.json"
-
 if [[ $mode == gpu ]]; then
   sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
   for tool in memcheck racecheck synccheck initcheck; do
@@ -157,6 +161,10 @@ if [[ $mode == gpu ]]; then
 else
   step sanitizer_cpu 300 "$python" tools/sanitize_wkv.py --device cpu
 fi
+
+# benchmarks last: correctness first when the allocation runs short
+step bench_wkv 240 "$python" tools/bench_wkv.py "${wkv_args[@]}" --out "$out/bench_wkv.md"
+step bench_train 420 "$python" tools/bench_train.py "${bench_args[@]}" --out "$out/bench_train.json"
 
 "$python" tools/gpu_check_report.py "$out" "$mode" "${failed[*]:-}"
 if ((${#failed[@]})); then

@@ -15,8 +15,8 @@ wheel with no ops prebuilt (DS_BUILD_OPS=0; it needs torch here, not on the targ
 
 Left out on purpose (each named with its reason in SKIPPED): Streaming's remote-storage clients
 (boto3, google-cloud-storage, azure-*, oci, paramiko: imported only when a remote URL is read;
-the shards here are local), its Hugging Face integration (transformers), and megatron-core (the
-package does not import it yet). The result must stay under --max-mib (default 45 MiB), since it
+the shards here are local) and megatron-core (the package does not import it yet). Streaming's
+data loader imports transformers at the top, so it stays (the CUDA image has it). The result must stay under --max-mib (default 45 MiB), since it
 travels with the checkout. Install on the target with
 ``pip install --no-index --no-deps --target PREFIX wheelhouse/*.whl`` and ``PYTHONPATH=PREFIX``
 (what ``gpu_check.sh --wheelhouse`` does).
@@ -50,7 +50,6 @@ SKIPPED = {
     "azure-storage-file-datalake": "Streaming's Azure client",
     "azure-identity": "Streaming's Azure client",
     "paramiko": "Streaming's SFTP client: imported only for sftp:// remotes",
-    "transformers": "Streaming's Hugging Face dataset integration, not used here",
     "megatron-core": "not imported by rwkvclip_dist yet (tensor parallelism is planned)",
 }
 # The stock CUDA image of the lent GPU machines (torch 2.11 + CUDA 13, Python 3.12), as listed
