@@ -38,7 +38,8 @@ CSRC = _kernel_sources_root()
 SOURCE_DIR = CSRC / "bi_wkv"
 SOURCES = ("bi_wkv_ops.cpp", "sweep_forward.cu", "sweep_query.cu", "sweep_key.cu")
 EMULATION_SOURCE = CSRC / "testing" / "cpu_emulation.cpp"
-HEADERS = ("bi_wkv_host.h", "sweep_params.h", "sweep_kernel.cuh", "sweep_launch.cuh", "tile_mma.cuh")
+HEADERS = ("bi_wkv_host.h", "sweep_params.h", "sweep_kernel.cuh", "sweep_launch.cuh", "tile_mma.cuh",
+           "chunk_load.cuh")
 EMULATION_HEADERS = ("wmma_emulation.h",)
 DEFAULT_ARCHS = ("8.0", "9.0")
 
