@@ -23,6 +23,7 @@ def fresh_rule(monkeypatch):
     """Forget earlier choices and warnings; the kernel counts as built."""
     monkeypatch.setattr(ops, "_choices", {})
     monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.setattr(ops, "_fused", None)
     monkeypatch.setattr(bi_wkv_cuda, "is_available", lambda: True)
     ops.reset_dispatch_counts()
     yield
@@ -116,3 +117,17 @@ def test_decision_is_made_once_and_never_traced(fresh_rule, monkeypatch):
     torch.testing.assert_close(op(r), ops.bi_wkv(r, k, v, w, u))
     op(r)
     assert ops.dispatch_counts() == {"cuda": 0, "chunked": 3}
+
+
+def test_cuda_tensors_reach_the_fused_op(fresh_rule, monkeypatch):
+    """Fake CUDA tensors (FakeTensorMode: shapes and devices without a GPU) go through the rule to
+    rwkvclip::bi_wkv's fake implementation: bf16 r, k, v with an fp32 w (autocast's mix) included."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _gpu(monkeypatch, name="NVIDIA H100", major=9, minor=0, shared_memory_per_block_optin=227 * KIB)
+    with FakeTensorMode():
+        r, k, v = (torch.randn(2, 9, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        w, u = torch.randn(2, 9, 2, 64, device="cuda"), torch.randn(2, 64, device="cuda")
+        y = ops.bi_wkv(r, k, v, w, u)
+        assert (y.shape, y.dtype, y.device.type) == (r.shape, torch.bfloat16, "cuda")
+    assert ops.dispatch_counts() == {"cuda": 1, "chunked": 0}

@@ -38,6 +38,7 @@ IMPLEMENTATIONS = ("cuda", "chunked")
 _choices: dict[tuple[int, torch.dtype, int], str] = {}
 _warned: set[str] = set()
 _counts: Counter = Counter()
+_fused = None  # bi_wkv_cuda.bi_wkv_cuda once a choice of "cuda" has imported it (no import while tracing)
 # Opt-in shared memory per block by compute capability, for a torch that does not report it
 _SMEM_OPTIN_FALLBACK = {(8, 0): 163 * 1024, (9, 0): 227 * 1024}
 
@@ -99,6 +100,8 @@ def _choose(index: int, dtype: torch.dtype, head_size: int) -> str:
     if not bi_wkv_cuda.is_available():
         _warn_once(bi_wkv_cuda.unavailable_reason())
         return "chunked"
+    global _fused
+    _fused = bi_wkv_cuda.bi_wkv_cuda
     return "cuda"
 
 
@@ -137,9 +140,7 @@ def bi_wkv(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u
     if w.dtype != r.dtype:
         w = w.to(r.dtype)
     if r.is_cuda and _implementation(r.device.index, r.dtype, r.shape[-1]) == "cuda":
-        from rwkvclip_dist.ops.bi_wkv_cuda import bi_wkv_cuda
-
         _counts["cuda"] += 1
-        return bi_wkv_cuda(r, k, v, w, u)
+        return _fused(r, k, v, w, u)
     _counts["chunked"] += 1
     return bi_wkv_chunked(r, k, v, w, u)
