@@ -17,7 +17,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from rwkvclip_dist.ops import bi_wkv_cuda as op
-from rwkvclip_dist.ops.build import BuildConfig, ToolkitNotFound, extensions_dir, find_cuda_home, ptxas_report
+from rwkvclip_dist.ops.build import BuildConfig, ToolkitNotFound, extensions_dir, find_cuda_home
+from rwkvclip_dist.ops.ptxas_report import ptxas_report
 
 B, T, H, N = 2, 5, 3, 16
 

@@ -16,17 +16,23 @@ Columns: median milliseconds per forward+backward, the bytes an ideal implementa
 (inputs read, outputs written, forward and backward) over that time, the fraction of the HBM peak
 this is, the speed-up of ours (same dtype) over the row, and the output's relative difference to
 ours (fp32), which guards against timing something that computes a different thing.
+
+``--device cpu`` runs the same table at whatever size is asked for on the CPU, where "ours" is the
+dispatching op (the chunked path) and only SDPA is beside it: it checks this script, not the kernel
+(tools/gpu_check.sh --cpu).
 """
 from __future__ import annotations
 
 import argparse
 import re
 import statistics
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from rwkvclip_dist import ops
 from rwkvclip_dist.ops import bi_wkv_cuda as ours
 from rwkvclip_dist.ops.build import (BuildConfig, REPO_ROOT, extensions_dir, pinned_arch_list, use_toolkit,
                                      wheel_cuda_includes)
@@ -108,12 +114,17 @@ def time_fwd_bwd(fn, inputs, grad, repeats: int) -> tuple[float, torch.Tensor]:
     times = []
     for _ in range(repeats):
         leaves = [x.detach().requires_grad_() for x in inputs]
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(*leaves).backward(grad)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        if grad.is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*leaves).backward(grad)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            started = time.perf_counter()
+            fn(*leaves).backward(grad)
+            times.append((time.perf_counter() - started) * 1e3)
     return statistics.median(times), output.detach()
 
 
@@ -124,21 +135,29 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--peak-gbs", type=float, help="HBM peak in GB/s when torch cannot tell")
     parser.add_argument("--out", help="Markdown file (default benchmarks/bi_wkv_<gpu>.md)")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu to check this script without a GPU")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_wkv needs a CUDA GPU")
-    if not ours.is_available():
-        raise SystemExit(f"the Bi-WKV kernel is unavailable: {ours.unavailable_reason()}")
-
-    gpu = torch.cuda.get_device_name(0)
-    peak = peak_bandwidth(args.peak_gbs)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    batch = max(1, -(-2 * sms // args.heads))  # two (batch, head) pairs per SM at least
-    methods = [("ours", torch.bfloat16, ours.bi_wkv_cuda), ("ours", torch.float32, ours.bi_wkv_cuda),
-               ("two-scan", torch.float32, two_scan_baseline())]
-    fla = fla_twice()
-    methods += [("fla x2", torch.bfloat16, fla)] if fla else []
-    methods += [("SDPA", torch.bfloat16, sdpa)]
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        if not args.out:
+            raise SystemExit("bench_wkv --device cpu: pass --out (CPU timings do not belong in benchmarks/)")
+        gpu, peak, batch, fla = "CPU", float("nan"), 1, None
+        methods = [("ours", dtype, ops.bi_wkv) for dtype in (torch.bfloat16, torch.float32)]
+        methods += [("SDPA", torch.bfloat16, sdpa)]
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_wkv needs a CUDA GPU (or --device cpu)")
+        if not ours.is_available():
+            raise SystemExit(f"the Bi-WKV kernel is unavailable: {ours.unavailable_reason()}")
+        gpu = torch.cuda.get_device_name(0)
+        peak = peak_bandwidth(args.peak_gbs)
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        batch = max(1, -(-2 * sms // args.heads))  # two (batch, head) pairs per SM at least
+        methods = [("ours", torch.bfloat16, ours.bi_wkv_cuda), ("ours", torch.float32, ours.bi_wkv_cuda),
+                   ("two-scan", torch.float32, two_scan_baseline())]
+        fla = fla_twice()
+        methods += [("fla x2", torch.bfloat16, fla)] if fla else []
+        methods += [("SDPA", torch.bfloat16, sdpa)]
 
     lines = [f"Bi-WKV forward+backward on {gpu} (HBM peak {peak / 1e9:.0f} GB/s), B={batch} H={args.heads} "
              f"N={HEAD_SIZE}, median of {args.repeats}" + ("" if fla else "; fla not installed"), "",
@@ -147,9 +166,9 @@ def main() -> None:
     torch.manual_seed(0)
     for tokens in args.tokens:
         shape = (batch, tokens, args.heads, HEAD_SIZE)
-        base = [torch.randn(shape, device="cuda") for _ in range(3)] + [torch.rand(shape, device="cuda") * 6 - 5]
-        bonus = torch.randn(args.heads, HEAD_SIZE, device="cuda")
-        grad = torch.randn(shape, device="cuda")
+        base = [torch.randn(shape, device=device) for _ in range(3)] + [torch.rand(shape, device=device) * 6 - 5]
+        bonus = torch.randn(args.heads, HEAD_SIZE, device=device)
+        grad = torch.randn(shape, device=device)
         results = {}
         for name, dtype, fn in methods:
             inputs = [x.to(dtype) for x in base] + [bonus]

@@ -15,7 +15,8 @@ import os
 import time
 from pathlib import Path
 
-from rwkvclip_dist.ops.build import DEFAULT_ARCHS, BuildConfig, build, extensions_dir, format_report, ptxas_report
+from rwkvclip_dist.ops.build import DEFAULT_ARCHS, BuildConfig, build, extensions_dir
+from rwkvclip_dist.ops.ptxas_report import format_report, ptxas_report
 
 
 def main() -> None:

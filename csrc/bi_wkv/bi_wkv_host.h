@@ -6,6 +6,7 @@
 
 #include <torch/extension.h>
 
+#include <cstdint>
 #include <vector>
 
 #include "sweep_params.h"
@@ -96,6 +97,12 @@ inline int64_t shared_memory_bytes(int64_t n) {
   TORCH_CHECK(false, "bi_wkv: no kernel compiled for head size N=", n);
 }
 
+// The kernels read 16-byte vectors: a tensor whose data starts off a 16-byte boundary (a view at an
+// odd storage offset) is copied once into a fresh, aligned allocation.
+inline torch::Tensor aligned16(const torch::Tensor& x) {
+  return reinterpret_cast<std::uintptr_t>(x.data_ptr()) % 16 == 0 ? x : x.clone();
+}
+
 inline torch::Tensor to_input_dtype(torch::Tensor x32, const torch::Tensor& like) {
   return like.scalar_type() == at::kFloat ? x32 : x32.to(like.scalar_type());
 }
@@ -108,8 +115,11 @@ template <class Device>
 torch::Tensor forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w, torch::Tensor u) {
   check_inputs<Device>(r, k, v, w, u);
   const c10::DeviceGuard guard(r.device());
-  auto y32 = torch::zeros(r.sizes(), r.options().dtype(at::kFloat));
   SweepParams prm = base_params(r, w, u);
+  if (prm.BH == 0) return torch::zeros_like(r);  // an empty batch: no launch of an empty grid
+  r = aligned16(r), k = aligned16(k), v = aligned16(v), w = aligned16(w);
+  prm.w = w.data_ptr();
+  auto y32 = torch::zeros(r.sizes(), r.options().dtype(at::kFloat));
   prm.a = k.data_ptr();
   prm.b = v.data_ptr();
   prm.p = r.data_ptr();
@@ -125,6 +135,10 @@ std::vector<torch::Tensor> backward(torch::Tensor dy, torch::Tensor r, torch::Te
   check_operand<Device>(dy, "grad_output", r);
   const c10::DeviceGuard guard(r.device());
   const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
+  if (base_params(r, w, u).BH == 0)  // an empty batch: no launch of an empty grid
+    return {torch::zeros_like(r), torch::zeros_like(r), torch::zeros_like(r), torch::zeros_like(r),
+            torch::zeros_like(u)};
+  dy = aligned16(dy), r = aligned16(r), k = aligned16(k), v = aligned16(v), w = aligned16(w);
   const int64_t chunks = (T + kChunk - 1) / kChunk;
   auto f32 = r.options().dtype(at::kFloat);
   auto dr = torch::zeros(r.sizes(), f32);

@@ -25,23 +25,11 @@
 #include <cuda_runtime.h>
 #include <cstdint>
 
+#include "chunk_load.cuh"
 #include "sweep_params.h"
 #include "tile_mma.cuh"
 
 namespace rwkvclip {
-
-// The input dtype is a run-time argument (uniform over the grid, so the branch costs next to
-// nothing): one compiled kernel per (head size, kind) instead of three, which keeps builds short.
-__device__ __forceinline__ float load_float(const void* base, int64_t i, InputType type) {
-  switch (type) {
-    case InputType::kBFloat16:
-      return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
-    case InputType::kHalf:
-      return __half2float(static_cast<const __half*>(base)[i]);
-    default:
-      return static_cast<const float*>(base)[i];
-  }
-}
 
 // Shared-memory layout of one block: the state and the tiles of the current chunk.
 template <int N>
@@ -70,16 +58,6 @@ struct Tiles {
       : M(smem), a(M + N * LD), b(a + TILE), p(b + TILE), q(p + TILE), lw(q + TILE), w(lw + TILE),
         cb(w + TILE), pl(cb + TILE), al(pl + TILE), inter(al + TILE), col(inter + TILE), att(col + TILE),
         dots(att + kChunk * kChunk), decay(dots + kChunk * kChunk), outer(decay + N), beta(outer + N) {}
-};
-
-// Where a block is: its (batch, head), direction and chunk on the time grid.
-struct Position {
-  int bh, dir, chunk, chunks, T;
-  int64_t head_base;  // element (b, t=0, h, 0)
-  int64_t t_stride;   // H * N
-  // position i in sweep order -> time index; positions at or past T are padding
-  __device__ int time_of(int i) const { return chunk * kChunk + (dir == 0 ? i : kChunk - 1 - i); }
-  __device__ int64_t offset(int i, int j) const { return head_base + int64_t(time_of(i)) * t_stride + j; }
 };
 
 // kKey only, thread j < N: d(w_raw) of this sweep's term at every position of the chunk, and the
@@ -138,8 +116,8 @@ __device__ void key_products(const SweepParams& prm, const Tiles<N>& s, const Po
     const int j0 = tile * 16;
     AccTile acc;
     wmma::fill_fragment(acc, 0.f);
-    mma_accumulate<N, wmma::row_major, wmma::col_major>(acc, s.b, LD, K + j0 * N, N, split);
-    wmma::store_matrix_sync(s.pl + j0, acc, LD, wmma::mem_row_major);
+    mma_accumulate<N, wmma::row_major, wmma::col_major, Space::kGlobal>(acc, s.b, LD, K + j0 * N, N, split);
+    store_shared(s.pl + j0, acc, LD);
   }
   if (tid < N) {
     float sum = 0.f;
@@ -151,7 +129,7 @@ __device__ void key_products(const SweepParams& prm, const Tiles<N>& s, const Po
 // Two fp32 additions onto a zeroed buffer commute exactly, so the two directions' atomicAdds
 // give a deterministic result.
 template <int N, Sweep KIND>
-__global__ void __launch_bounds__(kThreads) sweep_kernel(SweepParams prm) {
+__global__ void __launch_bounds__(kThreads, 2) sweep_kernel(SweepParams prm) {
   constexpr int L = kChunk;
   constexpr int LD = Tiles<N>::LD;
   constexpr int kWarps = kThreads / 32;
@@ -184,28 +162,34 @@ __global__ void __launch_bounds__(kThreads) sweep_kernel(SweepParams prm) {
   pos.t_stride = int64_t(prm.H) * N;
   const float* u = prm.u + h * N;
 
+  constexpr int kSources = 3 + int(kCol) + int(kRow);  // a, b, [p], [q], w
+  const void* sources[kSources];
+  float* tiles[kSources - 1];
+  {
+    int t = 0;
+    sources[t] = prm.a, tiles[t++] = s.a;
+    sources[t] = prm.b, tiles[t++] = s.b;
+    if constexpr (kCol) sources[t] = prm.p, tiles[t++] = s.p;
+    if constexpr (kRow) sources[t] = prm.q, tiles[t++] = s.q;
+    sources[t] = prm.w;
+  }
+  ChunkPrefetch<N, kSources> prefetch;
+  const auto first_chunk = [&](int step) { return pos.dir == 0 ? step : pos.chunks - 1 - step; };
+  with_element_type(prm.type, [&](auto tag) { prefetch.template load<decltype(tag)>(sources, pos, first_chunk(0), tid); });
   for (int idx = tid; idx < N * LD; idx += kThreads) s.M[idx] = 0.f;
   __syncthreads();
   float du_acc = 0.f;  // kKey, direction 0: thread j < N owns channel j
 
   for (int step = 0; step < pos.chunks; ++step) {
-    pos.chunk = pos.dir == 0 ? step : pos.chunks - 1 - step;
+    pos.chunk = first_chunk(step);
 
-    // -- load the chunk; padding (t >= T) gets a, b, p, q = 0 and w = 1, so it changes nothing
-    for (int idx = tid; idx < L * N; idx += kThreads) {
-      const int i = idx / N, j = idx % N;
-      const bool ok = pos.time_of(i) < pos.T;
-      const int64_t g = pos.offset(i, j);
-      const int o = i * LD + j;
-      s.a[o] = ok ? load_float(prm.a, g, prm.type) : 0.f;
-      s.b[o] = ok ? load_float(prm.b, g, prm.type) : 0.f;
-      if constexpr (kCol) s.p[o] = ok ? load_float(prm.p, g, prm.type) : 0.f;
-      if constexpr (kRow) s.q[o] = ok ? load_float(prm.q, g, prm.type) : 0.f;
-      float lw = ok ? -expf(load_float(prm.w, g, prm.type)) : 0.f;
-      lw = lw < kLogDecayMin ? kLogDecayMin : lw;  // not fmaxf: a NaN decay must stay NaN
-      s.lw[o] = lw;
-      s.w[o] = expf(lw);
-    }
+    // -- the chunk's inputs (loaded during the previous chunk) into the tiles, then the next
+    //    chunk's loads, which stay in flight during this chunk's math
+    with_element_type(prm.type, [&](auto tag) {
+      using T = decltype(tag);
+      prefetch.template store<T, LD>(tiles, s.lw, s.w, pos, tid);
+      if (step + 1 < pos.chunks) prefetch.template load<T>(sources, pos, first_chunk(step + 1), tid);
+    });
     if constexpr (kCol) {  // the score tile is filled piecewise below; what no piece covers is 0
       for (int idx = tid; idx < L * L; idx += kThreads) s.att[idx] = 0.f;
     }
@@ -231,7 +215,7 @@ __global__ void __launch_bounds__(kThreads) sweep_kernel(SweepParams prm) {
       AccTile acc;
       wmma::fill_fragment(acc, 0.f);
       mma_accumulate<N, wmma::row_major, wmma::col_major>(acc, s.q, LD, s.b, LD, split);
-      wmma::store_matrix_sync(s.dots, acc, L, wmma::mem_row_major);
+      store_shared(s.dots, acc, L);
     }
     for (int idx = tid; idx < L * N; idx += kThreads) {
       const int i = idx / N, j = idx % N;
@@ -274,9 +258,9 @@ __global__ void __launch_bounds__(kThreads) sweep_kernel(SweepParams prm) {
     //    wherever the in-half scores are
     if (kCol && warp == 0) {
       AccTile acc;
-      wmma::load_matrix_sync(acc, s.att, L, wmma::mem_row_major);
+      load_shared(acc, s.att, L);
       mma_accumulate<N, wmma::row_major, wmma::col_major>(acc, s.col, LD, s.inter, LD, split);
-      wmma::store_matrix_sync(s.att, acc, L, wmma::mem_row_major);
+      store_shared(s.att, acc, L);
     }
     __syncthreads();
 
@@ -292,11 +276,11 @@ __global__ void __launch_bounds__(kThreads) sweep_kernel(SweepParams prm) {
           const int c0 = tile * 16;
           mma_accumulate<N, wmma::row_major, wmma::row_major>(acc, s.pl, LD, s.M + c0, LD, split);
           mma_accumulate<L, wmma::row_major, wmma::row_major>(acc, s.att, L, s.b + c0, LD, split);
-          wmma::store_matrix_sync(s.col + c0, acc, LD, wmma::mem_row_major);
+          store_shared(s.col + c0, acc, LD);
         } else {
           const int j0 = (tile - kColTiles) * 16;  // B[c][j] = M[j][c]: M read column-major
           mma_accumulate<N, wmma::row_major, wmma::col_major>(acc, s.q, LD, s.M + j0 * LD, LD, split);
-          wmma::store_matrix_sync(s.inter + j0, acc, LD, wmma::mem_row_major);
+          store_shared(s.inter + j0, acc, LD);
         }
       }
     }
@@ -338,13 +322,11 @@ __global__ void __launch_bounds__(kThreads) sweep_kernel(SweepParams prm) {
     }
 
     // -- carry the state past this chunk: M <- M + sum_m (a_m decayed to the end) b_m^T, i.e.
-    //    M[j0.., c0..] += al^T b with al read column-major, one 16 x 16 tile per warp
+    //    M[j0.., c0..] += al^T b with al read column-major, one 16 x 16 tile per warp; the product is
+    //    summed apart from M and added in fp32 (mma_add_to: the tensor cores' sums truncate)
     for (int tile = warp; tile < kTilesPerRow * kTilesPerRow; tile += kWarps) {
       const int j0 = (tile / kTilesPerRow) * 16, c0 = (tile % kTilesPerRow) * 16;
-      AccTile acc;
-      wmma::load_matrix_sync(acc, s.M + j0 * LD + c0, LD, wmma::mem_row_major);
-      mma_accumulate<L, wmma::col_major, wmma::row_major>(acc, s.al + j0, LD, s.b + c0, LD, split);
-      wmma::store_matrix_sync(s.M + j0 * LD + c0, acc, LD, wmma::mem_row_major);
+      mma_add_to<L, wmma::col_major, wmma::row_major>(s.M + j0 * LD + c0, LD, s.al + j0, LD, s.b + c0, LD, split);
     }
     __syncthreads();
   }

@@ -26,17 +26,27 @@ enum class InputType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
 // (tests/test_cuda_build.py compares them).
 #define RWKVCLIP_FOR_EACH_HEAD_SIZE(X) X(16) X(64) X(80) X(128)
 
+// The most dynamic shared memory a block may opt into on sm_80 (A100: 163 KiB); sm_86/89/120 allow
+// only ~99 KiB, which the Python dispatch rule checks against the device (bi_wkv_cuda.py).
+constexpr size_t kSmemCapSm80 = 163 * 1024;
+
 template <int N>
 struct SweepSmem {
-  // Row stride: a multiple of 4 floats, as WMMA tiles need, but not of 32, so that the rows of a
-  // tile start in different banks.
-  static constexpr int LD = N + 4;
+  // 11 [chunk x N] tiles, 2 [chunk x chunk] tiles (each a multiple of 8 floats, so every tile starts
+  // 32-byte aligned after an aligned base, WMMA's rule), then 2 [N] and 1 [chunk] vectors
+  static constexpr size_t floats_for(int ld) {
+    return size_t(N) * ld + 11 * size_t(kChunk) * ld + 2 * kChunk * kChunk + 2 * N + kChunk;
+  }
+  // Row stride: a multiple of 4 floats (16 bytes), as WMMA tiles need. N + 8 puts the rows of a
+  // 16 x 16 accumulator tile 8 banks apart, so the 8-byte fragment accesses of a half-warp (four
+  // rows) cover the 32 banks once; N + 4 gives 2-way conflicts. N = 128 keeps N + 4: with N + 8
+  // the block would need 164.6 KiB, over sm_80's cap.
+  static constexpr int LD = floats_for(N + 8) * sizeof(float) <= kSmemCapSm80 ? N + 8 : N + 4;
   static constexpr int kTile = kChunk * LD;
-  // state, 11 [chunk x N] tiles, 2 [chunk x chunk] tiles (each a multiple of 8 floats, so every
-  // tile starts 32-byte aligned after an aligned base, WMMA's rule), then 2 [N] and 1 [chunk] vectors
-  static constexpr size_t kFloats = size_t(N) * LD + 11 * kTile + 2 * kChunk * kChunk + 2 * N + kChunk;
+  static constexpr size_t kFloats = floats_for(LD);
   static constexpr size_t kBytes = kFloats * sizeof(float);
   static_assert(N % 16 == 0, "head sizes are multiples of the 16-wide tensor-core tiles");
+  static_assert(kBytes <= kSmemCapSm80, "the block's shared memory must fit sm_80");
 };
 
 struct SweepParams {

@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <atomic>
 #include <barrier>
 #include <cmath>
@@ -35,13 +36,19 @@ bool is_lane_zero() { return thread_index.x % 32 == 0; }
 
 // Host compilers see __global__, __device__ and __shared__ as empty (crt/host_defines.h); the
 // rest of the CUDA built-ins the kernels use:
-#define __launch_bounds__(threads)
+#define __launch_bounds__(threads, min_blocks)
 #define threadIdx rwkvclip_emulation::thread_index
 #define blockIdx rwkvclip_emulation::block_index
 inline void __syncthreads() { rwkvclip_emulation::block_barrier->arrive_and_wait(); }
 inline float atomicAdd(float* address, float value) { return std::atomic_ref<float>(*address).fetch_add(value); }
 template <typename T>
 inline T __ldg(const T* address) {
+  return *address;
+}
+// The chunk loads read 16-byte vectors, which the GPU requires to be 16-byte aligned.
+inline uint4 __ldg(const uint4* address) {
+  if (reinterpret_cast<std::uintptr_t>(address) % 16 != 0)
+    rwkvclip_emulation::record_error("16-byte vector load from an address not 16-byte aligned", address, 0);
   return *address;
 }
 // Every lane of the warp must take part (the kernels only pass the full mask): each publishes its
@@ -100,6 +107,8 @@ struct EmulatedDevice {
   static constexpr bool kCuda = false;
   template <Sweep KIND>
   static void run(const SweepParams& prm, int64_t head_size) {
+    // CUDA refuses a launch of zero blocks ("invalid configuration argument"): the host must not ask
+    TORCH_CHECK(prm.BH > 0, "bi_wkv emulation: launch of an empty grid (B*H = 0)");
     switch (head_size) {
 #define RWKVCLIP_CASE(n) \
   case n:                \
@@ -161,4 +170,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &rwkvclip::forward<rwkvclip::EmulatedDevice>);
   m.def("backward", &rwkvclip::backward<rwkvclip::EmulatedDevice>);
   m.def("tile_product", &rwkvclip::tile_product);
+  m.def(
+      "set_truncating_accumulation",
+      [](bool on) { return rwkvclip_emulation::truncating_accumulation.exchange(on); },
+      "tensor-core sums truncate (the hardware, default) or round to nearest; returns the previous mode");
 }

@@ -7,10 +7,17 @@
 // dimensions a multiple of 4 floats (16 bytes); a violation is recorded and reported by the host
 // (take_error()). What it mirrors: mma_sync ignores the 13 low mantissa bits of TF32
 // operands (so a forgotten __float_to_tf32 shows up as lost accuracy), __float_to_tf32 rounds to
-// nearest with ties away from zero (cvt.rna.tf32.f32), products are exact and sums fp32.
-// What it cannot mirror: the tensor cores' internal summation order.
+// nearest with ties away from zero (cvt.rna.tf32.f32), and products are exact. Sums: by default as
+// the tensor cores are measured to do them (Fasi et al., "Numerical behavior of NVIDIA tensor
+// cores", 2021, on V100/T4/A100; the same reported for H100): a TF32 m16n16k8 product runs as two
+// k=4 hardware steps, each adding its four exact products to the accumulator and truncating the
+// fp32 result (round toward zero). So a sum carried in an accumulator fragment drifts towards zero
+// by about half an ulp per step. set_truncating_accumulation(false) rounds every addition to
+// nearest instead (plain fp32). What it cannot mirror: the exact internal alignment of the terms.
 #pragma once
 
+#include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -20,6 +27,7 @@
 
 namespace rwkvclip_emulation {
 
+inline std::atomic<bool> truncating_accumulation{true};
 inline std::mutex error_mutex;
 inline std::string first_error;
 
@@ -53,6 +61,13 @@ inline float truncate_tf32(float x) {
   bits &= 0xffffe000u;
   std::memcpy(&x, &bits, 4);
   return x;
+}
+
+// x rounded to float towards zero (what the tensor cores' accumulation does).
+inline float round_toward_zero(double x) {
+  float f = static_cast<float>(x);  // to nearest
+  if (std::fabs(static_cast<double>(f)) > std::fabs(x)) f = std::nextafter(f, 0.f);
+  return f;
 }
 
 }  // namespace rwkvclip_emulation
@@ -119,12 +134,23 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
               const fragment<matrix_b, M, N, K, precision::tf32, LayoutB>& b,
               const fragment<accumulator, M, N, K, float>& c) {
   if (!rwkvclip_emulation::is_lane_zero()) return;
+  using rwkvclip_emulation::truncate_tf32;
+  constexpr int kStep = 4;  // the k extent of one hardware step (HMMA.1684 for TF32)
+  const bool truncating = rwkvclip_emulation::truncating_accumulation.load(std::memory_order_relaxed);
   float out[M * N];
   for (int r = 0; r < M; ++r) {
     for (int col = 0; col < N; ++col) {
       float sum = c.x[r * N + col];
-      for (int k = 0; k < K; ++k)
-        sum += rwkvclip_emulation::truncate_tf32(a.x[r * K + k]) * rwkvclip_emulation::truncate_tf32(b.x[k * N + col]);
+      for (int k0 = 0; k0 < K; k0 += kStep) {
+        if (truncating) {
+          double exact = sum;  // TF32 products are exact in double, and so (nearly) is this sum
+          for (int k = k0; k < k0 + kStep; ++k)
+            exact += double(truncate_tf32(a.x[r * K + k])) * double(truncate_tf32(b.x[k * N + col]));
+          sum = rwkvclip_emulation::round_toward_zero(exact);
+        } else {
+          for (int k = k0; k < k0 + kStep; ++k) sum += truncate_tf32(a.x[r * K + k]) * truncate_tf32(b.x[k * N + col]);
+        }
+      }
       out[r * N + col] = sum;
     }
   }

@@ -20,12 +20,23 @@ import torch
 
 from rwkvclip_dist.ops.build import BuildConfig, ToolkitNotFound, build, import_prebuilt, library_path
 
-__all__ = ["bi_wkv_cuda", "is_available", "unavailable_reason", "check_arguments"]
+__all__ = ["bi_wkv_cuda", "is_available", "unavailable_reason", "check_arguments", "shared_memory_bytes"]
 
 CHUNK_LEN = 16  # kChunk in csrc/bi_wkv/sweep_params.h
 LOG_DECAY_MIN = -60.0  # kLogDecayMin
 SUPPORTED_HEAD_SIZES = (16, 64, 80, 128)  # RWKVCLIP_FOR_EACH_HEAD_SIZE in csrc/bi_wkv/sweep_params.h
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SMEM_CAP_SM80 = 163 * 1024  # kSmemCapSm80
+
+
+def shared_memory_bytes(head_size: int) -> int:
+    """Dynamic shared memory per block of the sweeps for head size N, without building anything:
+    SweepSmem<N>::kBytes of csrc/bi_wkv/sweep_params.h (tests/test_cuda_build.py compares the two)."""
+    def floats(ld: int) -> int:
+        return head_size * ld + 11 * CHUNK_LEN * ld + 2 * CHUNK_LEN ** 2 + 2 * head_size + CHUNK_LEN
+
+    ld = head_size + 8 if floats(head_size + 8) * 4 <= SMEM_CAP_SM80 else head_size + 4
+    return floats(ld) * 4
 
 _extension: ModuleType | None = None
 _reason: str | None = None

@@ -38,7 +38,8 @@ CSRC = _kernel_sources_root()
 SOURCE_DIR = CSRC / "bi_wkv"
 SOURCES = ("bi_wkv_ops.cpp", "sweep_forward.cu", "sweep_query.cu", "sweep_key.cu")
 EMULATION_SOURCE = CSRC / "testing" / "cpu_emulation.cpp"
-HEADERS = ("bi_wkv_host.h", "sweep_params.h", "sweep_kernel.cuh", "sweep_launch.cuh", "tile_mma.cuh")
+HEADERS = ("bi_wkv_host.h", "sweep_params.h", "sweep_kernel.cuh", "sweep_launch.cuh", "tile_mma.cuh",
+           "chunk_load.cuh")
 EMULATION_HEADERS = ("wmma_emulation.h",)
 DEFAULT_ARCHS = ("8.0", "9.0")
 
@@ -257,56 +258,3 @@ def build_cpu_emulation(root: Path | None = None) -> ModuleType:
         name=name, sources=[str(EMULATION_SOURCE)], build_directory=str(build_dir),
         extra_cflags=["-O2", "-std=c++20", "-pthread"], extra_ldflags=["-pthread"],
         extra_include_paths=[str(SOURCE_DIR), str(find_cuda_home() / "include"), *wheel_cuda_includes()])
-
-
-@dataclass(frozen=True)
-class KernelResources:
-    """What ptxas reported for one kernel on one architecture."""
-
-    kernel: str
-    arch: str
-    registers: int
-    static_smem: int
-    stack: int
-    spill_stores: int
-    spill_loads: int
-
-
-_ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+)'")
-_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
-_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_SWEEP = re.compile(r"sweep_kernelILi(\d+)ELNS_5SweepE(\d)E")
-_KINDS = {"0": "forward", "1": "query", "2": "key"}
-
-
-def _readable(mangled: str) -> str:
-    match = _SWEEP.search(mangled)
-    return f"sweep<N={match.group(1)}, {_KINDS[match.group(2)]}>" if match else mangled
-
-
-def ptxas_report(log: str) -> list[KernelResources]:
-    """Parse `-Xptxas -v` output: one entry per (kernel, architecture)."""
-    rows, current, frame = [], None, (0, 0, 0)
-    for line in log.splitlines():
-        if m := _ENTRY.search(line):
-            current, frame = (_readable(m.group(1)), m.group(2)), (0, 0, 0)
-        elif (m := _FRAME.search(line)) and current:
-            frame = tuple(int(x) for x in m.groups())
-        elif (m := _USED.search(line)) and current:
-            rows.append(KernelResources(current[0], current[1], int(m.group(1)), int(m.group(2) or 0), *frame))
-            current = None
-    return rows
-
-
-def format_report(rows: list[KernelResources], dynamic_smem: dict[int, int]) -> str:
-    """A table of the report; `dynamic_smem` maps head size to the sweep kernels' dynamic bytes."""
-    lines = [f"{'kernel':28} {'arch':6} {'regs':>4} {'smem(dyn+static)':>17} {'stack':>5} {'spill st/ld':>11}"]
-    def head_size(row: KernelResources) -> int:
-        match = re.search(r"N=(\d+)", row.kernel)
-        return int(match.group(1)) if match else 0
-
-    for row in sorted(rows, key=lambda r: (r.arch, head_size(r), r.kernel)):
-        dyn = dynamic_smem.get(head_size(row), 0)
-        lines.append(f"{row.kernel:28} {row.arch:6} {row.registers:>4} {dyn + row.static_smem:>17} "
-                     f"{row.stack:>5} {row.spill_stores:>5}/{row.spill_loads:<5}")
-    return "\n".join(lines)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rwkvclip_dist import ops
 from rwkvclip_dist.parallel.launch_env import LaunchEnv
 from rwkvclip_dist.training import rng
 from rwkvclip_dist.training.recipe import Recipe
@@ -51,6 +52,9 @@ def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: t
     accum = recipe.train.accumulation_steps
     rng.seed_all(recipe.train.seed)  # identical initial weights on every rank
     model = create_model(recipe.model.name, **recipe.model.overrides)
+    # Build or load the fused Bi-WKV kernels now, not inside the first (possibly compiled) step.
+    ops.prepare(device, torch.bfloat16 if recipe.parallel.precision == "bf16" else torch.float32,
+                tuple({model.config.image.head_size, model.config.text.head_size}))
     model.set_activation_checkpointing(recipe.model.activation_checkpointing)
     optimizer = build_optimizer(model, recipe.optimizer, device)
     base_lrs = [group["lr"] for group in optimizer.param_groups]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from rwkvclip_dist import ops
 from rwkvclip_dist.parallel import collectives
 from rwkvclip_dist.parallel.launch_env import LaunchEnv
 from rwkvclip_dist.training.metrics import TrainLogger
@@ -212,7 +213,8 @@ class Trainer:
             "status": status, "steps": state.step, "samples": state.samples, "final_loss": self.last_finite_loss,
             "samples_per_s": (state.step - start_step) * global_batch / max(elapsed, 1e-9),
             "wall_time_s": elapsed, "resumed_from_step": start_step, "world_size": self.launch.world_size,
-            "corrupt_samples_replaced": round(corrupt / self.launch.local_world_size), "evals": state.evals,
+            "corrupt_samples_replaced": round(corrupt / self.launch.local_world_size),
+            "bi_wkv_calls": ops.dispatch_counts(), "evals": state.evals,
         }
         if state.evals:
             metrics.update(state.evals[max(state.evals, key=int)])
