@@ -40,10 +40,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        trainer = Trainer(recipe, Path(args.run_dir or Path("runs") / Path(args.recipe).stem), detect_launch_env())
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    trainer = Trainer(recipe, Path(args.run_dir or Path("runs") / Path(args.recipe).stem), detect_launch_env())
     metrics = trainer.run()
     if trainer.is_main:
         print(json.dumps({k: v for k, v in metrics.items() if k != "evals"}), flush=True)
