@@ -19,8 +19,8 @@ from conftest import DEMO_RECIPE, PYTHON, REPO, dist_env, loss_log, run_checked,
 
 STEPS = ["train.steps=3", "checkpoint.every_steps=2", "checkpoint.keep_last=3",
          "model.overrides={text.pool: masked_mean, image.drop_path_rate: 0.2}"]
-RUNS = {  # name: (ranks, extra overrides)
-    "plain": (1, []), "tp2": (2, ["parallel.tensor_parallel=2"]),
+RUNS = {  # name: (ranks, extra overrides); "eval" becomes the held-out zero-shot evaluation at the end
+    "plain": (1, ["eval"]), "tp2": (2, ["parallel.tensor_parallel=2", "eval"]),
     "dp2": (2, []), "tp2_dp2": (4, ["parallel.tensor_parallel=2"]),
     "offload": (1, ["parallel.offload_optimizer=cpu"]),
 }
@@ -31,7 +31,9 @@ pytestmark = pytest.mark.slow
 
 
 def _launch(run_dir: Path, data: Path, ranks: int, *extra: str) -> subprocess.CompletedProcess:
-    args = train_args(run_dir, data, *STEPS, *extra)
+    evaluation = (f"eval.zeroshot=[{{name: digits, data: {data / 'heldout'}, classes: {data / 'zeroshot.json'}, "
+                  "batch_size: 128, num_workers: 0}]")
+    args = train_args(run_dir, data, *STEPS, *(evaluation if e == "eval" else e for e in extra))
     cmd = [PYTHON, *args] if ranks == 1 else torchrun_cmd(ranks, *args)
     return run_checked(cmd, timeout=400, env=dist_env())
 
@@ -62,6 +64,15 @@ def _assert_same_curve(run: Path, reference: Path) -> None:
 
 def test_tp2_on_two_ranks_equals_one_process(runs, clean_shm):
     _assert_same_curve(runs("tp2"), runs("plain"))
+
+
+def test_zero_shot_evaluation_under_tp_equals_the_plain_one(runs, clean_shm):
+    """The in-loop evaluation shards the held-out images over the data-parallel group: both TP ranks
+    encode the same images together, and every image counts once."""
+    tp, plain = (json.loads((runs(name) / "metrics.json").read_text()) for name in ("tp2", "plain"))
+    assert tp["digits_n"] == plain["digits_n"] == 360
+    for key in ("digits_top1", "digits_top5", "digits_mean_per_class"):
+        assert tp[key] == pytest.approx(plain[key], abs=1 / 360), key
 
 
 def test_tp2_times_dp2_on_four_ranks_equals_dp2(runs, clean_shm):
