@@ -1,6 +1,7 @@
 """DeepSpeed engine setup from a recipe, and the few engine operations the train loop needs.
 
-The client optimizer is torch's AdamW (fused on GPUs; no JIT-built op), with our own parameter groups; the
+The client optimizer is torch's AdamW (fused on GPUs; no JIT-built op), or DeepSpeed's CPU Adam under
+ZeRO-Offload (``offload_optimizer: cpu``), with our own parameter groups; the
 learning rate is set by ``rwkvclip_dist.training.schedule`` before each step rather than by a DeepSpeed
 scheduler, so that it is a pure function of the step counter. Gradient accumulation is ours
 (``training.accumulation``): DeepSpeed is told the number of micro-batches so it steps only at the
