@@ -3,7 +3,7 @@
 
     # the authors' released weights -> ours (+ check against a direct evaluation of their weights)
     python tools/convert_checkpoint.py from-authors model_31.pt b32.safetensors --model RWKV-CLIP-B-32 --verify
-    # a ZeRO 1/2/3 training checkpoint (any world size) -> one bf16 file
+    # a ZeRO 1/2/3 training checkpoint (any world size, any tensor-parallel size) -> one bf16 file
     python tools/convert_checkpoint.py from-zero runs/b32/ckpt b32.safetensors --model RWKV-CLIP-B-32 --dtype bf16
     # ours -> the authors' layout, to compare with their code
     python tools/convert_checkpoint.py to-authors b32.safetensors model_31.pt --verify

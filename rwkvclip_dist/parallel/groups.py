@@ -66,14 +66,6 @@ def init_parallel_groups(tensor_parallel: int) -> ParallelGroups:
                           parallel_state.get_tensor_model_parallel_group(), parallel_state.get_data_parallel_group())
 
 
-def destroy_parallel_groups(groups: ParallelGroups) -> None:
-    """Undo :func:`init_parallel_groups` (tests that build several runs in one process)."""
-    if groups.tensor_parallel > 1:
-        from megatron.core import parallel_state
-
-        parallel_state.destroy_model_parallel()
-
-
 class DeepSpeedMPU:
     """The model-parallel unit DeepSpeed queries (the methods its engine, ZeRO stages 1-3, gradient
     clipping and checkpoint naming call). Model parallel = tensor parallel here: no pipeline stages."""
