@@ -40,6 +40,11 @@ class Components:
     """``parallel.groups.ParallelGroups``: tensor- and data-parallel rank, size and group."""
 
 
+def checkpoint_directory(recipe: Recipe, run_dir: Path) -> Path:
+    """Where the run's checkpoints go: ``checkpoint.dir``, or ``<run dir>/checkpoints``."""
+    return Path(recipe.checkpoint.dir) if recipe.checkpoint.dir else run_dir / "checkpoints"
+
+
 def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: torch.device) -> Components:
     from rwkvclip_dist.checkpoint.manager import CheckpointManager
     from rwkvclip_dist.data.loader import build_train_dataloader
@@ -66,13 +71,12 @@ def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: t
     image_size = model.config.image.image_size
     loader, dataset = build_train_dataloader(recipe.data, image_size, recipe.train.seed,
                                              replication=groups.tensor_parallel)
-    checkpoint_dir = Path(recipe.checkpoint.dir) if recipe.checkpoint.dir else run_dir / "checkpoints"
     return Components(
         engine=engine, model_config=model.config, base_lrs=base_lrs,
         dtype=torch.bfloat16 if recipe.parallel.precision == "bf16" else torch.float32,
         loss_fn=build_loss(recipe.loss, group=groups.dp_group), loader=loader, dataset=dataset,
         schedule=build_schedule(recipe.schedule, recipe.train.steps),
-        checkpoints=CheckpointManager(checkpoint_dir, recipe.checkpoint.keep_last),
+        checkpoints=CheckpointManager(checkpoint_directory(recipe, run_dir), recipe.checkpoint.keep_last),
         evals=[ZeroShotTask(section, image_size, model.config.text.context_length, device)
                for section in recipe.eval.zeroshot],
         global_batch=recipe.data.batch_size * groups.dp_size, groups=groups)

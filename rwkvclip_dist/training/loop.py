@@ -64,6 +64,7 @@ class Trainer:
 
         self.recipe, self.run_dir, self.launch = recipe, run_dir, launch
         check_world_size(recipe.parallel.tensor_parallel, launch.world_size)
+        self._check_checkpoint_matches()
         self.device = setup_process(launch)
         init_distributed(launch, recipe.parallel.backend)
         self.is_main = launch.rank == 0
@@ -188,22 +189,32 @@ class Trainer:
     def _stateful(self) -> dict:
         return {"train_state": self.state, "loader": self.parts.loader}
 
-    def _resume(self) -> None:
-        self.last_finite_loss = float("nan")
+    def _check_checkpoint_matches(self) -> None:
+        """Before any process group or engine starts: the checkpoint a run would resume from must have
+        been written with its tensor_parallel (each TP rank's shards hold other slices of the weights
+        and optimizer states)."""
+        from rwkvclip_dist.checkpoint.manager import CheckpointManager
+        from rwkvclip_dist.training.components import checkpoint_directory
+        from rwkvclip_dist.typed_config import ConfigError
+
         if not self.recipe.checkpoint.resume:
             return
-        checkpoints, tag = self.parts.checkpoints, self.parts.checkpoints.latest_tag()
+        checkpoints = CheckpointManager(checkpoint_directory(self.recipe, self.run_dir))
+        tag = checkpoints.latest_tag()
         if tag is None:
             return
-        saved_tp, tp = checkpoints.read_record(tag).get("tensor_parallel", 1), self.recipe.parallel.tensor_parallel
-        if saved_tp != tp:
-            # Each TP rank's shards hold other slices of the weights and optimizer states.
-            raise RuntimeError(
-                f"checkpoint {checkpoints.directory / tag} was saved with parallel.tensor_parallel={saved_tp}, "
-                f"this run has {tp}: resume with parallel.tensor_parallel={saved_tp}, or start a new run "
+        saved, tp = checkpoints.read_record(tag).get("tensor_parallel", 1), self.recipe.parallel.tensor_parallel
+        if saved != tp:
+            raise ConfigError(
+                f"checkpoint {checkpoints.directory / tag} was saved with parallel.tensor_parallel={saved}, "
+                f"this run has {tp}: resume with parallel.tensor_parallel={saved}, or start a new run "
                 f"(checkpoint.resume=false or another checkpoint.dir); tools/convert_checkpoint.py from-zero "
                 f"merges its shards into one file of weights")
-        checkpoints.load(self.parts.engine, self._stateful(), tag)
+
+    def _resume(self) -> None:
+        self.last_finite_loss = float("nan")
+        if self.recipe.checkpoint.resume:
+            self.parts.checkpoints.load(self.parts.engine, self._stateful())
 
     def _open_logger(self, start_step: int) -> TrainLogger:
         from rwkvclip_dist.model.flops import forward_flops_per_sample
