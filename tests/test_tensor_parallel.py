@@ -127,5 +127,19 @@ def test_head_counts_that_do_not_split_are_named():
     assert any("text.ffn_dim=224 is not divisible by tensor_parallel=3" in p for p in problems)
 
 
+def test_the_model_knows_nothing_of_megatron_or_deepspeed():
+    """Parallelism is applied to the model from parallel/, never written into it."""
+    import ast
+    from pathlib import Path
+
+    import rwkvclip_dist.model
+
+    for path in Path(rwkvclip_dist.model.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] in ("megatron", "deepspeed") for n in names), f"{path.name} imports {names}"
+
+
 if __name__ == "__main__":
     worker(sys.argv[1])
