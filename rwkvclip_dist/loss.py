@@ -42,20 +42,25 @@ def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class _GatheringLoss(nn.Module):
+    """``group``: the data-parallel process group whose batches form the global batch (default: the
+    world). Under tensor parallelism the ranks of a TP group hold the same batch, so only the
+    data-parallel group is gathered over."""
+
     def __init__(self, local_loss: bool = True, gather_with_grad: bool = True,
-                 rank: int | None = None, world_size: int | None = None) -> None:
+                 rank: int | None = None, world_size: int | None = None, group=None) -> None:
         super().__init__()
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
-        self.rank = collectives.rank() if rank is None else rank
-        self.world_size = collectives.world_size() if world_size is None else world_size
+        self.group = group
+        self.rank = collectives.rank(group) if rank is None else rank
+        self.world_size = collectives.world_size(group) if world_size is None else world_size
 
     def gather(self, features: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return features
         if self.gather_with_grad:
-            return collectives.all_gather_with_grad(features)
-        return collectives.all_gather_no_grad(features)
+            return collectives.all_gather_with_grad(features, self.group)
+        return collectives.all_gather_no_grad(features, self.group)
 
 
 class ClipLoss(_GatheringLoss):
@@ -108,9 +113,10 @@ class SigLipLoss(_GatheringLoss):
         return -F.logsigmoid(signs * logits).sum(dim=1).mean()
 
 
-def build_loss(section: LossSection) -> _GatheringLoss:
-    """The loss a recipe's ``loss:`` section names (its ``kind`` was checked when the recipe loaded)."""
-    common = {"local_loss": section.local_loss, "gather_with_grad": section.gather_with_grad}
+def build_loss(section: LossSection, group=None) -> _GatheringLoss:
+    """The loss a recipe's ``loss:`` section names (its ``kind`` was checked when the recipe loaded),
+    over the global batch of the data-parallel ``group`` (default: the world)."""
+    common = {"local_loss": section.local_loss, "gather_with_grad": section.gather_with_grad, "group": group}
     if section.kind == "siglip":
         return SigLipLoss(bias=section.siglip_bias, **common)
     return ClipLoss(**common)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rwkvclip_dist import create_model
-from rwkvclip_dist.training.optim import OptimizerSection, build_optimizer, split_decay_groups
+from rwkvclip_dist.training.optim import OptimizerSection, apex_available, build_optimizer, split_decay_groups
 from rwkvclip_dist.training.schedule import ScheduleSection, build_schedule
 from rwkvclip_dist.typed_config import FieldError
 
@@ -72,6 +72,41 @@ def test_fused_adamw_makes_the_same_updates_as_the_unfused_one():
     for name, unfused in weights[0].items():
         assert not torch.equal(unfused, initial[name]), f"{name} did not move"
         torch.testing.assert_close(weights[1][name], unfused, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_zero_offload_cpu_adam_makes_the_same_updates_as_torch_adamw():
+    """ZeRO-Offload's optimizer (DeepSpeed's CPU Adam, a JIT-built op) over our two parameter groups,
+    fed the same gradients as torch's AdamW for 5 steps with a changing lr: the same weights to float
+    rounding (it vectorises the same AdamW maths; decoupled decay, bias correction, eps outside sqrt)."""
+    weights = []
+    for offload in (False, True):
+        torch.manual_seed(0)
+        model = create_model("tiny")
+        opt = build_optimizer(model, OptimizerSection(lr=1e-2, weight_decay=0.2, impl="torch"), CPU, offload=offload)
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.0]
+        generator = torch.Generator().manual_seed(1)
+        for step in range(5):
+            for param in model.parameters():
+                param.grad = torch.randn(param.shape, generator=generator) * 10.0 ** (step - 3)
+            for group in opt.param_groups:
+                group["lr"] = 1e-2 * (step + 1) / 5
+            opt.step()
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    assert type(opt).__name__ == "DeepSpeedCPUAdam"
+    for name, reference in weights[0].items():
+        torch.testing.assert_close(weights[1][name], reference, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(apex_available(), reason="apex is installed here; the error is for machines without it")
+def test_asking_for_apex_where_it_is_missing_says_how_to_get_it(tmp_path):
+    """The apex path itself (FusedAdam, CUDA only) can be tested only where apex is installed."""
+    from rwkvclip_dist.training.recipe import ConfigError, load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optimizer: {impl: apex}\n")
+    with pytest.raises(ConfigError, match=r"optimizer\.impl: 'apex' asks for apex's FusedAdam, but apex is not "
+                                          r"installed here\. apex is not on the package index: build it from source"):
+        load_recipe(recipe)
 
 
 def test_cosine_schedule_warms_up_then_decays_to_the_floor():

@@ -69,3 +69,30 @@ def test_reduce_scatter_plus_all_gather_moves_one_all_reduce():
     zero3 = scaling.collective_traffic(10_000_000, 512, 64, 3, 32)
     assert zero2["reduce"] + zero2["gather"] == pytest.approx(zero0["reduce"])
     assert zero3["gather"] == pytest.approx(2 * zero2["gather"])
+
+
+def test_tensor_parallel_rows_measure_the_shard_a_rank_keeps():
+    """The TP tables measure the same slices that training keeps (parallel.tensor_parallel.shard_model),
+    and the FLOPs formula for one TP rank adds up: t ranks do the split work once and the whole work
+    (token-shift LoRA, channel-mix receptance, ...) t times."""
+    from rwkvclip_dist.model.flops import forward_flops_per_sample
+    from rwkvclip_dist.parallel.tensor_parallel import shard_model
+
+    torch.manual_seed(0)
+    local = shard_model(create_model("tiny"), rank=1, size=2)
+    assert scaling.measure_model("tiny", 2).params == sum(p.numel() for p in local.parameters())
+    config = get_model_config("RWKV-CLIP-4B-14")
+    one, two, four = (forward_flops_per_sample(config, t) for t in (1, 2, 4))
+    split, whole = 2 * (one - two), 2 * two - one  # one = split + whole, two = split / 2 + whole
+    assert four == pytest.approx(split / 4 + whole, rel=1e-9) and 0 < whole < 0.2 * one
+    # What the all-reduce count is read from: two row-parallel and five column-parallel layers per block.
+    assert scaling.tensor_parallel_all_reduces() == {"forward": 2, "backward": 5}
+
+
+def test_the_largest_recipe_fits_without_accumulation_and_its_states_need_sharding():
+    work = scaling.Workload.from_recipe("recipes/rwkvclip_4b_448_laion.yaml")
+    hw = scaling.Hardware()
+    assert scaling.measure_model(work.model).params * 16 > 0.75 * hw.memory_bytes  # states alone: ZeRO-0 at TP 1 barely fits
+    recipe_cell = scaling.plan(work, hw, work.tensor_parallel, work.zero_stage)
+    assert recipe_cell.micro_batch == recipe_cell.group_batch  # the recipe needs no accumulation
+    assert recipe_cell.memory <= hw.memory_bytes * hw.usable_fraction

@@ -3,8 +3,8 @@
 
     # the authors' released weights -> ours (+ check against a direct evaluation of their weights)
     python tools/convert_checkpoint.py from-authors model_31.pt b32.safetensors --model RWKV-CLIP-B-32 --verify
-    # a ZeRO 1/2/3 training checkpoint (any world size) -> one bf16 file; a run of this project's
-    # trainer records its recipe, so the architecture that was trained is taken from it
+    # a ZeRO 1/2/3 training checkpoint (any world size, any tensor-parallel size) -> one bf16 file; a run
+    # of this project's trainer records its recipe, so the architecture that was trained is taken from it
     python tools/convert_checkpoint.py from-zero runs/b32/checkpoints b32.safetensors --dtype bf16 --verify
     # ours -> the authors' layout, to compare with their code
     python tools/convert_checkpoint.py to-authors b32.safetensors model_31.pt --verify

@@ -41,7 +41,8 @@ def model_table() -> str:
 
 
 def _size_order(name: str) -> tuple:
-    order = ["tiny", "RWKV-CLIP-B-32", "RWKV-CLIP-B-16", "RWKV-CLIP-L-14", "RWKV-CLIP-H-14", "RWKV-CLIP-g-14"]
+    order = ["tiny", "RWKV-CLIP-B-32", "RWKV-CLIP-B-16", "RWKV-CLIP-L-14", "RWKV-CLIP-H-14", "RWKV-CLIP-g-14",
+             "RWKV-CLIP-4B-14", "RWKV-CLIP-4B-14-448"]
     return (order.index(name) if name in order else len(order), name)
 
 

@@ -1,4 +1,5 @@
-"""Scale on paper: per-GPU memory, communication and expected efficiency of B/16 and L/14 on 8-512 H100s.
+"""Scale on paper: per-GPU memory, communication and expected efficiency of B/16 and L/14 on 8-512 H100s,
+and of the 4B towers under tensor parallel 1/2/4/8 x ZeRO 0-3 on 256.
 
 Every model number comes from the model code itself, so the document stays true when a config changes:
 parameter counts from the real modules built on the meta device; forward FLOPs from
@@ -28,6 +29,8 @@ from rwkvclip_dist.model import get_model_config
 from rwkvclip_dist.model import mixing
 from rwkvclip_dist.model.clip import RWKVCLIP
 from rwkvclip_dist.model.flops import forward_flops_per_sample
+from rwkvclip_dist.model.mixing import DECAY_LORA_RANK
+from rwkvclip_dist.parallel.tensor_parallel import CHANNEL_MIX_SPLITS, TIME_MIX_SPLITS, shard_model
 from rwkvclip_dist.training.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,13 +74,15 @@ class Workload:
     zero_stage: int
     bucket_elements: int
     """``parallel.reduce_bucket_size``: DeepSpeed buckets count elements (2 bytes each in bf16)."""
+    tensor_parallel: int = 1
+    """``parallel.tensor_parallel``: ``batch_per_gpu`` is then per tensor-parallel group."""
 
     @classmethod
     def from_recipe(cls, path: str) -> "Workload":
         recipe = load_recipe(ROOT / path, check_paths=False)  # sizes only; the data need not be here
         return cls(recipe=path, model=recipe.model.name, batch_per_gpu=recipe.data.batch_size,
                    checkpointing=recipe.model.activation_checkpointing, zero_stage=recipe.parallel.zero_stage,
-                   bucket_elements=recipe.parallel.reduce_bucket_size)
+                   bucket_elements=recipe.parallel.reduce_bucket_size, tensor_parallel=recipe.parallel.tensor_parallel)
 
 
 RECIPES = ("recipes/rwkvclip_b16_laion.yaml", "recipes/rwkvclip_l14_laion.yaml")
@@ -126,10 +131,14 @@ class _FusedBiWKV(torch.autograd.Function):
 
 
 @functools.lru_cache(maxsize=None)
-def measure_model(name: str) -> ModelFacts:
+def measure_model(name: str, tensor_parallel: int = 1) -> ModelFacts:
+    """One sample's costs on one GPU; with ``tensor_parallel`` t, on one of t ranks: the model's local
+    shard (``shard_model``: the same slices that the training run's ``parallelize`` keeps) is measured."""
     config = get_model_config(name)
     with torch.device("meta"):
         model = RWKVCLIP(config, initialize=False).to(torch.bfloat16)
+    if tensor_parallel > 1:
+        shard_model(model, 0, tensor_parallel)
     params = sum(p.numel() for p in model.parameters())
     param_storages = {p.untyped_storage()._cdata for p in model.parameters()}
 
@@ -175,7 +184,8 @@ def measure_model(name: str) -> ModelFacts:
     outside = per_block.pop("outside", 0)
     del output
     return ModelFacts(
-        name=name, params=params, embed_dim=config.embed_dim, forward_flops=forward_flops_per_sample(config),
+        name=name, params=params, embed_dim=config.embed_dim,
+        forward_flops=forward_flops_per_sample(config, tensor_parallel),
         outside_blocks_bytes=outside, blocks_bytes=sum(per_block.values()), block_inputs_bytes=block_inputs,
         largest_block_bytes=max(per_block.values()),
     )
@@ -240,6 +250,81 @@ def step_times(facts: ModelFacts, work: Workload, hw: Hardware, stage: int, gpus
             "eff_serial": compute / (compute + comm), "eff_overlap": compute / max(compute, comm)}
 
 
+# ---- tensor parallelism ---------------------------------------------------------------------------------
+
+TP_RECIPES = ("recipes/rwkvclip_4b_laion.yaml", "recipes/rwkvclip_4b_448_laion.yaml")
+TP_DEGREES = (1, 2, 4, 8)
+TP_GPUS = 256
+"""GPU count of the tensor-parallel tables (the recipes' header says the same)."""
+
+
+def tensor_parallel_all_reduces() -> dict[str, int]:
+    """All-reduces per block that tensor parallelism adds, read from the split tables of
+    ``rwkvclip_dist.parallel.tensor_parallel``: a row-parallel layer (weight split along its input)
+    all-reduces its output in every forward pass; a column-parallel layer (split along its output)
+    all-reduces its input's gradient in the backward pass. The decay LoRA's 64-wide hidden layer adds
+    one more backward all-reduce, counted apart."""
+    tables = (TIME_MIX_SPLITS, CHANNEL_MIX_SPLITS)
+    layers = [(name, dim) for t in tables for name, dim in t.items() if name.endswith(".weight") and "ln_x" not in name]
+    return {"forward": sum(dim == 1 for _, dim in layers), "backward": sum(dim == 0 for _, dim in layers)}
+
+
+@dataclass(frozen=True)
+class TensorParallelPlan:
+    """One (TP degree, ZeRO stage) cell for a recipe on ``TP_GPUS`` GPUs at the recipe's global batch."""
+
+    tp: int
+    stage: int
+    group_batch: int
+    """Samples per TP group (every rank of the group holds them) per optimizer step."""
+    micro_batch: int
+    """Largest power-of-two micro-batch that fits; 0 when none does."""
+    memory: float
+    dp_bytes: float
+    tp_bytes: float
+    compute: float
+    comm: float
+
+
+def plan(work: Workload, hw: Hardware, tp: int, stage: int, one_micro_batch: bool = False) -> TensorParallelPlan:
+    """``one_micro_batch``: the group's samples in one micro-batch whatever the memory (an upper bound
+    for what sequence parallelism could buy)."""
+    facts, config = measure_model(work.model, tp), get_model_config(work.model)
+    dp = TP_GPUS // tp
+    group_batch = work.batch_per_gpu * TP_GPUS // work.tensor_parallel // dp
+    usable = hw.memory_bytes * hw.usable_fraction
+
+    def memory(micro: int) -> float:
+        return (sum(model_state_bytes(facts.params, stage, dp).values()) + activation_bytes(facts, micro, work.checkpointing)
+                + loss_bytes(facts, group_batch, dp))
+
+    micro = group_batch
+    while micro >= 1 and memory(micro) > usable and not one_micro_batch:
+        micro //= 2
+    parts = group_batch // max(micro, 1)
+    with_grad = 1 + work.checkpointing  # forward passes that keep a graph (and recompute it)
+    extra = 1 if parts > 1 else 0  # accumulation's first pass, without gradient (training.accumulation)
+    share = (dp - 1) / dp
+    weights = 2 * facts.params
+    dp_bytes = {0: 2 * share * weights, 1: 2 * share * weights, 2: share * weights * (parts + 1),
+                3: share * weights * parts * (1 + with_grad + 1 + extra)}[stage]
+    dp_bytes += share * 2 * group_batch * dp * facts.embed_dim * 4 * (2 if parts == 1 else 1 + 2 * parts)
+    reduces = tensor_parallel_all_reduces()
+    tokens = {"image": config.image.num_patches, "text": config.text.context_length}
+    towers = [(tokens[n], getattr(config, n)) for n in tokens]
+    full = sum(t.depth * n * t.width * 2 for n, t in towers)
+    decay = sum(t.depth * n * DECAY_LORA_RANK * 2 for n, t in towers)
+    per_sample = reduces["forward"] * (with_grad + extra) * full + reduces["backward"] * full + decay
+    tp_bytes = 2 * (tp - 1) / tp * group_batch * per_sample
+    blocks = config.image.depth + config.text.depth
+    calls = (blocks * (reduces["forward"] * (with_grad + extra) + reduces["backward"] + 1) * parts if tp > 1 else 0)
+    calls += math.ceil(facts.params / work.bucket_elements) * (2 if stage < 3 else 2 + parts * (with_grad + 1 + extra))
+    compute = (3 + work.checkpointing + extra) * facts.forward_flops * group_batch / (hw.peak_flops * hw.mfu)
+    comm = dp_bytes / bus_bandwidth(hw, TP_GPUS) + tp_bytes / hw.intra_node_bus_bw + calls * hw.latency_per_bucket
+    return TensorParallelPlan(tp, stage, group_batch, micro if micro >= 1 else 0,
+                              memory(max(micro, 1)), dp_bytes, tp_bytes, compute, comm)
+
+
 # ---- document -----------------------------------------------------------------------------------------
 
 def _gib(value: float) -> str:
@@ -249,7 +334,7 @@ def _gib(value: float) -> str:
 def render(facts_list: list[ModelFacts], workloads: tuple[Workload, ...], hw: Hardware) -> str:
     usable = hw.memory_bytes * hw.usable_fraction
     out = [
-        "# Scaling on paper: B/16 and L/14 on 8 to 512 H100s",
+        "# Scaling on paper: B/16 and L/14 on 8 to 512 H100s, the 4B towers under tensor parallelism",
         "",
         "<!-- Generated by `python tools/scaling.py --write docs/scaling.md`; do not edit by hand. -->",
         "",
@@ -343,10 +428,85 @@ def render(facts_list: list[ModelFacts], workloads: tuple[Workload, ...], hw: Ha
     return "\n".join(out)
 
 
-def generate(hw: Hardware | None = None, recipes: tuple[str, ...] = RECIPES) -> str:
+def render_tensor_parallel(workloads: tuple[Workload, ...], hw: Hardware) -> str:
+    usable = hw.memory_bytes * hw.usable_fraction
+    reduces = tensor_parallel_all_reduces()
+    out = ["## Tensor parallel x ZeRO: the largest configurations", "",
+           f"{TP_GPUS} GPUs at each recipe's global batch. A tensor-parallel (TP) group of t GPUs splits every "
+           "tower's heads and channel-mix hidden units t ways (`parallel.tensor_parallel`), and all t GPUs hold "
+           "the group's samples, so at a fixed global batch a group holds t times the samples of one GPU at TP 1. "
+           "Micro-batches (`train.accumulation_steps`, exact for the contrastive loss) halve until the total fits "
+           f"the {usable / GIB:.0f} GiB planned on; accumulation costs one more forward pass without gradient. "
+           f"Per block and pass TP adds {reduces['forward']} all-reduces of the block's activations in the forward "
+           f"pass (row-parallel outputs) and {reduces['backward']} in the backward pass (column-parallel input "
+           "gradients; the token-shift lerps feed receptance, key, value and gate separately), plus one 64 wide; "
+           "they run inside a node (NVLink). ZeRO partitions over the data-parallel (DP) group only."]
+    for work in workloads:
+        plans = {(t, s): plan(work, hw, t, s) for t in TP_DEGREES for s in ZERO_STAGES}
+        global_batch = work.batch_per_gpu * TP_GPUS // work.tensor_parallel
+        out += ["", f"### {work.model} (`{work.recipe}`), global batch {global_batch:,}", "",
+                "| TP | DP | samples per group | params per GPU | fwd GFLOPs/sample per GPU | checkpointed "
+                "activations/sample (block inputs) | TP all-reduce GB/step per GPU |",
+                "|---:|---:|---:|---:|---:|---:|---:|"]
+        for t in TP_DEGREES:
+            facts, p = measure_model(work.model, t), plans[(t, work.zero_stage)]
+            out.append(f"| {t} | {TP_GPUS // t} | {p.group_batch:,} | {facts.params / 1e9:.2f} B "
+                       f"| {facts.forward_flops / 1e9:,.0f} | {facts.checkpointed_bytes / 2**20:.0f} MiB "
+                       f"({facts.block_inputs_bytes / 2**20:.0f} MiB) | {p.tp_bytes / 1e9:,.0f} |")
+        out += ["", "Memory per GPU (GiB) at the largest micro-batch that fits (in brackets); `-`: none fits:", "",
+                "| TP | " + " | ".join(f"ZeRO-{s}" for s in ZERO_STAGES) + " |", "|---:|" + "---:|" * len(ZERO_STAGES)]
+        for t in TP_DEGREES:
+            cells = [f"{_gib(plans[(t, s)].memory)} ({plans[(t, s)].micro_batch})" if plans[(t, s)].micro_batch
+                     else "-" for s in ZERO_STAGES]
+            out.append(f"| {t} | " + " | ".join(cells) + " |")
+        out += ["", "Communication per step per GPU (GB sent: DP gradients, weights and loss features by ZeRO stage; "
+                "TP activations) and time per step, no overlap:", "",
+                "| TP | DP GB, ZeRO-0 / 1 / 2 / 3 | TP GB | compute s (ZeRO-2) | comm s, ZeRO-0 / 1 / 2 / 3 "
+                "| samples/s, ZeRO-0 / 1 / 2 / 3 |", "|---:|---:|---:|---:|---:|---:|"]
+        for t in TP_DEGREES:
+            row = [plans[(t, s)] for s in ZERO_STAGES]
+            out.append(f"| {t} | {' / '.join(f'{p.dp_bytes / 1e9:.1f}' for p in row)} | {row[2].tp_bytes / 1e9:,.0f} "
+                       f"| {row[2].compute:.2f} | {' / '.join(f'{p.comm:.2f}' for p in row)} "
+                       f"| {' / '.join(f'{global_batch / (p.compute + p.comm):,.0f}' for p in row)} |")
+    largest = workloads[-1]
+    cells = [plan(largest, hw, t, s) for t in TP_DEGREES for s in ZERO_STAGES]
+    best = max((p for p in cells if p.micro_batch), key=lambda p: 1 / (p.compute + p.comm))
+    facts, plain = measure_model(largest.model, 1), plan(largest, hw, 1, 0)
+    ratio = plan(largest, hw, 2, 2).tp_bytes / plan(largest, hw, 1, 2).dp_bytes
+    bound = plan(largest, hw, 2, best.stage, one_micro_batch=True)
+    global_batch = largest.batch_per_gpu * TP_GPUS // largest.tensor_parallel
+    inputs = facts.block_inputs_bytes / facts.checkpointed_bytes
+    out += ["", "### What the tables say", "",
+            f"- {largest.model}'s model states are {16 * facts.params / GIB:.0f} GiB at 16 bytes/param: without "
+            f"ZeRO (stage 0) a GPU at TP 1 has room for {plain.micro_batch} samples per micro-batch, and TP is what "
+            "makes it fit. ZeRO-1 or 2 over the data-parallel group fits it at TP 1 instead, because contrastive "
+            "training at these batch sizes is activation-heavy and weight-light: what fills a GPU is the activations "
+            "of its samples, which TP shrinks little (the residual stream, the token-shift lerps and their LoRA "
+            "stay whole on every rank).",
+            "- TP's all-reduces carry activations (batch x tokens x width per block), ZeRO's traffic is the weights, "
+            f"about once per step: at TP 2 the former is {ratio:.0f} times the latter at TP 1, so every doubling of "
+            f"TP costs throughput. Fastest for {largest.model}: TP {best.tp}, ZeRO-{best.stage} ({best.micro_batch} "
+            "samples per micro-batch), which the recipes use.",
+            f"- Sequence parallelism (block inputs and norms split over tokens) is not implemented: the block inputs "
+            f"are {inputs:.0%} of {largest.model}'s checkpointed activations, so it would let a TP group hold more "
+            "samples per micro-batch, but it matters only at TP > 1, which these tables rule out for throughput "
+            f"(even with all {bound.group_batch} samples of a group in one micro-batch, TP 2 would run at "
+            f"{global_batch / (bound.compute + bound.comm):,.0f} samples/s against "
+            f"{global_batch / (best.compute + best.comm):,.0f} at TP {best.tp}); and for RWKV it would split less "
+            "than for a transformer, since the token shift needs each token's neighbours (the rows above and below, "
+            "for Q-shift) before the column-parallel layers.",
+            "- TP becomes the better trade where weights outgrow activations: much wider towers at small per-GPU "
+            "batch, or a job with few data-parallel ranks.", ""]
+    return "\n".join(out)
+
+
+def generate(hw: Hardware | None = None, recipes: tuple[str, ...] = RECIPES,
+             tp_recipes: tuple[str, ...] = TP_RECIPES) -> str:
+    hw = hw or Hardware()
     workloads = tuple(Workload.from_recipe(path) for path in recipes)
     facts = [measure_model(w.model) for w in workloads]
-    return render(facts, workloads, hw or Hardware())
+    return render(facts, workloads, hw) + "\n" + render_tensor_parallel(
+        tuple(Workload.from_recipe(path) for path in tp_recipes), hw)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,6 +111,10 @@ class CheckpointManager:
                 and int(TAG_PATTERN.match(p.name).group(1)) <= newest and (p / CLIENT_FILE).is_file()]
         return sorted(tags)
 
+    def read_record(self, tag: str) -> dict[str, Any]:
+        """The run's record saved with checkpoint ``tag`` (step, world size, tensor_parallel, recipe)."""
+        return _load_plain(self.directory / tag / CLIENT_FILE)
+
     # -- save ----------------------------------------------------------------------------------
     def save(self, engine, step: int, states: Mapping[str, Stateful], record: dict[str, Any]) -> str:
         """Collective: save ``engine`` and every rank's ``states``, then rank 0's ``record``; returns the tag."""

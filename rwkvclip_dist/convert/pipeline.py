@@ -30,6 +30,7 @@ from rwkvclip_dist.convert.reference_forward import authors_encode_image, author
 from rwkvclip_dist.model.clip import RWKVCLIP
 from rwkvclip_dist.model.config import ModelConfig
 from rwkvclip_dist.model.registry import get_model_config, list_models
+from rwkvclip_dist.parallel.tensor_parallel import split_dims
 from rwkvclip_dist.pretrained import load_model
 
 VERIFY_CAPTIONS = ["a photo of a cat sitting on a red sofa", "a diagram of an electronic circuit"]
@@ -92,6 +93,7 @@ def authors_to_ours(src: str | Path, dst: str | Path, name: str | None = None, d
 def zero_to_ours(checkpoint_dir: str | Path, dst: str | Path, name: str | None = None, dtype: torch.dtype = torch.float32,
                  overrides: dict[str, Any] | None = None, tag: str | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Consolidates a ZeRO checkpoint into ``dst``; returns the config and the fp32 state dict.
+    The shards of a tensor-parallel run are merged into the plain model's weights.
 
     A checkpoint of this project's trainer records its recipe, so the file gets the architecture that
     was trained (the model name and its overrides); ``name`` and ``overrides``, if given, must agree
@@ -105,7 +107,11 @@ def zero_to_ours(checkpoint_dir: str | Path, dst: str | Path, name: str | None =
             raise ValueError(f"{checkpoint_dir}: the run trained {trained[0]!r} with overrides {trained[1]}, "
                              f"not {given[0]!r} with {given[1]}; leave out --model/--overrides")
         name, overrides = trained
-    state = load_zero_checkpoint(checkpoint_dir, tag)
+    dims = None
+    if name is not None:
+        with torch.device("meta"):
+            dims = split_dims(RWKVCLIP(get_model_config(name, **(overrides or {})), initialize=False))
+    state = load_zero_checkpoint(checkpoint_dir, tag, dims)
     config = _match_config(state, name, overrides or {}, str(checkpoint_dir))
     save_safetensors(_dtype_state(state, dtype), dst, config_record(config, "clip", dtype))
     return config, state

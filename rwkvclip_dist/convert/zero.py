@@ -4,6 +4,11 @@ DeepSpeed's own ``zero_to_fp32`` does the merging of the partitioned fp32 master
 unpickles with ``weights_only=False``. We run it with ``torch.load`` forced to ``weights_only=True``
 and allow-list only the few plain DeepSpeed types its files hold, so a checkpoint directory can
 never execute code while it is read.
+
+Under tensor parallelism every TP rank has its own files (``..._mp_rank_XX_...``) and ``zero_to_fp32``
+handles one TP rank at a time: each rank's files are linked into a scratch directory under the names
+of TP rank 0, consolidated there, and the TP ranks' state dicts are merged by
+``parallel.tensor_parallel.merge_shards``.
 """
 
 from __future__ import annotations
@@ -11,11 +16,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import pickle
+import re
+import tempfile
 from pathlib import Path
 
 import torch
 
+from rwkvclip_dist.parallel.tensor_parallel import merge_shards
 from rwkvclip_dist.pretrained_format import read_torch_file, strip_prefixes
+
+TP_RANK_PATTERN = re.compile(r"mp_rank_(\d+)_")
 
 
 def _deepspeed_safe_globals() -> list:
@@ -43,8 +53,31 @@ def _weights_only_loads():
         torch.load = original
 
 
-def load_zero_checkpoint(checkpoint_dir: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
-    """The full fp32 state dict of a ZeRO 1/2/3 checkpoint directory (``latest`` tag by default)."""
+def tensor_parallel_size(tag_dir: Path) -> int:
+    """How many tensor-parallel ranks wrote the DeepSpeed files of one checkpoint tag."""
+    ranks = {int(m.group(1)) for p in tag_dir.glob("*_model_states.pt") if (m := TP_RANK_PATTERN.search(p.name))}
+    if ranks and ranks != set(range(len(ranks))):
+        raise FileNotFoundError(f"{tag_dir}: model-state files of tensor-parallel ranks {sorted(ranks)}; some are missing")
+    return max(len(ranks), 1)
+
+
+def _tensor_parallel_rank_state(checkpoint_dir: Path, tag: str, tp_rank: int) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    marker = f"mp_rank_{tp_rank:02d}_"
+    with tempfile.TemporaryDirectory(prefix="tp_rank_") as scratch:
+        (Path(scratch) / tag).mkdir()
+        for path in (checkpoint_dir / tag).glob(f"*{marker}*"):
+            (Path(scratch) / tag / path.name.replace(marker, "mp_rank_00_")).symlink_to(path.resolve())
+        return get_fp32_state_dict_from_zero_checkpoint(scratch, tag=tag)
+
+
+def load_zero_checkpoint(checkpoint_dir: str | Path, tag: str | None = None,
+                         split_dims: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of a ZeRO 1/2/3 checkpoint directory (``latest`` tag by default).
+
+    A checkpoint written by several tensor-parallel ranks needs ``split_dims``
+    (``parallel.tensor_parallel.split_dims`` of the trained model) to merge their shards."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     checkpoint_dir = Path(checkpoint_dir)
@@ -55,9 +88,18 @@ def load_zero_checkpoint(checkpoint_dir: str | Path, tag: str | None = None) -> 
     if tag is not None and not (checkpoint_dir / tag).is_dir():
         tags = sorted(p.name for p in checkpoint_dir.iterdir() if p.is_dir())
         raise FileNotFoundError(f"{checkpoint_dir} has no checkpoint {tag!r}; it has {', '.join(tags) or 'none'}")
+    tag = tag or (checkpoint_dir / "latest").read_text().strip()
+    tp = tensor_parallel_size(checkpoint_dir / tag)
+    if tp > 1 and split_dims is None:
+        raise ValueError(f"{checkpoint_dir / tag} holds {tp} tensor-parallel shards; merging them needs the "
+                         f"model that was trained (the run's client_state.pt record, or --model)")
     try:
         with _weights_only_loads():
-            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+            if tp == 1:
+                state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+            else:
+                shards = [strip_prefixes(_tensor_parallel_rank_state(checkpoint_dir, tag, r)) for r in range(tp)]
+                state = merge_shards(shards, split_dims)
     except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
         raise ValueError(f"{checkpoint_dir}: DeepSpeed could not read the checkpoint (truncated or corrupt, or "
                          f"not a ZeRO checkpoint): {(str(err).strip().splitlines() or [''])[0]}") from None

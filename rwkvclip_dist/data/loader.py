@@ -14,6 +14,7 @@ import os
 import urllib.parse
 from typing import Any
 
+import torch
 from streaming import Stream, StreamingDataLoader
 
 from rwkvclip_dist.data.config import DataConfig, StreamConfig
@@ -88,11 +89,14 @@ def _warn_if_cache_thrashes(cfg: DataConfig, dataset: ThreeTextDataset) -> None:
                         dataset.num_samples, block, max(fits // 2, 1))
 
 
-def build_train_dataloader(cfg: DataConfig, image_size: int, seed: int
+def build_train_dataloader(cfg: DataConfig, image_size: int, seed: int, replication: int = 1
                            ) -> tuple[StreamingDataLoader, ThreeTextDataset]:
     """Shuffled, augmented loader of ``(image, tokens, text_id)`` batches of ``cfg.batch_size``.
 
     ``seed`` (the training seed) drives crops, flips and the text choice; ``cfg.shuffle_seed`` the order.
+    ``replication``: this many consecutive ranks get the same samples (Streaming's ``replication``:
+    the ranks of a tensor-parallel group), so the data is partitioned over the data-parallel ranks;
+    the loader's ``state_dict`` counts each replicated sample once.
     """
     if not cfg.streams:
         raise ValueError("data.streams is empty: give at least one MDS stream")
@@ -104,7 +108,8 @@ def build_train_dataloader(cfg: DataConfig, image_size: int, seed: int
             epoch_size=cfg.epoch_size, predownload=cfg.predownload, cache_limit=cfg.cache_limit,
             batch_size=cfg.batch_size, shuffle=cfg.shuffle, shuffle_algo=cfg.shuffle_algo,
             shuffle_seed=cfg.shuffle_seed, shuffle_block_size=cfg.shuffle_block_size,
-            num_canonical_nodes=cfg.num_canonical_nodes, download_timeout=cfg.download_timeout)
+            num_canonical_nodes=cfg.num_canonical_nodes, download_timeout=cfg.download_timeout,
+            replication=replication if replication > 1 else None)
     except ValueError as err:
         # Streaming sizes the cache check against the shards; its message names no recipe key.
         if cfg.cache_limit is not None and "cache limit" in str(err).lower():
@@ -114,8 +119,12 @@ def build_train_dataloader(cfg: DataConfig, image_size: int, seed: int
         raise ValueError("data.streams: the stream weights (repeat/choose/proportion) select no sample per epoch")
     _warn_if_cache_thrashes(cfg, dataset)
     _check_columns(dataset, ("jpg", "raw", "synthetic", "generated"))
+    # Its own generator: a DataLoader draws its workers' base seed from torch's global stream each
+    # time an iterator starts, which would shift the stochastic-depth masks of a resumed run (its
+    # iterator starts after the RNG restore). The samples' randomness is per sample (dataset.py).
     loader = StreamingDataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                 drop_last=True, persistent_workers=False)
+                                 drop_last=True, persistent_workers=False,
+                                 generator=torch.Generator().manual_seed(seed))
     return loader, dataset
 
 

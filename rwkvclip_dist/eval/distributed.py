@@ -6,19 +6,48 @@ routine in ``rwkvclip_dist.eval`` runs unchanged on one CPU, one GPU or many ran
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
-# Rank queries live once, in the training side's collectives helper.
-from rwkvclip_dist.parallel.collectives import is_distributed, rank, world_size
+from rwkvclip_dist.parallel import collectives
+from rwkvclip_dist.parallel.collectives import is_distributed
 
-__all__ = ["is_distributed", "rank", "world_size", "all_reduce_sum", "shard_range", "padded_shard", "all_gather_rows"]
+__all__ = ["is_distributed", "rank", "world_size", "all_reduce_sum", "shard_range", "padded_shard", "all_gather_rows",
+           "sharded_over"]
+
+# The group the work is sharded over; None is the world. Set only inside ``sharded_over``.
+_GROUP = None
+
+
+@contextlib.contextmanager
+def sharded_over(group):
+    """Shard evaluation work over ``group`` instead of the world, within the block. Under tensor
+    parallelism that is the data-parallel group: the ranks of a TP group then take the same shard and
+    run every forward together, and each shard is summed once."""
+    global _GROUP
+    previous, _GROUP = _GROUP, group
+    try:
+        yield
+    finally:
+        _GROUP = previous
+
+
+def rank() -> int:
+    """This rank's index among the ranks that share the evaluation work."""
+    return collectives.rank(_GROUP)
+
+
+def world_size() -> int:
+    """How many shards the evaluation work is split into."""
+    return collectives.world_size(_GROUP)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sums ``tensor`` over ranks in place and returns it."""
+    """Sums ``tensor`` over the sharding ranks in place and returns it."""
     if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=_GROUP)
     return tensor
 
 

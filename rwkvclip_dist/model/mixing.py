@@ -63,12 +63,18 @@ class TimeMix(nn.Module):
         k = self.key(x_k)
         v = self.value(x_v)
         g = F.silu(self.gate(x_g))
-        w = self.decay + torch.tanh(x_w @ self.decay_w1) @ self.decay_w2
+        w = self.decay + self.decay_lora(x_w)
 
-        heads = (batch, tokens, self.num_heads, self.head_size)
+        # Heads and width are read from r, not from x: a tensor-parallel rank holds only its heads
+        # (rwkvclip_dist.parallel.tensor_parallel) while x stays full width.
+        heads = (batch, tokens, r.shape[-1] // self.head_size, self.head_size)
         y = bi_wkv(r.view(heads), k.view(heads), v.view(heads), w.view(heads), self.bonus)
-        y = self.ln_x(y.reshape(batch * tokens, width)).view(batch, tokens, width)
+        y = self.ln_x(y.reshape(batch * tokens, r.shape[-1])).view_as(r)
         return self.output(y * g)
+
+    def decay_lora(self, x_w: torch.Tensor) -> torch.Tensor:
+        """The data-dependent part of the decay, tanh(x_w D1) D2."""
+        return torch.tanh(x_w @ self.decay_w1) @ self.decay_w2
 
 
 class ChannelMix(nn.Module):

@@ -14,45 +14,49 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
+def world_size(group=None) -> int:
+    """Ranks in ``group`` (default: the world)."""
+    return dist.get_world_size(group) if is_distributed() else 1
 
 
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+def rank(group=None) -> int:
+    """This process's rank in ``group`` (default: the world)."""
+    return dist.get_rank(group) if is_distributed() else 0
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
-        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, tensor.contiguous())
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.rank, ctx.rows, ctx.group = dist.get_rank(group), tensor.shape[0], group
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
         return torch.cat(parts, dim=0)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         start = ctx.rank * ctx.rows
-        return grad[start:start + ctx.rows]
+        return grad[start:start + ctx.rows], None
 
 
-def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``tensor`` from all ranks along dim 0, differentiably (equal shapes required)."""
-    if world_size() == 1:
+def all_gather_with_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate ``tensor`` from the ranks of ``group`` (default: all) along dim 0, differentiably
+    (equal shapes required)."""
+    if world_size(group) == 1:
         return tensor
-    return _AllGatherWithGrad.apply(tensor)
+    return _AllGatherWithGrad.apply(tensor, group)
 
 
-def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``tensor`` from all ranks along dim 0; gradients flow only into the local rows."""
-    if world_size() == 1:
+def all_gather_no_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate ``tensor`` from the ranks of ``group`` along dim 0; gradients flow only into the
+    local rows."""
+    if world_size(group) == 1:
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(parts, tensor.detach().contiguous())
+    parts = [torch.empty_like(tensor) for _ in range(world_size(group))]
+    dist.all_gather(parts, tensor.detach().contiguous(), group=group)
     # Keep the local slice attached to the graph so the local rows still receive their gradient.
-    parts[rank()] = tensor
+    parts[rank(group)] = tensor
     return torch.cat(parts, dim=0)
 
 

@@ -1,6 +1,7 @@
 """DeepSpeed engine setup from a recipe, and the few engine operations the train loop needs.
 
-The client optimizer is torch's AdamW (fused on GPUs; no JIT-built op), with our own parameter groups; the
+The client optimizer is torch's AdamW (fused on GPUs; no JIT-built op), or DeepSpeed's CPU Adam under
+ZeRO-Offload (``offload_optimizer: cpu``), with our own parameter groups; the
 learning rate is set by ``rwkvclip_dist.training.schedule`` before each step rather than by a DeepSpeed
 scheduler, so that it is a pure function of the step counter. Gradient accumulation is ours
 (``training.accumulation``): DeepSpeed is told the number of micro-batches so it steps only at the
@@ -35,11 +36,21 @@ class ParallelSection:
     reduce_bucket_size: int = 200_000_000
     overlap_comm: bool = False
     """ZeRO-2/3 communication overlap; worth it on GPUs, a waste of memory on CPU."""
+    tensor_parallel: int = 1
+    """Tensor-parallel degree (megatron-core): each tower's heads and channel-mix hidden units are
+    split over this many consecutive ranks, which all see the same batch; world size = tensor_parallel
+    x data-parallel size, and ZeRO partitions over the data-parallel group. 1: no megatron-core at all."""
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    """'cpu': ZeRO-Offload. The fp32 master weights and Adam moments live in host memory and
+    DeepSpeed's CPU Adam (a JIT-built op) updates them; needs zero_stage >= 1."""
 
     def __post_init__(self) -> None:
-        for name in ("allgather_bucket_size", "reduce_bucket_size"):
+        for name in ("allgather_bucket_size", "reduce_bucket_size", "tensor_parallel"):
             if getattr(self, name) < 1:
-                raise FieldError(name, f"must be >= 1 (elements), got {getattr(self, name)}")
+                raise FieldError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise FieldError("offload_optimizer", "ZeRO-Offload needs zero_stage >= 1 (it offloads the "
+                             "partitioned optimizer states)")
 
 
 def init_distributed(launch: LaunchEnv, backend: str = "auto") -> str:
@@ -57,12 +68,16 @@ def init_distributed(launch: LaunchEnv, backend: str = "auto") -> str:
 
 def deepspeed_config(section: ParallelSection, *, micro_batch: int, accumulation_steps: int, world_size: int,
                      grad_clip: float) -> dict[str, Any]:
-    """DeepSpeed's config dict for a recipe's ``parallel:`` section (checked when the recipe loaded)."""
+    """DeepSpeed's config dict for a recipe's ``parallel:`` section (checked when the recipe loaded).
+
+    ``world_size`` counts data-parallel ranks: the world divided by ``tensor_parallel``."""
     zero: dict[str, Any] = {"stage": section.zero_stage}
     if section.zero_stage >= 1:
         zero.update(allgather_bucket_size=section.allgather_bucket_size,
                     reduce_bucket_size=section.reduce_bucket_size, overlap_comm=section.overlap_comm,
                     contiguous_gradients=True)
+    if section.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation_steps,
@@ -79,8 +94,9 @@ def deepspeed_config(section: ParallelSection, *, micro_batch: int, accumulation
     }
 
 
-def create_engine(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any]):
-    """``deepspeed.initialize`` with our model, client optimizer and config; returns the engine."""
+def create_engine(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any], mpu=None):
+    """``deepspeed.initialize`` with our model, client optimizer and config, and under tensor
+    parallelism the process groups (``parallel.groups.DeepSpeedMPU``); returns the engine."""
     import deepspeed
 
     # DeepSpeed logs its whole config at INFO on every rank; keep the console for our own lines.
@@ -91,7 +107,7 @@ def create_engine(model: nn.Module, optimizer: torch.optim.Optimizer, config: di
     for param in model.parameters():
         if param.dim() == 0:
             param.data = param.data.reshape(1)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=mpu)
     return engine
 
 

@@ -1,9 +1,10 @@
 """Everything a run is built from, made from the recipe in one place and in a fixed order.
 
 The order matters for reproducibility: every rank seeds the same generator before the model is
-initialised (identical weights), then its own stream before anything draws per-rank randomness
-(stochastic depth). Each builder takes its recipe section; the section's values were checked when the
-recipe loaded.
+initialised (identical full weights; under tensor parallelism each rank then keeps its slice), then
+the stream of its data-parallel rank before anything draws per-rank randomness (stochastic depth:
+the ranks of a tensor-parallel group hold the same samples and must drop the same paths). Each
+builder takes its recipe section; the section's values were checked when the recipe loaded.
 """
 from __future__ import annotations
 
@@ -36,6 +37,13 @@ class Components:
     checkpoints: Any
     evals: list
     global_batch: int
+    groups: Any
+    """``parallel.groups.ParallelGroups``: tensor- and data-parallel rank, size and group."""
+
+
+def checkpoint_directory(recipe: Recipe, run_dir: Path) -> Path:
+    """Where the run's checkpoints go: ``checkpoint.dir``, or ``<run dir>/checkpoints``."""
+    return Path(recipe.checkpoint.dir) if recipe.checkpoint.dir else run_dir / "checkpoints"
 
 
 def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: torch.device,
@@ -46,30 +54,33 @@ def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: t
     from rwkvclip_dist.loss import build_loss
     from rwkvclip_dist.model.registry import create_model
     from rwkvclip_dist.parallel.engine import create_engine, deepspeed_config
+    from rwkvclip_dist.parallel.groups import init_parallel_groups
+    from rwkvclip_dist.parallel.tensor_parallel import parallelize
     from rwkvclip_dist.training.optim import build_optimizer
     from rwkvclip_dist.training.schedule import build_schedule
 
-    accum = recipe.train.accumulation_steps
+    accum, section = recipe.train.accumulation_steps, recipe.parallel
+    groups = init_parallel_groups(section.tensor_parallel)
     rng.seed_all(recipe.train.seed)  # identical initial weights on every rank
     model = create_model(recipe.model.name, **recipe.model.overrides)
     # Build or load the fused Bi-WKV kernels now, not inside the first (possibly compiled) step.
     ops.prepare(device, torch.bfloat16 if recipe.parallel.precision == "bf16" else torch.float32,
                 tuple({model.config.image.head_size, model.config.text.head_size}))
+    model = parallelize(model, groups)
     model.set_activation_checkpointing(recipe.model.activation_checkpointing)
-    optimizer = build_optimizer(model, recipe.optimizer, device)
+    optimizer = build_optimizer(model, recipe.optimizer, device, offload=section.offload_optimizer == "cpu")
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     engine = create_engine(model, optimizer, deepspeed_config(
-        recipe.parallel, micro_batch=recipe.data.batch_size // accum, accumulation_steps=accum,
-        world_size=launch.world_size, grad_clip=recipe.optimizer.grad_clip))
-    rng.seed_all(recipe.train.seed + 1 + launch.rank)  # each rank draws its own stochastic-depth masks
+        section, micro_batch=recipe.data.batch_size // accum, accumulation_steps=accum,
+        world_size=groups.dp_size, grad_clip=recipe.optimizer.grad_clip), mpu=groups.mpu)
+    rng.seed_all(recipe.train.seed + 1 + groups.dp_rank)  # each data-parallel rank draws its own masks
     image_size = model.config.image.image_size
-    loader, dataset = build_train_dataloader(recipe.data, image_size, recipe.train.seed)
-    checkpoint_dir = Path(recipe.checkpoint.dir) if recipe.checkpoint.dir else run_dir / "checkpoints"
+    loader, dataset = build_train_dataloader(recipe.data, image_size, recipe.train.seed,
+                                             replication=groups.tensor_parallel)
     return Components(
         engine=engine, model_config=model.config, base_lrs=base_lrs,
         dtype=torch.bfloat16 if recipe.parallel.precision == "bf16" else torch.float32,
-        loss_fn=build_loss(recipe.loss), loader=loader, dataset=dataset,
+        loss_fn=build_loss(recipe.loss, group=groups.dp_group), loader=loader, dataset=dataset,
         schedule=build_schedule(recipe.schedule, recipe.train.steps),
-        checkpoints=CheckpointManager(checkpoint_dir, recipe.checkpoint.keep_last),
-        evals=evals,
-        global_batch=recipe.data.batch_size * launch.world_size)
+        checkpoints=CheckpointManager(checkpoint_directory(recipe, run_dir), recipe.checkpoint.keep_last),
+        evals=evals, global_batch=recipe.data.batch_size * groups.dp_size, groups=groups)

@@ -60,10 +60,13 @@ def setup_process(launch: LaunchEnv) -> torch.device:
 class Trainer:
     def __init__(self, recipe: Recipe, run_dir: Path, launch: LaunchEnv) -> None:
         from rwkvclip_dist.parallel.engine import init_distributed
+        from rwkvclip_dist.parallel.groups import check_world_size
         from rwkvclip_dist.training.components import build_components
         from rwkvclip_dist.training.evals import open_evaluations
 
         self.recipe, self.run_dir, self.launch = recipe, run_dir, launch
+        check_world_size(recipe.parallel.tensor_parallel, launch.world_size)
+        self._check_checkpoint_matches()
         self.device = setup_process(launch)
         # Evaluation data and class names are opened before any process group starts: a mistake there
         # stops every rank at once with its message, not after the engine is built.
@@ -166,9 +169,13 @@ class Trainer:
             self._evaluate(self.parts.evals, logger)
 
     def _evaluate(self, tasks, logger: TrainLogger) -> None:
+        from rwkvclip_dist.eval.distributed import sharded_over
+
         results: dict[str, float] = {}
-        for task in tasks:
-            results.update(task.run(self.parts.engine.module))
+        # The ranks of a tensor-parallel group run each forward together on the same images.
+        with sharded_over(self.parts.groups.dp_group):
+            for task in tasks:
+                results.update(task.run(self.parts.engine.module))
         self.state.evals[str(self.state.step)] = results
         logger.write_scalars(self.state.step, {f"eval/{k}": v for k, v in results.items()})
         logger.message(f"eval at step {self.state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
@@ -178,13 +185,36 @@ class Trainer:
         stop = preemption.should_stop()
         step, every = self.state.step, self.recipe.checkpoint.every_steps
         if stop or step == self.recipe.train.steps or (every and step % every == 0):
-            record = {"step": step, "world_size": self.launch.world_size, "recipe": to_plain(self.recipe)}
+            record = {"step": step, "world_size": self.launch.world_size,
+                      "tensor_parallel": self.recipe.parallel.tensor_parallel, "recipe": to_plain(self.recipe)}
             self.parts.checkpoints.save(self.parts.engine, step, self._stateful(), record)
         return stop
 
     # -- around the loop -----------------------------------------------------------------------
     def _stateful(self) -> dict:
         return {"train_state": self.state, "loader": self.parts.loader}
+
+    def _check_checkpoint_matches(self) -> None:
+        """Before any process group or engine starts: the checkpoint a run would resume from must have
+        been written with its tensor_parallel (each TP rank's shards hold other slices of the weights
+        and optimizer states)."""
+        from rwkvclip_dist.checkpoint.manager import CheckpointManager
+        from rwkvclip_dist.training.components import checkpoint_directory
+        from rwkvclip_dist.typed_config import ConfigError
+
+        if not self.recipe.checkpoint.resume:
+            return
+        checkpoints = CheckpointManager(checkpoint_directory(self.recipe, self.run_dir))
+        tag = checkpoints.latest_tag()
+        if tag is None:
+            return
+        saved, tp = checkpoints.read_record(tag).get("tensor_parallel", 1), self.recipe.parallel.tensor_parallel
+        if saved != tp:
+            raise ConfigError(
+                f"checkpoint {checkpoints.directory / tag} was saved with parallel.tensor_parallel={saved}, "
+                f"this run has {tp}: resume with parallel.tensor_parallel={saved}, or start a new run "
+                f"(checkpoint.resume=false or another checkpoint.dir); tools/convert_checkpoint.py from-zero "
+                f"merges its shards into one file of weights")
 
     def _resume(self) -> None:
         self.last_finite_loss = float("nan")
@@ -199,7 +229,9 @@ class Trainer:
                              start_step=start_step, world_size=self.launch.world_size,
                              flops_per_sample=forward_flops_per_sample(cfg),
                              tokens_per_sample=cfg.image.num_patches + cfg.text.context_length)
-        logger.message(f"training {cfg.name} on {self.launch.world_size} rank(s), global batch "
+        groups = self.parts.groups
+        logger.message(f"training {cfg.name} on {self.launch.world_size} rank(s) (tensor parallel "
+                       f"{groups.tensor_parallel} x data parallel {groups.dp_size}), global batch "
                        f"{self.parts.global_batch}, steps {start_step} -> {recipe.train.steps}, "
                        f"ZeRO-{recipe.parallel.zero_stage} {recipe.parallel.precision}")
         return logger
@@ -207,8 +239,9 @@ class Trainer:
     def _write_metrics(self, status: str, start_step: int, elapsed: float) -> dict:
         state, global_batch = self.state, self.parts.global_batch
         # Every rank of a node reads the same node-wide counter: the sum over ranks counts each node
-        # local_world_size times.
-        corrupt = collectives.all_reduce_mean(self.parts.dataset.num_corrupt) * self.launch.world_size
+        # local_world_size times; the ranks of a tensor-parallel group decode the same samples.
+        corrupt = (collectives.all_reduce_mean(self.parts.dataset.num_corrupt) * self.launch.world_size
+                   / self.parts.groups.tensor_parallel)
         metrics = {
             "status": status, "steps": state.step, "samples": state.samples, "final_loss": self.last_finite_loss,
             "samples_per_s": (state.step - start_step) * global_batch / max(elapsed, 1e-9),

@@ -99,7 +99,8 @@ class TrainLogger:
             if step % self.every == 0:
                 self._reset_window()
             return None
-        record = {"step": step, "loss": loss, "lr": lr, "logit_scale": logit_scale, "skipped": skipped}
+        record = {"step": step, "loss": loss, "lr": lr, "logit_scale": logit_scale, "grad_norm": grad_norm,
+                  "skipped": skipped}
         self.loss_log.write(json.dumps(record) + "\n")
         self.loss_log.flush()
         if self.bar is not None:

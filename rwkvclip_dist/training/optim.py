@@ -8,10 +8,15 @@ the token mix and of the decay (``maa_w1``, ``decay_w1``...) are ordinary weight
 
 On a GPU the update runs as torch's fused AdamW (one kernel over all tensors of a group instead of a
 loop of small kernels per parameter); on CPU as the plain per-parameter loop. Both compute the same
-update (tested against each other on CPU).
+update (tested against each other on CPU). ``impl: apex`` takes apex's FusedAdam (AdamW mode) where
+apex is installed; nothing requires apex. Under ZeRO-Offload (``parallel.offload_optimizer: cpu``)
+the update runs on the host in DeepSpeed's CPU Adam, with the same groups and the same AdamW maths
+(tested against torch's AdamW).
 """
 from __future__ import annotations
 
+import importlib.util
+import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,6 +24,12 @@ import torch
 from torch import nn
 
 from rwkvclip_dist.typed_config import FieldError
+
+log = logging.getLogger(__name__)
+APEX_HOWTO = ("apex is not on the package index: build it from source (https://github.com/NVIDIA/apex#from-source, "
+              "pip install -v --no-build-isolation --config-settings '--build-option=--cpp_ext' "
+              "--config-settings '--build-option=--cuda_ext' git+https://github.com/NVIDIA/apex) or use a "
+              "container that ships it (NGC PyTorch), or set optimizer.impl to auto")
 
 # Parameter names (last component) that are vectors or tables in disguise: decaying them pulls
 # learned mixing ratios, decays and bonuses towards 0, which has no regularising meaning.
@@ -42,8 +53,9 @@ class OptimizerSection:
     decay_everything: bool = False
     """Paper option: weight decay on every parameter. Default: none on norms, biases, token-mix
     vectors, decays, bonus, embeddings and logit_scale."""
-    impl: Literal["auto", "fused", "torch"] = "auto"
-    """'fused': torch's fused AdamW kernels; 'torch': the per-parameter loop; 'auto': fused on GPUs."""
+    impl: Literal["auto", "fused", "torch", "apex"] = "auto"
+    """'fused': torch's fused AdamW kernels; 'torch': the per-parameter loop; 'auto': fused on GPUs;
+    'apex': apex's FusedAdam in AdamW mode (GPU only; an error at load where apex is not installed)."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -56,6 +68,13 @@ class OptimizerSection:
             raise FieldError("eps", f"must be > 0, got {self.eps}")
         if not self.grad_clip >= 0:
             raise FieldError("grad_clip", f"must be >= 0 (0 disables clipping), got {self.grad_clip}")
+        if self.impl == "apex" and not apex_available():
+            raise FieldError("impl", f"'apex' asks for apex's FusedAdam, but apex is not installed here. {APEX_HOWTO}")
+
+
+def apex_available() -> bool:
+    """Whether ``import apex`` can work (the package is found; its CUDA extensions load at use)."""
+    return importlib.util.find_spec("apex") is not None
 
 
 @dataclass
@@ -91,17 +110,32 @@ def split_decay_groups(model: nn.Module, decay_everything: bool = False) -> Para
     return ParamGroups(decay, no_decay)
 
 
-def build_optimizer(model: nn.Module, section: OptimizerSection, device: torch.device) -> torch.optim.AdamW:
-    """torch.optim.AdamW over the two groups of :func:`split_decay_groups`, fused on ``device``
-    when the section's ``impl`` asks for it (``auto``: on CUDA)."""
+def build_optimizer(model: nn.Module, section: OptimizerSection, device: torch.device,
+                    offload: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the two groups of :func:`split_decay_groups`: torch's, fused on ``device`` when the
+    section's ``impl`` asks for it (``auto``: on CUDA); apex's FusedAdam for ``impl: apex``; DeepSpeed's
+    CPU Adam when ``offload`` (ZeRO-Offload keeps the optimizer states in host memory)."""
     groups = split_decay_groups(model, section.decay_everything)
     param_groups = [
         {"params": [p for _, p in groups.decay], "weight_decay": section.weight_decay, "name": "decay"},
         {"params": [p for _, p in groups.no_decay], "weight_decay": 0.0, "name": "no_decay"},
     ]
     param_groups = [g for g in param_groups if g["params"]]
+    common = {"lr": section.lr, "betas": tuple(section.betas), "eps": section.eps}
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        log.info("optimizer: DeepSpeed's CPU Adam (AdamW mode) on the host, under ZeRO-Offload")
+        return DeepSpeedCPUAdam(param_groups, adamw_mode=True, **common)
+    if section.impl == "apex":
+        # Only reachable where apex is installed (checked at load); tested only on such machines.
+        from apex.optimizers import FusedAdam
+
+        log.info("optimizer: apex FusedAdam (AdamW mode)")
+        return FusedAdam(param_groups, adam_w_mode=True, **common)
     fused = section.impl == "fused" or (section.impl == "auto" and device.type == "cuda")
+    log.info("optimizer: torch AdamW, %s (apex %s)", "fused kernels" if fused else "per-parameter loop",
+             "installed: optimizer.impl=apex selects its FusedAdam" if apex_available() else "not installed")
     # Unfused: foreach=False, since the multi-tensor path gives no speed on CPU and differs bitwise
     # between torch versions.
-    return torch.optim.AdamW(param_groups, lr=section.lr, betas=tuple(section.betas), eps=section.eps,
-                             foreach=False if not fused else None, fused=fused or None)
+    return torch.optim.AdamW(param_groups, **common, foreach=False if not fused else None, fused=fused or None)

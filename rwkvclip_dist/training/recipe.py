@@ -91,11 +91,21 @@ class Recipe:
     """The recipe file this was loaded from (informational, set by the loader)."""
 
     def __post_init__(self) -> None:
+        from rwkvclip_dist.model.registry import get_model_config
+        from rwkvclip_dist.parallel.tensor_parallel import tensor_parallel_problems
+
         if not self.data.streams:
             raise FieldError("data.streams", "is empty: a run needs at least one MDS stream ({remote: DIR or URL})")
         if self.data.batch_size % self.train.accumulation_steps:
             raise FieldError("train.accumulation_steps", f"{self.train.accumulation_steps} must divide "
                              f"data.batch_size={self.data.batch_size} (micro-batches of equal size)")
+        problems = tensor_parallel_problems(get_model_config(self.model.name, **self.model.overrides),
+                                            self.parallel.tensor_parallel)
+        if problems:
+            raise FieldError("parallel.tensor_parallel", f"model {self.model.name!r}: " + "; ".join(problems))
+        if self.parallel.offload_optimizer != "none" and self.optimizer.impl not in ("auto", "torch"):
+            raise FieldError("optimizer.impl", f"{self.optimizer.impl!r} cannot run under parallel.offload_optimizer="
+                             f"{self.parallel.offload_optimizer} (DeepSpeed's CPU Adam makes the update); use auto")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
