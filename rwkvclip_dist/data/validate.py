@@ -53,12 +53,14 @@ def encode_image(data: bytes | None, opts: ImageOptions) -> tuple[bytes, int, in
     """Fully decode the image (catches truncation); re-encode to RGB JPEG only when needed."""
     if data is None:
         raise Rejected("missing_image", "no image payload")
+    buf = io.BytesIO(data)
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(buf)
         fmt = img.format
         img.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise Rejected("corrupt_image", f"{type(e).__name__}: {e}") from None
+        # PIL names the buffer by its address; keep the rejects file the same from run to run.
+        raise Rejected("corrupt_image", f"{type(e).__name__}: {e}".replace(repr(buf), "<image bytes>")) from None
     w, h = img.size
     if w < 1 or h < 1:
         raise Rejected("corrupt_image", f"image has size {w}x{h}")
