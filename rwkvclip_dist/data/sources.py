@@ -197,6 +197,8 @@ def _read_table(path: str, label_column: str | None = None) -> Iterator[RawSampl
         for name in ("synthetic", "generated"):
             if name in cols and isinstance(row[name], (str, bytes)):
                 setattr(s, name, row[name])
+        if label_column is not None:
+            s.extra["label"] = row[label_column]
         if "tags" in cols and row["tags"] is not None:
             tags = row["tags"]
             if isinstance(tags, str):
