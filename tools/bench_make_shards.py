@@ -2,7 +2,7 @@
 """Shard-builder benchmarks: peak memory of the caption join, and an N-part build against one part.
 
     python tools/bench_make_shards.py captions --rows 100000 1000000 10000000
-    python tools/bench_make_shards.py parts --tars 8 --samples-per-tar 256 --parts 4
+    python tools/bench_make_shards.py parts --tars 16 --samples-per-tar 512 --image-side 512 --parts 4
 
 ``captions``: one build of a small tar with a caption file of R rows, per R, each in a fresh process,
 once with the on-disk caption table (``rwkvclip_dist.data.captions``) and once with the in-memory dict
@@ -112,12 +112,18 @@ def child(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(cmd: list[str], env: dict | None = None) -> tuple[str, float]:
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+def _cpu_of_children() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _run(cmd: list[str]) -> tuple[str, float, float]:
+    """(stdout, wall s, CPU s of the process and its workers)."""
+    start, cpu = time.perf_counter(), _cpu_of_children()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return proc.stdout, time.perf_counter() - start
+    return proc.stdout, time.perf_counter() - start, _cpu_of_children() - cpu
 
 
 def captions_bench(args: argparse.Namespace, work: str) -> None:
@@ -143,7 +149,7 @@ def captions_bench(args: argparse.Namespace, work: str) -> None:
                 continue
             out = os.path.join(work, f"out-{store}-{rows}")
             subprocess.run(["rm", "-rf", out], check=True)
-            stdout, _ = _run([sys.executable, __file__, "_child", "--store", store, "--input", tar,
+            stdout, _, _ = _run([sys.executable, __file__, "_child", "--store", store, "--input", tar,
                               "--captions", caps, "--out", out])
             cells.append(json.loads(stdout.strip().splitlines()[-1]))
             subprocess.run(["rm", "-rf", out], check=True)
@@ -169,27 +175,30 @@ def parts_bench(args: argparse.Namespace, work: str) -> None:
     common = ["--captions", caps, "--workers", "1"] + [a for t in tars for a in ("--input", t)]
     one, many = os.path.join(work, "one"), os.path.join(work, "many")
     subprocess.run(["rm", "-rf", one, many], check=True)
-    _, t_one = _run(tool + common + ["--out", one])
-    _, t_prep = _run(tool + common + ["--out", many, "--prepare"])
-    t_parts = [_run(tool + common + ["--out", many, "--shard", f"{i}/{args.parts}"])[1] for i in range(args.parts)]
-    _, t_merge = _run(tool + ["--out", many, "--merge", "--workers", "1"])
+    steps = [("one part", tool + common + ["--out", one]),
+             ("prepare (checks inputs, indexes captions)", tool + common + ["--out", many, "--prepare"])]
+    steps += [(f"part {i}/{args.parts}", tool + common + ["--out", many, "--shard", f"{i}/{args.parts}"])
+              for i in range(args.parts)]
+    steps += [("merge", tool + ["--out", many, "--merge", "--workers", "1"]),
+              ("process start-up alone (make_shards.py --help)", tool + ["--out", many, "--help"])]
+    times = {name: _run(cmd)[1:] for name, cmd in steps}
     with open(os.path.join(one, "build_report.json")) as f1, open(os.path.join(many, "build_report.json")) as f2:
         same = json.load(f1) == json.load(f2)
-    n = args.tars * args.samples_per_tar
-    cluster = t_prep + max(t_parts) + t_merge
-    print(f"{n} samples in {args.tars} tars ({args.image_side} px JPEGs, half captioned), 1 worker per "
-          f"process, wall seconds including each process's start-up; reports identical: {same}")
-    print("| build | wall s | vs one part |")
+    print(f"{args.tars * args.samples_per_tar} samples in {args.tars} tars ({args.image_side} px JPEGs, half "
+          f"captioned), 1 worker per process, one process per step, run one after another; reports "
+          f"identical: {same}")
+    print("| step | wall s | CPU s |")
     print("|---|---|---|")
-    print(f"| one part | {t_one:.1f} | 1.00x |")
-    print(f"| prepare (index captions) | {t_prep:.1f} | |")
-    for i, t in enumerate(t_parts):
-        print(f"| part {i}/{args.parts} | {t:.1f} | |")
-    print(f"| merge | {t_merge:.1f} | |")
-    print(f"| {args.parts} parts on {args.parts} nodes: prepare + slowest part + merge | {cluster:.1f} "
-          f"| {t_one / cluster:.2f}x faster |")
-    print(f"| {args.parts} parts, total work (prepare + all parts + merge) | {t_prep + sum(t_parts) + t_merge:.1f} "
-          f"| {(t_prep + sum(t_parts) + t_merge) / t_one:.2f}x the work |")
+    for name, (wall, cpu) in times.items():
+        print(f"| {name} | {wall:.1f} | {cpu:.1f} |")
+    parts = [times[f"part {i}/{args.parts}"] for i in range(args.parts)]
+    fixed = [times["prepare (checks inputs, indexes captions)"], times["merge"]]
+    path = [fixed[0][k] + max(p[k] for p in parts) + fixed[1][k] for k in (0, 1)]
+    work = [fixed[0][k] + sum(p[k] for p in parts) + fixed[1][k] for k in (0, 1)]
+    one = times["one part"]
+    print(f"| {args.parts} parts on {args.parts} nodes: prepare + slowest part + merge | {path[0]:.1f} | {path[1]:.1f} |")
+    print(f"| speed-up of that over one part | {one[0] / path[0]:.2f}x | {one[1] / path[1]:.2f}x |")
+    print(f"| all steps of the {args.parts}-part build together (the work) | {work[0]:.1f} | {work[1]:.1f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
