@@ -29,7 +29,9 @@ rwkvclip_log() {
     echo "[slurm/common.sh $(date -u +%H:%M:%S)] $*"
 }
 
-rwkvclip_setup() {
+# rwkvclip_env: the repository, the site file and the Python environment, and cd to the repository
+# (what every job needs; rwkvclip_setup adds the run directory and rendezvous of a training job).
+rwkvclip_env() {
     [[ -n ${SLURM_JOB_ID:-} ]] || rwkvclip_die "not inside a Slurm job; submit with sbatch from the repository root"
     RWKVCLIP_REPO=${RWKVCLIP_REPO:-${SLURM_SUBMIT_DIR:-}}
     [[ -f $RWKVCLIP_REPO/rwkvclip_dist/__init__.py ]] ||
@@ -50,12 +52,16 @@ rwkvclip_setup() {
         rwkvclip_die "RWKVCLIP_VENV='$RWKVCLIP_VENV' has no bin/activate"
     fi
     command -v python >/dev/null || rwkvclip_die "no python on PATH (set RWKVCLIP_VENV or load a module in site.env)"
+    # Recipes and data paths are relative to the repository root.
+    cd "$RWKVCLIP_REPO"
+    export RWKVCLIP_REPO
+}
 
+rwkvclip_setup() {
+    rwkvclip_env
     RWKVCLIP_RUN_DIR=${RWKVCLIP_RUNS:-$RWKVCLIP_REPO/runs}/$SLURM_JOB_NAME
     RWKVCLIP_LOG_DIR=$RWKVCLIP_RUN_DIR/logs/$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}
     mkdir -p "$RWKVCLIP_LOG_DIR"
-    # Recipes name their data and model files relative to the repository root.
-    cd "$RWKVCLIP_REPO"
 
     # The rendezvous lives on the first node; the port is derived from the job id so two jobs that
     # share a node do not collide, and stays the same across requeues of one job.

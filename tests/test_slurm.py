@@ -187,3 +187,54 @@ def test_requeue_and_time_limit_signal_resume_from_checkpoint(cluster):
     assert (metrics["status"], metrics["steps"], metrics["resumed_from_step"]) == ("completed", total, before_limit)
     assert saved < before_limit < total
     assert _latest_step(run_dir) == total
+
+
+@pytest.mark.timeout(300)
+def test_shard_build_array_reruns_a_failed_part_then_merges(cluster, tmp_path):
+    """slurm/submit_make_shards.sh: prepare, a 2-task array and the merge after it. Part 1 fails (a
+    table without an image column); the merge fails naming it; part 1 reruns alone, part 0 is not
+    rebuilt, and the merged shards equal a one-part build (a key of part 0 repeats in part 1)."""
+    import sys
+    import tarfile
+
+    from test_data_builder import add, jpeg, make_shards, read_back
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for t in range(3):
+        with tarfile.open(data / f"t{t}.tar", "w") as tar:
+            for key in [f"t{t}k{i}" for i in range(4)] + (["t0k0"] if t == 1 else []):
+                add(tar, f"{key}.jpg", jpeg(t * 10 + int(key[-1])))
+                add(tar, f"{key}.txt", f"{key} from t{t}".encode())
+    (data / "img.jpg").write_bytes(jpeg(99))
+    (data / "t3.csv").write_text("key,caption\nc0,a table row\n")  # no image column: part 1 fails
+    out = tmp_path / "out"
+    args = ["--input", f"{data}/t*.tar", "--input", str(data / "t3.csv"), "--out", str(out)]
+    env = dict(cluster.env, SBATCH_OUTPUT=f"{cluster.runs}/%x-%j.out", PYTHONPATH=str(ROOT),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + cluster.env["PATH"])
+
+    def sbatch(*argv: str) -> str:
+        proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    ids = re.search(r"prepare (\d+), parts (\d+) .*, merge (\d+)",
+                    sbatch("bash", "slurm/submit_make_shards.sh", "--cpus-per-task=1", "2", *args))
+    merge = cluster.wait_done(ids.group(3), "shards-merge")
+    assert (merge["JobState"], merge["ExitCode"]) == ("FAILED", "1:0")
+    assert "part(s) 1 of 2" in cluster.batch_log("shards-merge", ids.group(3))
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("part-00000-of-00002/.build/*.done")}
+    assert len(finished) == 2
+
+    (data / "t3.csv").write_text(f"key,caption,image_path\nc0,a table row,{data / 'img.jpg'}\n")
+    part = sbatch("sbatch", "--parsable", "--cpus-per-task=1", "--array=1", "slurm/make_shards.sh", "part", "2",
+                  *args).strip()
+    merge_id = sbatch("sbatch", "--parsable", "--cpus-per-task=1", f"--dependency=afterok:{part}",
+                      "slurm/make_shards.sh", "merge", *args).strip()
+    merge = cluster.wait_done(merge_id, "shards-merge")
+    assert (merge["JobState"], merge["ExitCode"]) == ("COMPLETED", "0:0"), cluster.batch_log("shards-merge", merge_id)
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished, "a finished part was rebuilt"
+    assert make_shards.main(args[:-1] + [str(tmp_path / "one"), "--workers", "1"]) == 0
+    merged = read_back(str(out))
+    assert merged == read_back(str(tmp_path / "one")) and len(merged) == 13
+    assert merged["t0k0"]["raw"] == "t0k0 from t0"

@@ -8,6 +8,11 @@ process plus its DataLoader workers) is samples/s per core. Results go in benchm
     python tools/bench_input_pipeline.py --samples 2048 --image-side 320 --image-size 224 --repeats 3
     python tools/bench_input_pipeline.py --workers 2      # DataLoader workers, as in training
     python tools/bench_input_pipeline.py --object-store   # also from S3 (moto_server on 127.0.0.1)
+    python tools/bench_input_pipeline.py --image-sides 512 1024   # LAION-like sources, random sizes
+
+The "mds (ours), full decode" row is our loader with the torchvision transform on fully decoded
+images (the loader before reduced-scale JPEG decoding); webdataset and the stock StreamingDataset
+use that same transform, as their users would.
 
 webdataset is needed for the comparison only, moto[server] for --object-store (the bench extra).
 With --object-store the same samples are also built into smaller shards (--store-shard-mb) and read
@@ -33,21 +38,23 @@ import numpy as np
 
 
 
-def make_tars(paths: list[str], n: int, side: int) -> None:
+def make_tars(paths: list[str], n: int, sides: tuple[int, int]) -> None:
     """Photo-like JPEGs (smooth gradients plus mild noise; pure noise would inflate decode cost),
-    samples 0..n-1 split into consecutive blocks, one per tar (webdataset gives each worker whole
-    tars)."""
+    width and height each uniform in ``sides``, samples 0..n-1 split into consecutive blocks, one
+    per tar (webdataset gives each worker whole tars)."""
     rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
     bounds = np.linspace(0, n, len(paths) + 1).astype(int)
     for path, first, end in zip(paths, bounds[:-1], bounds[1:]):
         with tarfile.open(path, "w") as tar:
-            _write_samples(tar, rng, xx, yy, range(first, end))
+            _write_samples(tar, rng, sides, range(first, end))
 
 
-def _write_samples(tar, rng, xx, yy, ids) -> None:
+def _write_samples(tar, rng, sides, ids) -> None:
     from PIL import Image
     for i in ids:
+        w, h = rng.integers(sides[0], sides[1] + 1, size=2)
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        xx, yy = xx / w, yy / h
         a, b, c = rng.random(3)
         base = np.stack([a * xx + (1 - a) * yy, b * yy, c * (1 - xx)], -1) * 255
         img = (base + rng.normal(0, 8, base.shape)).clip(0, 255).astype(np.uint8)
@@ -77,12 +84,16 @@ def timed(loader) -> tuple[int, float, float, float]:
             time.thread_time() - main_cpu)
 
 
-def ours(mds: str, image_size: int, batch: int, workers: int):
+def ours(mds: str, image_size: int, batch: int, workers: int, full_decode: bool = False):
     from rwkvclip_dist.data.config import DataConfig, StreamConfig
     from rwkvclip_dist.data.loader import build_train_dataloader
+    from rwkvclip_dist.data.transforms import reference_train_transform
     cfg = DataConfig(streams=[StreamConfig(remote=mds)], batch_size=batch, num_workers=workers,
                      text_weights={"raw": 1.0})
-    return build_train_dataloader(cfg, image_size, seed=0)[0]
+    loader, dataset = build_train_dataloader(cfg, image_size, seed=0)
+    if full_decode:
+        dataset.transform = reference_train_transform(image_size)
+    return loader
 
 
 def stock_streaming(mds: str, image_size: int, batch: int, workers: int):
@@ -92,8 +103,8 @@ def stock_streaming(mds: str, image_size: int, batch: int, workers: int):
     from streaming import StreamingDataset
 
     from rwkvclip_dist.data.tokenizer import tokenize
-    from rwkvclip_dist.data.transforms import train_transform
-    tf = train_transform(image_size)
+    from rwkvclip_dist.data.transforms import reference_train_transform
+    tf = reference_train_transform(image_size)
 
     class Plain(StreamingDataset):
         def get_item(self, sample_id: int, retry: int = 7):
@@ -111,8 +122,8 @@ def webdataset_loader(tars: list[str], image_size: int, batch: int, workers: int
     import webdataset as wds
 
     from rwkvclip_dist.data.tokenizer import tokenize
-    from rwkvclip_dist.data.transforms import train_transform
-    tf = train_transform(image_size)
+    from rwkvclip_dist.data.transforms import reference_train_transform
+    tf = reference_train_transform(image_size)
     ds = (wds.WebDataset(tars, shardshuffle=False).decode("pil").to_tuple("jpg", "txt")
           .map_tuple(tf, lambda t: tokenize(t)[0]))
     return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers)
@@ -169,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", type=int, default=2048,
                    help="a multiple of --batch: our loader drops a last partial batch (drop_last)")
-    p.add_argument("--image-side", type=int, default=320, help="stored JPEG side in pixels")
+    p.add_argument("--image-side", type=int, default=320, help="stored JPEG side in pixels (square)")
+    p.add_argument("--image-sides", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="LAION-like sources instead: width and height each uniform in [MIN, MAX] px")
     p.add_argument("--image-size", type=int, default=224, help="model resolution (crop size)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
@@ -190,17 +203,22 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir or tempfile.mkdtemp(prefix="bench-input-")
     os.makedirs(work, exist_ok=True)
     # one tar per worker (webdataset splits by tar); the MDS shards are built from the same samples
-    tar_dir = os.path.join(work, f"{args.samples}x{args.image_side}px_{max(1, args.workers)}tars")
+    sides = tuple(args.image_sides) if args.image_sides else (args.image_side, args.image_side)
+    if not 1 <= sides[0] <= sides[1]:
+        p.error("--image-sides: need 1 <= MIN <= MAX")
+    label = f"{sides[0]}px" if sides[0] == sides[1] else f"{sides[0]}-{sides[1]}px"
+    tar_dir = os.path.join(work, f"{args.samples}x{label}_{max(1, args.workers)}tars")
     tars = [os.path.join(tar_dir, f"{i:05d}.tar") for i in range(max(1, args.workers))]
     mds = os.path.join(tar_dir, "mds")
     if not all(os.path.exists(t) for t in tars):
         os.makedirs(tar_dir, exist_ok=True)
-        make_tars(tars, args.samples, args.image_side)
+        make_tars(tars, args.samples, sides)
     if not os.path.exists(os.path.join(mds, "index.json")):
         build_shards(BuildOptions(inputs=tars, out=mds, workers=1))
     clean_stale_shared_memory()
     shape = (args.image_size, args.batch, args.workers)
     pipelines = {"mds (ours)": lambda: ours(mds, *shape),
+                 "mds (ours), full decode": lambda: ours(mds, *shape, full_decode=True),
                  "stock StreamingDataset, same decode": lambda: stock_streaming(mds, *shape),
                  "webdataset": lambda: webdataset_loader(tars, *shape)}
     downloads: dict[str, list[int]] = {}
@@ -218,16 +236,17 @@ def main(argv: list[str] | None = None) -> int:
                 if s3 and "S3" in name:
                     downloads.setdefault(name, []).append(
                         sum(n for key, n in (s3.gets() - before).items() if "/shard." in key))
-    print(f"{args.samples} samples, JPEG {args.image_side}px -> {args.image_size}px, batch {args.batch}, "
+    print(f"{args.samples} samples, JPEG {label} -> {args.image_size}px, batch {args.batch}, "
           f"{args.workers} DataLoader workers, 1 torch thread per process, median of {args.repeats}")
     print("| pipeline | samples/s (wall) | samples per CPU-second, whole process (per core) "
-          "| samples per CPU-second, main thread |")
-    print("|---|---|---|---|")
+          "| samples per CPU-second, main thread | per core vs webdataset |")
+    print("|---|---|---|---|---|")
+    per_core = {name: statistics.median(n / c for n, _, c, _ in runs) for name, runs in results.items()}
     for name, runs in results.items():
         wall = statistics.median(n / w for n, w, _, _ in runs)
-        cpu = statistics.median(n / c for n, _, c, _ in runs)
         main_cpu = statistics.median(n / m for n, _, _, m in runs)
-        print(f"| {name} | {wall:.0f} | {cpu:.0f} | {main_cpu:.0f} |")
+        print(f"| {name} | {wall:.0f} | {per_core[name]:.0f} | {main_cpu:.0f} "
+              f"| {per_core[name] / per_core['webdataset']:.2f}x |")
     for name, counts in downloads.items():
         print(f"shard downloads per epoch, {name}: {statistics.median(counts):.0f}")
     return 0

@@ -1,12 +1,23 @@
 #!/usr/bin/env python
 """Build MDS shards for rwkvclip_dist from webdataset tars, parquet/CSV tables or image folders.
 
-    python tools/make_shards.py --input 'laion/{00000..00099}.tar' --out shards/laion \
+    python tools/make_shards.py --input 'laion/{00000..00099}.tar' --out shards/laion \\
         --captions ofa.jsonl --captions llm.jsonl --resize-max-side 512 --workers 8
 
+Across a cluster: part I of N on each node, then one merge (slurm/make_shards.sh does this as a
+Slurm array and a dependent job):
+
+    python tools/make_shards.py --prepare ARGS            # once: check inputs, index the captions
+    python tools/make_shards.py ARGS --shard I/N          # for I in 0..N-1, anywhere, in any order
+    python tools/make_shards.py --merge --out OUT         # after all parts
+
+Labelled evaluation sets: ``--labels folder`` (ImageNet-style class subfolders) or ``--labels COLUMN``
+(CSV/parquet column), optionally with ``--classes FILE`` (one class a line, in label order).
+
 Bad samples are skipped and counted per reason (OUT/build_report.json, OUT/build_rejects.jsonl).
-Exit status: 0 when samples were written, 1 when nothing usable was written, 2 for bad arguments.
-Re-running the same command resumes an interrupted build. Column contract: docs/data.md.
+Exit status: 0 when samples were written (or a part/prepare step finished), 1 when nothing usable was
+written or parts are missing at merge, 2 for bad arguments. Re-running the same command resumes an
+interrupted build or part. Column contract and details: docs/data.md.
 """
 
 from __future__ import annotations
@@ -17,13 +28,13 @@ import logging
 import os
 import sys
 
-
 from rwkvclip_dist.data.builder import REPORT, BuildOptions, build_shards
+from rwkvclip_dist.data.parts import IncompleteBuild, build_part, merge_parts, parse_shard, prepare
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", action="append", required=True,
+    p.add_argument("--input", action="append", default=[],
                    help="tar / parquet / csv file, glob, or image folder (repeatable)")
     p.add_argument("--out", required=True, help="output directory (MDS index.json + part folders)")
     p.add_argument("--captions", action="append", default=[],
@@ -31,21 +42,49 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resize-max-side", type=int, default=None, help="downscale longer image side to N px")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel input files")
     p.add_argument("--size-limit", type=int, default=None, help="bytes per shard before compression")
+    p.add_argument("--labels", default=None,
+                   help="write a label column: 'folder' (class subfolders) or a CSV/parquet column name")
+    p.add_argument("--classes", default=None, help="class list for --labels, one name a line in label order")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--shard", default=None, metavar="I/N", help="build only part I of N into OUT/part-I-of-N")
+    mode.add_argument("--merge", action="store_true", help="merge the N parts under OUT into one index")
+    mode.add_argument("--prepare", action="store_true",
+                      help="check inputs and index the captions, for the parts to share")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.resize_max_side is not None and args.resize_max_side < 1:
         p.error("--resize-max-side must be >= 1")
     if args.workers < 1:
         p.error("--workers must be >= 1")
-    for c in args.captions:
-        if not os.path.isfile(c):
-            p.error(f"--captions {c!r}: no such file")
+    if not args.input and not args.merge:
+        p.error("--input is required (except with --merge)")
+    if args.classes is not None and args.labels is None:
+        p.error("--classes needs --labels")
+    for path, flag in [(c, "--captions") for c in args.captions] + [(args.classes, "--classes")]:
+        if path is not None and not os.path.isfile(path):
+            p.error(f"{flag} {path!r}: no such file")
     opts = BuildOptions(inputs=args.input, out=args.out, captions=args.captions,
-                        resize_max_side=args.resize_max_side, workers=args.workers)
+                        resize_max_side=args.resize_max_side, workers=args.workers,
+                        labels=args.labels, classes=args.classes)
     if args.size_limit is not None:
         opts.size_limit = args.size_limit
     try:
-        report = build_shards(opts)
+        if args.prepare:
+            print(json.dumps({"units": prepare(opts)}))
+            return 0
+        if args.shard is not None:
+            summary = build_part(opts, *parse_shard(args.shard))
+            print(json.dumps({k: summary[k] for k in ("part", "parts", "written", "rejected")}))
+            return 0
+        report = merge_parts(args.out, args.workers, opts if args.input else None) if args.merge else build_shards(opts)
+    except IncompleteBuild as e:
+        print(f"make_shards: error: {e}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError) as e:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2

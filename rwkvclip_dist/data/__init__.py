@@ -1,7 +1,15 @@
 """Data side: MDS shard contract and builder, three-text streaming loader, tokenizer, transforms."""
 
-from rwkvclip_dist.data.config import DataConfig, StreamConfig
-from rwkvclip_dist.data.tokenizer import tokenize
-from rwkvclip_dist.data.transforms import eval_transform, train_transform
+import importlib
 
-__all__ = ["DataConfig", "StreamConfig", "tokenize", "train_transform", "eval_transform"]
+# Resolved on first use: the shard builder (tools/make_shards.py, one process per Slurm task) needs
+# none of these, and the tokenizer alone imports open_clip (seconds per process).
+_EXPORTS = {"DataConfig": "config", "StreamConfig": "config", "tokenize": "tokenizer",
+            "train_transform": "transforms", "eval_transform": "transforms"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

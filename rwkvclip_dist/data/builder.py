@@ -1,9 +1,12 @@
 """Build MDS shards (column contract in ``columns.py``) from tars, tables or folders.
 
-Each input unit is written by one worker into its own part directory ``OUT/<unit>/`` and marked done in
-``OUT/.build/``; a re-run skips finished units and rewrites unfinished ones, so an interrupted build
-resumes without duplicates. The parts are joined with Streaming's ``merge_index`` into ``OUT/index.json``.
-Duplicate keys across units keep the first occurrence in input order.
+Each input unit is written by one worker into its own unit directory ``DIR/<unit>/`` and marked done in
+``DIR/.build/``; a re-run skips finished units and rewrites unfinished ones, so an interrupted build
+resumes without duplicates. ``DIR`` is ``OUT`` for a one-part build and ``OUT/part-I-of-N`` for a part
+of a cluster build (``parts.py``). The unit indexes are joined with Streaming's ``merge_index``.
+Duplicate keys across units keep the first occurrence in input order. Memory does not grow with the
+data: captions are looked up in an on-disk table (``captions.py``) and duplicates are found on disk
+(``dedup.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from streaming import MDSWriter
 from streaming.base.util import merge_index
 from tqdm import tqdm
 
+from rwkvclip_dist.data.captions import CaptionLookup, CaptionTable, index_captions, index_path
 from rwkvclip_dist.data.columns import COMPRESSION, DEFAULT_SIZE_LIMIT, columns
+from rwkvclip_dist.data.dedup import later_duplicates
+from rwkvclip_dist.data.labels import Labeller, LabelOptions
 from rwkvclip_dist.data.sources import Unit, discover_units, read_unit
 from rwkvclip_dist.data.validate import REASONS, ImageOptions, Rejected, to_row
 
@@ -45,35 +51,46 @@ class BuildOptions:
     workers: int = 1
     size_limit: int = DEFAULT_SIZE_LIMIT
     jpeg_quality: int = 95
+    labels: str | None = None     # "folder" or a table column: write a ``label`` column (labels.py)
+    classes: str | None = None    # class-list file for ``labels``
 
     def fingerprint(self) -> str:
         """Changes when a finished unit would come out differently (so it must be rebuilt)."""
         caps = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in self.captions]
-        key = json.dumps([self.resize_max_side, self.size_limit, self.jpeg_quality, caps])
+        labels = self.label_options().fingerprint() if self.labels else None
+        key = json.dumps([self.resize_max_side, self.size_limit, self.jpeg_quality, caps, labels])
         return hashlib.sha1(key.encode()).hexdigest()
 
-
-def load_captions(paths: list[str]) -> dict[str, dict]:
-    """Merge JSONL files of ``{"key", "synthetic"?, "generated"?, "tags"?}``; later files win per field."""
-    merged: dict[str, dict] = {}
-    for path in paths:
-        with open(path, "rb") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("key"), str):
-                    raise ValueError(f"{path}:{n}: each line needs a string 'key'")
-                fields = {k: v for k, v in obj.items() if k in ("synthetic", "generated", "tags")}
-                merged.setdefault(obj["key"], {}).update(fields)
-    return merged
+    def label_options(self) -> LabelOptions | None:
+        return LabelOptions(self.labels, self.classes) if self.labels else None
 
 
-# Worker globals, set by the pool initializer (the captions table can be large: inherit, don't pickle).
-_CAPTIONS: dict[str, dict] = {}
+@dataclass
+class Context:
+    """What every unit of a build shares: inherited by the workers through ``fork``, never pickled."""
+
+    opts: BuildOptions
+    fingerprint: str
+    captions: CaptionLookup
+    labeller: Labeller | None = None
+
+
+def open_captions(opts: BuildOptions) -> CaptionTable:
+    """The build's caption table, indexed from ``opts.captions`` under ``OUT/.build`` on first use."""
+    if not opts.captions:
+        return CaptionTable(None)
+    db = index_path(os.path.join(opts.out, STATE_DIR), opts.captions)
+    if not os.path.exists(db):
+        log.info("indexing %d caption file(s) into %s", len(opts.captions), db)
+    return CaptionTable(index_captions(opts.captions, db))
+
+
+def make_context(opts: BuildOptions, units: list[Unit], captions: CaptionLookup | None = None) -> Context:
+    labeller = Labeller(opts.label_options(), units) if opts.labels else None  # checked before building
+    return Context(opts, opts.fingerprint(), open_captions(opts) if captions is None else captions, labeller)
+
+
+_CTX: Context | None = None
 _PROGRESS: "mp.Queue | _BarSink | None" = None
 
 
@@ -87,9 +104,9 @@ class _BarSink:
         self.bar.update(n)
 
 
-def _init_worker(captions: dict, progress: "mp.Queue | _BarSink | None") -> None:
-    global _CAPTIONS, _PROGRESS
-    _CAPTIONS, _PROGRESS = captions, progress
+def _init_worker(ctx: Context, progress: "mp.Queue | _BarSink | None") -> None:
+    global _CTX, _PROGRESS
+    _CTX, _PROGRESS = ctx, progress
 
 
 def _tick(n: int) -> None:
@@ -97,19 +114,29 @@ def _tick(n: int) -> None:
         _PROGRESS.put(n)
 
 
-def build_unit(unit: Unit, out: str, opts: BuildOptions, exclude: frozenset[str] = frozenset()) -> dict:
-    """Write one unit's part directory; returns its summary (also stored as the done marker)."""
-    part = os.path.join(out, unit.name)
-    state = os.path.join(out, STATE_DIR)
+def _state(root: str, unit: Unit, suffix: str) -> str:
+    return os.path.join(root, STATE_DIR, unit.name + suffix)
+
+
+def build_unit(unit: Unit, root: str, exclude: frozenset[str] = frozenset()) -> dict:
+    """Write one unit's directory under ``root``; returns its summary (also stored as the done marker).
+
+    Beside the shards it leaves, in ``root/.build``: the written keys (``.keys``), the input keys found
+    in the caption table (``.hits``, for the unknown-key count) and the rejects.
+    """
+    ctx = _CTX
+    part = os.path.join(root, unit.name)
     shutil.rmtree(part, ignore_errors=True)
-    img_opts = ImageOptions(opts.resize_max_side, opts.jpeg_quality)
+    img_opts = ImageOptions(ctx.opts.resize_max_side, ctx.opts.jpeg_quality)
+    label_column = None if ctx.labeller is None or ctx.opts.labels == "folder" else ctx.opts.labels
     counts: Counter = Counter()
     seen: set[str] = set()
-    written: list[str] = []
-    pending = 0
-    with MDSWriter(out=part, columns=columns(), compression=COMPRESSION, size_limit=opts.size_limit) as w, \
-            open(os.path.join(state, unit.name + ".rejects.jsonl"), "w") as rej:
-        samples = read_unit(unit)
+    written = pending = 0
+    with MDSWriter(out=part, columns=columns(ctx.labeller is not None), compression=COMPRESSION,
+                   size_limit=ctx.opts.size_limit) as w, \
+            open(_state(root, unit, ".rejects.jsonl"), "w") as rej, \
+            open(_state(root, unit, ".keys"), "w") as keys_out, open(_state(root, unit, ".hits"), "w") as hits_out:
+        samples = read_unit(unit, label_column)
         while True:
             try:
                 s = next(samples, None)
@@ -121,13 +148,17 @@ def build_unit(unit: Unit, out: str, opts: BuildOptions, exclude: frozenset[str]
                 break
             if s is None:
                 break
+            caption = ctx.captions.get(s.key)
+            if caption is not None:
+                hits_out.write(json.dumps(s.key) + "\n")
+            label = ctx.labeller.label(unit, s) if ctx.labeller is not None else None
             try:
                 if s.key in seen or s.key in exclude:
                     raise Rejected("duplicate_key", "key already used by an earlier sample")
                 seen.add(s.key)
-                row = to_row(s, _CAPTIONS.get(s.key), img_opts)
-                w.write(row)
-                written.append(s.key)
+                w.write(to_row(s, caption, img_opts, label))
+                keys_out.write(json.dumps(s.key) + "\n")
+                written += 1
             except Rejected as r:
                 counts[r.reason] += 1
                 rej.write(json.dumps({"input": s.source, "key": s.key, "reason": r.reason,
@@ -137,19 +168,18 @@ def build_unit(unit: Unit, out: str, opts: BuildOptions, exclude: frozenset[str]
                 _tick(pending)
                 pending = 0
     _tick(pending)
-    with open(os.path.join(state, unit.name + ".keys"), "w") as f:
-        f.write("".join(json.dumps(k) + "\n" for k in written))
-    summary = {"unit": asdict(unit), "written": len(written), "rejected": dict(counts),
-               "fingerprint": opts.fingerprint(), "exclude": sorted(exclude)}
-    tmp = os.path.join(state, unit.name + ".done.tmp")
+    summary = {"unit": asdict(unit), "written": written, "rejected": dict(counts),
+               "fingerprint": ctx.fingerprint, "exclude": sorted(exclude)}
+    tmp = _state(root, unit, ".done.tmp")
     with open(tmp, "w") as f:
         json.dump(summary, f)
-    os.replace(tmp, os.path.join(state, unit.name + ".done"))  # atomic: a unit is done or it is not
+    os.replace(tmp, _state(root, unit, ".done"))  # atomic: a unit is done or it is not
     return summary
 
 
-def _done(out: str, unit: Unit, fingerprint: str) -> dict | None:
-    path = os.path.join(out, STATE_DIR, unit.name + ".done")
+def done_summary(root: str, unit: Unit, fingerprint: str) -> dict | None:
+    """The unit's summary when it is built under ``root`` with these options, else None."""
+    path = _state(root, unit, ".done")
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -157,22 +187,22 @@ def _done(out: str, unit: Unit, fingerprint: str) -> dict | None:
     return summary if summary.get("fingerprint") == fingerprint else None
 
 
-def _run_units(units: list[Unit], opts: BuildOptions, captions: dict, excludes: dict) -> None:
-    if not units:
+def _run_units(ctx: Context, jobs: list[tuple[Unit, str, frozenset[str]]]) -> None:
+    """Build ``(unit, root, exclude)`` jobs, in this process or in ``ctx.opts.workers`` forked workers."""
+    if not jobs:
         return
-    ctx = mp.get_context("fork")
-    progress = ctx.Queue()
+    mp_ctx = mp.get_context("fork")
+    progress = mp_ctx.Queue()
     bar = tqdm(desc="samples", unit="sample", smoothing=0.1)
-    if opts.workers <= 1:  # in-process: the debug path, and no pool start-up for one input
-        _init_worker(captions, _BarSink(bar))
-        for u in units:
-            build_unit(u, opts.out, opts, excludes.get(u.name, frozenset()))
+    if ctx.opts.workers <= 1:  # in-process: the debug path, and no pool start-up for one input
+        _init_worker(ctx, _BarSink(bar))
+        for job in jobs:
+            build_unit(*job)
         bar.close()
         return
-    with ProcessPoolExecutor(opts.workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(captions, progress)) as pool:
-        futures = [pool.submit(build_unit, u, opts.out, opts, excludes.get(u.name, frozenset()))
-                   for u in units]
+    with ProcessPoolExecutor(ctx.opts.workers, mp_context=mp_ctx, initializer=_init_worker,
+                             initargs=(ctx, progress)) as pool:
+        futures = [pool.submit(build_unit, *job) for job in jobs]
         while not all(f.done() for f in futures):
             try:
                 bar.update(progress.get(timeout=0.2))
@@ -185,63 +215,72 @@ def _run_units(units: list[Unit], opts: BuildOptions, captions: dict, excludes: 
     bar.close()
 
 
-def build_shards(opts: BuildOptions) -> dict:
-    """Run (or resume) a build; returns the report also written to ``OUT/build_report.json``."""
-    units = discover_units(opts.inputs)
-    captions = load_captions(opts.captions)
-    os.makedirs(os.path.join(opts.out, STATE_DIR), exist_ok=True)
-    fp = opts.fingerprint()
-    todo = [u for u in units if _done(opts.out, u, fp) is None]
-    log.info("%d input unit(s), %d already built", len(units), len(units) - len(todo))
-    _run_units(todo, opts, captions, {})
-
-    # Cross-unit duplicates: the first unit in input order keeps the key; later units are rebuilt
-    # without it (rare, so rewriting the unit is simpler than editing shards in place).
-    claimed: set[str] = set()
-    excludes: dict[str, frozenset[str]] = {}
-    for u in units:
-        with open(os.path.join(opts.out, STATE_DIR, u.name + ".keys")) as f:
-            keys = [json.loads(line) for line in f]
-        done = _done(opts.out, u, fp)
-        clash = (set(keys) & claimed) | set(done["exclude"] if done else ())
-        if clash - set(done["exclude"] if done else ()):
-            excludes[u.name] = frozenset(clash)
-        claimed.update(keys)
-    _run_units([u for u in units if u.name in excludes], opts, captions, excludes)
-
-    return _finish(opts, units, captions)
+def build_units(ctx: Context, placed: list[tuple[Unit, str]]) -> None:
+    """Build the unfinished ones of ``(unit, root)`` (in input order), then drop cross-unit duplicates."""
+    todo = [(u, root, frozenset()) for u, root in placed if done_summary(root, u, ctx.fingerprint) is None]
+    log.info("%d input unit(s), %d already built", len(placed), len(placed) - len(todo))
+    _run_units(ctx, todo)
+    drop_duplicates(ctx, placed)
 
 
-def _finish(opts: BuildOptions, units: list[Unit], captions: dict) -> dict:
-    state = os.path.join(opts.out, STATE_DIR)
+def drop_duplicates(ctx: Context, placed: list[tuple[Unit, str]]) -> None:
+    """The first unit in input order keeps a key; later units are rebuilt without it (rare, so
+    rewriting the unit is simpler than editing shards in place)."""
+    dups = later_duplicates([_state(root, u, ".keys") for u, root in placed],
+                            os.path.join(ctx.opts.out, STATE_DIR, f"scratch-dedup-{os.getpid()}.sqlite"))
+    jobs = []
+    for pos, keys in sorted(dups.items()):
+        unit, root = placed[pos]
+        before = set(done_summary(root, unit, ctx.fingerprint)["exclude"])
+        if keys - before:
+            jobs.append((unit, root, frozenset(keys | before)))
+    if jobs:
+        log.info("rebuilding %d unit(s) without keys that earlier units hold", len(jobs))
+    _run_units(ctx, jobs)
+
+
+def finish(ctx: Context, placed: list[tuple[Unit, str]], indexes: list[str]) -> dict:
+    """Join ``indexes`` into ``OUT/index.json`` and write the report and rejects of all ``placed`` units."""
+    out = ctx.opts.out
     counts: Counter = Counter()
     written = 0
-    input_keys: set[str] = set()
-    with open(os.path.join(opts.out, REJECTS), "w") as rej_out:
-        for u in units:
-            summary = _done(opts.out, u, opts.fingerprint())
+    with open(os.path.join(out, REJECTS), "w") as rej_out:
+        for u, root in placed:
+            summary = done_summary(root, u, ctx.fingerprint)
             written += summary["written"]
             counts.update(summary["rejected"])
-            with open(os.path.join(state, u.name + ".keys")) as f:
-                input_keys.update(json.loads(line) for line in f)
-            with open(os.path.join(state, u.name + ".rejects.jsonl")) as f:
-                for line in f:
-                    key = json.loads(line)["key"]
-                    if key is not None:
-                        input_keys.add(key)
-                    rej_out.write(line)
-    parts = [os.path.join(opts.out, u.name, "index.json") for u in units
-             if _done(opts.out, u, opts.fingerprint())["written"] > 0]
-    index = os.path.join(opts.out, "index.json")
+            with open(_state(root, u, ".rejects.jsonl")) as f:
+                shutil.copyfileobj(f, rej_out)
+    index = os.path.join(out, "index.json")
     if os.path.exists(index):
         os.remove(index)  # merge_index refuses to overwrite the index of an earlier run
-    if parts:
-        merge_index(parts, opts.out)
-    unknown = sorted(set(captions) - input_keys)
+    if indexes:
+        merge_index(indexes, out)
+    unknown, sample = ctx.captions.unknown([_state(root, u, ".hits") for u, root in placed],
+                                           os.path.join(out, STATE_DIR, f"scratch-hits-{os.getpid()}.sqlite"))
     report = {"written": written, "rejected": {r: counts.get(r, 0) for r in REASONS},
-              "rejected_total": sum(counts.values()), "units": len(units),
-              "unknown_caption_keys": len(unknown), "unknown_caption_keys_sample": unknown[:20],
+              "rejected_total": sum(counts.values()), "units": len(placed),
+              "unknown_caption_keys": unknown, "unknown_caption_keys_sample": sample,
               "rejects_file": REJECTS}
-    with open(os.path.join(opts.out, REPORT), "w") as f:
+    with open(os.path.join(out, REPORT), "w") as f:
         json.dump(report, f, indent=2)
     return report
+
+
+def unit_indexes(ctx: Context, placed: list[tuple[Unit, str]]) -> list[str]:
+    """The index files of the units that wrote samples (an empty unit has no shard to list)."""
+    return [os.path.join(root, u.name, "index.json") for u, root in placed
+            if done_summary(root, u, ctx.fingerprint)["written"] > 0]
+
+
+def build_shards(opts: BuildOptions, captions: CaptionLookup | None = None) -> dict:
+    """Run (or resume) a one-part build; returns the report also written to ``OUT/build_report.json``.
+
+    ``captions`` replaces the on-disk caption table (the benchmark's in-memory baseline).
+    """
+    units = discover_units(opts.inputs)
+    os.makedirs(os.path.join(opts.out, STATE_DIR), exist_ok=True)
+    ctx = make_context(opts, units, captions)
+    placed = [(u, opts.out) for u in units]
+    build_units(ctx, placed)
+    return finish(ctx, placed, unit_indexes(ctx, placed))

@@ -124,8 +124,8 @@ class ThreeTextDataset(StreamingDataset):
             kind = self.fixed_text if texts[self.fixed_text] else "raw"
         else:
             kind = choose_text(texts, self.text_weights, u)
+        # Not loaded here: the transform decodes, at reduced scale where its crop allows.
         img = Image.open(io.BytesIO(row["jpg"]))
-        img.load()
         # torchvision draws from the global CPU torch RNG; fork it so the main process's RNG (dropout,
         # init) is untouched when num_workers=0, and seed it per sample for exact resumption.
         # (torch.manual_seed would also queue lazy CUDA/XPU seeding with a stack trace per call.)

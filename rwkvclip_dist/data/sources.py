@@ -95,12 +95,12 @@ def discover_units(inputs: list[str]) -> list[Unit]:
     return units
 
 
-def read_unit(unit: Unit) -> Iterator[RawSample]:
-    """Yield the unit's samples in file order."""
+def read_unit(unit: Unit, label_column: str | None = None) -> Iterator[RawSample]:
+    """Yield the unit's samples in file order; a table's ``label_column`` goes to ``extra["label"]``."""
     if unit.kind == "tar":
         yield from _read_tar(unit.path)
     elif unit.kind == "table":
-        yield from _read_table(unit.path)
+        yield from _read_table(unit.path, label_column)
     else:
         yield from _read_folder(unit.path, unit.files)
 
@@ -157,7 +157,7 @@ def _pick(columns: list[str], candidates: tuple[str, ...]) -> str | None:
     return next((c for c in candidates if c in columns), None)
 
 
-def _read_table(path: str) -> Iterator[RawSample]:
+def _read_table(path: str, label_column: str | None = None) -> Iterator[RawSample]:
     import pandas as pd
     if path.lower().endswith(".csv"):
         # surrogateescape keeps invalid UTF-8 bytes recoverable, so a bad cell is rejected on its own
@@ -170,9 +170,12 @@ def _read_table(path: str) -> Iterator[RawSample]:
     img_bytes_col = _pick(cols, IMAGE_BYTES_COLUMNS)
     img_path_col = _pick(cols, IMAGE_PATH_COLUMNS)
     raw_col = _pick(cols, RAW_COLUMNS)
-    if (img_bytes_col is None and img_path_col is None) or raw_col is None:
+    # A labelled table may lack texts: its samples then take their class names (labels.py).
+    if (img_bytes_col is None and img_path_col is None) or (raw_col is None and label_column is None):
         raise ValueError(f"{path}: table needs an image column (bytes: {IMAGE_BYTES_COLUMNS} or path: "
                          f"{IMAGE_PATH_COLUMNS}) and a text column {RAW_COLUMNS}; it has {cols}")
+    if label_column is not None and label_column not in cols:
+        raise ValueError(f"{path}: --labels {label_column!r}: no such column; the table has {cols}")
     key_col = _pick(cols, KEY_COLUMNS)
     root = os.path.dirname(os.path.abspath(path))
     stem = os.path.splitext(os.path.basename(path))[0]
@@ -188,12 +191,14 @@ def _read_table(path: str) -> Iterator[RawSample]:
                     s.image = f.read()
             except OSError as e:
                 s.image_error = f"missing_file: {img_path}: {e.strerror}"
-        raw = row[raw_col]
+        raw = row[raw_col] if raw_col else None
         s.raw = raw if isinstance(raw, bytes) else (
             None if raw is None else str(raw).encode("utf-8", "surrogateescape"))
         for name in ("synthetic", "generated"):
             if name in cols and isinstance(row[name], (str, bytes)):
                 setattr(s, name, row[name])
+        if label_column is not None:
+            s.extra["label"] = row[label_column]
         if "tags" in cols and row["tags"] is not None:
             tags = row["tags"]
             if isinstance(tags, str):

@@ -53,12 +53,14 @@ def encode_image(data: bytes | None, opts: ImageOptions) -> tuple[bytes, int, in
     """Fully decode the image (catches truncation); re-encode to RGB JPEG only when needed."""
     if data is None:
         raise Rejected("missing_image", "no image payload")
+    buf = io.BytesIO(data)
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(buf)
         fmt = img.format
         img.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise Rejected("corrupt_image", f"{type(e).__name__}: {e}") from None
+        # PIL names the buffer by its address; keep the rejects file the same from run to run.
+        raise Rejected("corrupt_image", f"{type(e).__name__}: {e}".replace(repr(buf), "<image bytes>")) from None
     w, h = img.size
     if w < 1 or h < 1:
         raise Rejected("corrupt_image", f"image has size {w}x{h}")
@@ -75,8 +77,15 @@ def encode_image(data: bytes | None, opts: ImageOptions) -> tuple[bytes, int, in
     return buf.getvalue(), img.size[0], img.size[1]
 
 
-def to_row(s: RawSample, caption: dict | None, opts: ImageOptions) -> dict:
-    """Validate one sample (with its merged ``--captions`` entry) and build the MDS row."""
+def to_row(s: RawSample, caption: dict | None, opts: ImageOptions,
+           label: tuple[int, str | None] | None = None) -> dict:
+    """Validate one sample (with its merged ``--captions`` entry) and build the MDS row.
+
+    ``label`` is ``(class index, class name or None)`` for labelled sets: the row gets a ``label``
+    column, and the class name stands in for a missing raw text.
+    """
+    if label is not None and s.raw is None and label[1]:
+        s.raw = label[1].encode("utf-8")
     if s.image_error is not None:
         reason, _, detail = s.image_error.partition(": ")
         raise Rejected(reason, detail)
@@ -91,5 +100,8 @@ def to_row(s: RawSample, caption: dict | None, opts: ImageOptions) -> dict:
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise Rejected("bad_metadata", f"tags must be a list of strings, got {tags!r:.80}")
     jpg, w, h = encode_image(s.image, opts)
-    return {"key": s.key, "jpg": jpg, "raw": raw, **texts, "tags": tags,
-            "width": w, "height": h, "source": s.extra.get("source", s.source)}
+    row = {"key": s.key, "jpg": jpg, "raw": raw, **texts, "tags": tags,
+           "width": w, "height": h, "source": s.extra.get("source", s.source)}
+    if label is not None:
+        row["label"] = label[0]
+    return row

@@ -50,6 +50,7 @@ def _decompressed_copy(src: Path, dst: Path) -> str:
     index = json.loads((src / "index.json").read_text())
     for shard in index["shards"]:
         raw, packed = shard["raw_data"]["basename"], shard.get("zip_data")
+        (dst / raw).parent.mkdir(parents=True, exist_ok=True)  # merged indexes name part sub-folders
         if packed:
             data = decompress(shard["compression"], (src / packed["basename"]).read_bytes())
             (dst / raw).parent.mkdir(parents=True, exist_ok=True)
