@@ -19,7 +19,7 @@ from test_data_builder import add, jpeg, make_shards, read_back
 from rwkvclip_dist.data.builder import REJECTS, REPORT, BuildOptions, build_shards
 from rwkvclip_dist.data.captions import CaptionTable, index_captions
 from rwkvclip_dist.data.parts import part_name
-from rwkvclip_dist.parallel.shm import clean_stale_shm
+from rwkvclip_dist.data.shm import clean_stale_shm
 
 
 def _tar(path, keys, bad=()):
