@@ -17,7 +17,7 @@ from tool_loader import tool_main
 from torchvision.datasets import ImageFolder
 
 from rwkvclip_dist.eval.datasets import open_labelled_images
-from rwkvclip_dist.pretrained import create_model, create_model_and_transforms, save_pretrained
+from rwkvclip_dist.pretrained import create_model_and_transforms, load_model, save_pretrained
 
 CLASSES = ("red", "green", "blue")  # folder order on disk differs from sorted order (blue, green, red)
 
@@ -45,7 +45,7 @@ def test_folder_labels_and_zeroshot_on_the_shards(folder, tmp_path):
         "blue/blue_0": (0, "blue"), "green/green_0": (1, "green"), "red/red_0": (2, "red")}
 
     torch.manual_seed(0)
-    model = save_pretrained(create_model("tiny"), tmp_path / "tiny.safetensors")
+    model = save_pretrained(load_model("tiny"), tmp_path / "tiny.safetensors")
     (tmp_path / "prompts.json").write_text(json.dumps({"templates": ["a {c} square."]}))
     (tmp_path / "names.txt").write_text("blue\ngreen\nred\n")
     evaluate = tool_main("evaluate")
