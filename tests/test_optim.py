@@ -47,6 +47,18 @@ def test_decay_everything_and_optimizer_groups():
         OptimizerSection(betas=[0.9])
 
 
+def _after_five_fed_steps(model, opt) -> dict[str, torch.Tensor]:
+    """The weights after 5 steps of ``opt`` fed seeded gradients of growing size and a changing lr."""
+    generator = torch.Generator().manual_seed(1)
+    for step in range(5):
+        for param in model.parameters():
+            param.grad = torch.randn(param.shape, generator=generator) * 10.0 ** (step - 3)
+        for group in opt.param_groups:
+            group["lr"] = 1e-2 * (step + 1) / 5
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
 def test_fused_adamw_makes_the_same_updates_as_the_unfused_one():
     """What a GPU run uses ('auto' picks fused on CUDA) against the CPU path, on CPU: fused AdamW over
     our two parameter groups, fed the same gradients for 5 steps (decoupled decay, bias correction,
@@ -59,14 +71,7 @@ def test_fused_adamw_makes_the_same_updates_as_the_unfused_one():
         model = create_model("tiny")
         opt = build_optimizer(model, OptimizerSection(lr=1e-2, weight_decay=0.2, impl=impl), CPU)
         assert bool(opt.defaults["fused"]) == (impl == "fused")
-        generator = torch.Generator().manual_seed(1)
-        for step in range(5):
-            for param in model.parameters():
-                param.grad = torch.randn(param.shape, generator=generator) * 10.0 ** (step - 3)
-            for group in opt.param_groups:
-                group["lr"] = 1e-2 * (step + 1) / 5
-            opt.step()
-        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        weights.append(_after_five_fed_steps(model, opt))
     torch.manual_seed(0)
     initial = create_model("tiny").state_dict()
     for name, unfused in weights[0].items():
@@ -84,14 +89,7 @@ def test_zero_offload_cpu_adam_makes_the_same_updates_as_torch_adamw():
         model = create_model("tiny")
         opt = build_optimizer(model, OptimizerSection(lr=1e-2, weight_decay=0.2, impl="torch"), CPU, offload=offload)
         assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.0]
-        generator = torch.Generator().manual_seed(1)
-        for step in range(5):
-            for param in model.parameters():
-                param.grad = torch.randn(param.shape, generator=generator) * 10.0 ** (step - 3)
-            for group in opt.param_groups:
-                group["lr"] = 1e-2 * (step + 1) / 5
-            opt.step()
-        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        weights.append(_after_five_fed_steps(model, opt))
     assert type(opt).__name__ == "DeepSpeedCPUAdam"
     for name, reference in weights[0].items():
         torch.testing.assert_close(weights[1][name], reference, rtol=1e-5, atol=1e-6, msg=name)

@@ -121,8 +121,10 @@ def _image_file(record: dict[str, Any], fields: SourceFields, base: Path, where:
         return b""
 
 
-def iter_jsonl(path: Path, fields: SourceFields, with_image: bool = False) -> Iterator[Sample]:
-    with path.open("r", encoding="utf-8") as handle:
+def json_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, record)`` for each non-blank line of a JSONL file, ``where`` being ``path:line``;
+    a line that is not a JSON object is an error naming it."""
+    with Path(path).open("r", encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -133,8 +135,13 @@ def iter_jsonl(path: Path, fields: SourceFields, with_image: bool = False) -> It
                 raise ValueError(f"{where}: not valid JSON ({err.msg})") from err
             if not isinstance(record, dict):
                 raise ValueError(f"{where}: expected a JSON object per line")
-            image = _image_file(record, fields, path.parent, where) if with_image else b""
-            yield _sample(record, fields, where, image)
+            yield where, record
+
+
+def iter_jsonl(path: Path, fields: SourceFields, with_image: bool = False) -> Iterator[Sample]:
+    for where, record in json_lines(path):
+        image = _image_file(record, fields, path.parent, where) if with_image else b""
+        yield _sample(record, fields, where, image)
 
 
 def _mds_index(root: Path) -> dict[str, Any]:
@@ -244,26 +251,18 @@ def load_joins(paths: tuple[Path, ...], shard: ShardSpec) -> dict[str, dict[str,
     for path in paths:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--captions {path} does not exist")
-        with Path(path).open("r", encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{where}: not valid JSON ({err.msg})") from err
-                if not isinstance(record, dict) or record.get("key") in (None, ""):
-                    raise ValueError(f"{where}: expected a JSON object with a 'key'")
-                key = str(record["key"])
-                if not shard.owns(key):
-                    continue
-                parts = {}
-                if "synthetic" in record:
-                    parts["synthetic"] = _text(record["synthetic"], f"{where} field 'synthetic'")
-                if "tags" in record:
-                    parts["tags"] = parse_tags(record["tags"], f"{where} field 'tags'")
-                joined.setdefault(key, {}).update(parts)
+        for where, record in json_lines(Path(path)):
+            if record.get("key") in (None, ""):
+                raise ValueError(f"{where}: expected a JSON object with a 'key'")
+            key = str(record["key"])
+            if not shard.owns(key):
+                continue
+            parts = {}
+            if "synthetic" in record:
+                parts["synthetic"] = _text(record["synthetic"], f"{where} field 'synthetic'")
+            if "tags" in record:
+                parts["tags"] = parse_tags(record["tags"], f"{where} field 'tags'")
+            joined.setdefault(key, {}).update(parts)
     return joined
 
 
