@@ -8,6 +8,7 @@
 The run directory receives the resolved recipe (``recipe.yaml``), checkpoints, TensorBoard logs,
 ``loss_log.jsonl`` (one line per step) and, at the end, ``metrics.json``. A run resumes from the
 newest complete checkpoint in its checkpoint directory unless ``checkpoint.resume=false``.
+Exit statuses: ``rwkvclip_dist/training/runner.py``.
 The loop itself lives in ``rwkvclip_dist.training``.
 """
 from __future__ import annotations
@@ -34,8 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     from rwkvclip_dist.parallel.launch_env import detect_launch_env
-    from rwkvclip_dist.training.loop import Trainer
     from rwkvclip_dist.training.recipe import ConfigError, load_recipe
+    from rwkvclip_dist.training.runner import run_training
 
     args = parse_args(argv)
     try:
@@ -43,9 +44,9 @@ def main(argv: list[str] | None = None) -> dict:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    trainer = Trainer(recipe, Path(args.run_dir or Path("runs") / Path(args.recipe).stem), detect_launch_env())
-    metrics = trainer.run()
-    if trainer.is_main:
+    launch = detect_launch_env()
+    metrics = run_training(recipe, Path(args.run_dir or Path("runs") / Path(args.recipe).stem), launch)
+    if launch.rank == 0:
         print(json.dumps({k: v for k, v in metrics.items() if k != "evals"}), flush=True)
     return metrics
 

@@ -14,15 +14,8 @@ from pathlib import Path
 
 import torch
 
+from rwkvclip_dist.checkpoint.safe_load import deepspeed_safe_globals
 from rwkvclip_dist.pretrained_format import strip_prefixes
-
-
-def _deepspeed_safe_globals() -> list:
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 @contextlib.contextmanager
@@ -36,7 +29,7 @@ def _weights_only_loads():
 
     torch.load = safe_load
     try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
             yield
     finally:
         torch.load = original

@@ -45,6 +45,16 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _AllGatherWithGrad.apply(tensor)
 
 
+def all_gather_constant(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` (no gradient: masks, labels) from all ranks along dim 0."""
+    if world_size() == 1:
+        return tensor
+    device = tensor.device
+    parts = [torch.empty_like(tensor, device=_comm_device()) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.detach().to(_comm_device()).contiguous())
+    return torch.cat(parts, dim=0).to(device)
+
+
 def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from all ranks along dim 0; gradients flow only into the local rows."""
     if world_size() == 1:
@@ -84,3 +94,21 @@ def all_reduce_mean(value: float) -> float:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sum over ranks of a few floats (float64), in one collective."""
+    if world_size() == 1:
+        return [float(v) for v in values]
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` (a small picklable value produced by this code, not read from files) on every rank."""
+    if world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src, device=_comm_device())
+    return holder[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Literal
 
 import torch
@@ -35,23 +36,41 @@ class ParallelSection:
     reduce_bucket_size: int = 200_000_000
     overlap_comm: bool = False
     """ZeRO-2/3 communication overlap; worth it on GPUs, a waste of memory on CPU."""
+    timeout_s: float = 1800.0
+    """Seconds any collective may wait for the other ranks before this rank gives up and exits
+    (a peer that died or hangs). Longer than the slowest step, evaluation or checkpoint save; the
+    default suits large clusters, whose saves and first steps can take minutes."""
 
     def __post_init__(self) -> None:
+        if not 1 <= self.timeout_s <= 7 * 24 * 3600:
+            raise FieldError("timeout_s", f"must be between 1 and {7 * 24 * 3600} seconds, got {self.timeout_s}")
         for name in ("allgather_bucket_size", "reduce_bucket_size"):
             if getattr(self, name) < 1:
                 raise FieldError(name, f"must be >= 1 (elements), got {getattr(self, name)}")
 
 
-def init_distributed(launch: LaunchEnv, backend: str = "auto") -> str:
-    """Create the default process group (also for world size 1: DeepSpeed needs one)."""
+def init_distributed(launch: LaunchEnv, backend: str = "auto", timeout_s: float = 1800.0) -> str:
+    """Create the default process group (also for world size 1: DeepSpeed needs one).
+
+    Every collective of the run, ours and DeepSpeed's, waits at most ``timeout_s`` for the other
+    ranks. gloo raises in the waiting rank; NCCL's watchdog aborts the communicator and, with torch's
+    default ``TORCH_NCCL_ASYNC_ERROR_HANDLING=3``, ends the process (docs/reliability.md).
+    """
     import deepspeed
+    import torch.distributed as dist
+    from deepspeed.utils import groups
 
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     export_to_environ(launch)
     if torch.cuda.is_available():
         torch.cuda.set_device(launch.local_rank)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    timeout = timedelta(seconds=timeout_s)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
+    # ZeRO runs its collectives on a clone of the world group that DeepSpeed creates on first use
+    # with torch's default timeout (30 min gloo, 10 min NCCL), not the one above; create it here.
+    if groups._WORLD_GROUP is None:
+        groups._WORLD_GROUP = dist.new_group(ranks=list(range(launch.world_size)), timeout=timeout)
     return backend
 
 

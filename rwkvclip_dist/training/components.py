@@ -37,6 +37,10 @@ class Components:
     global_batch: int
 
 
+def checkpoint_dir(recipe: Recipe, run_dir: Path) -> Path:
+    return Path(recipe.checkpoint.dir) if recipe.checkpoint.dir else run_dir / "checkpoints"
+
+
 def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: torch.device) -> Components:
     from rwkvclip_dist.checkpoint.manager import CheckpointManager
     from rwkvclip_dist.data.loader import build_train_dataloader
@@ -59,13 +63,12 @@ def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: t
     rng.seed_all(recipe.train.seed + 1 + launch.rank)  # each rank draws its own stochastic-depth masks
     image_size = model.config.image.image_size
     loader, dataset = build_train_dataloader(recipe.data, image_size, recipe.train.seed)
-    checkpoint_dir = Path(recipe.checkpoint.dir) if recipe.checkpoint.dir else run_dir / "checkpoints"
     return Components(
         engine=engine, model_config=model.config, base_lrs=base_lrs,
         dtype=torch.bfloat16 if recipe.parallel.precision == "bf16" else torch.float32,
         loss_fn=build_loss(recipe.loss), loader=loader, dataset=dataset,
         schedule=build_schedule(recipe.schedule, recipe.train.steps),
-        checkpoints=CheckpointManager(checkpoint_dir, recipe.checkpoint.keep_last),
+        checkpoints=CheckpointManager(checkpoint_dir(recipe, run_dir), recipe.checkpoint.keep_last),
         evals=[ZeroShotTask(section, image_size, model.config.text.context_length, device)
                for section in recipe.eval.zeroshot],
         global_batch=recipe.data.batch_size * launch.world_size)

@@ -21,6 +21,7 @@ import torch
 from rwkvclip_dist.parallel import collectives
 from rwkvclip_dist.parallel.launch_env import LaunchEnv
 from rwkvclip_dist.training.metrics import TrainLogger
+from rwkvclip_dist.training.ownership import LauncherWatch, RunDirectoryBusy, RunLock
 from rwkvclip_dist.training.preemption import PreemptionHandler
 from rwkvclip_dist.training.recipe import Recipe, save_recipe
 from rwkvclip_dist.training.state import TrainState
@@ -37,6 +38,8 @@ class NonFiniteLossError(RuntimeError):
 class StepResult:
     loss: float
     """Mean over ranks of the step's loss."""
+    masked: int
+    """Stand-ins for undecodable samples left out of the loss, over all ranks."""
     lr: float
     finite: bool
     logit_scale: float
@@ -59,18 +62,39 @@ def setup_process(launch: LaunchEnv) -> torch.device:
 class Trainer:
     def __init__(self, recipe: Recipe, run_dir: Path, launch: LaunchEnv) -> None:
         from rwkvclip_dist.parallel.engine import init_distributed
-        from rwkvclip_dist.training.components import build_components
+        from rwkvclip_dist.training.components import build_components, checkpoint_dir
 
+        # First: the parent that launched this rank, before it has any chance to die unnoticed.
+        self.watch = LauncherWatch(launch.launcher)
         self.recipe, self.run_dir, self.launch = recipe, run_dir, launch
         self.device = setup_process(launch)
-        init_distributed(launch, recipe.parallel.backend)
+        init_distributed(launch, recipe.parallel.backend, recipe.parallel.timeout_s)
         self.is_main = launch.rank == 0
+        self.last_progress = time.monotonic()
+        """When this rank last finished a step (how long a survivor waited for a lost peer)."""
+        self.locks = self._lock_run_directories([run_dir, checkpoint_dir(recipe, run_dir)])
         if self.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
             save_recipe(recipe, run_dir / "recipe.yaml")
         collectives.barrier()
         self.state = TrainState()
         self.parts = build_components(recipe, run_dir, launch, self.device)
+
+    def _lock_run_directories(self, directories: list[Path]) -> list[RunLock]:
+        """Rank 0 locks the run's directories; every rank stops when another trainer holds one."""
+        locks, refusal = [], None
+        if self.is_main:
+            try:
+                for directory in dict.fromkeys(d.resolve() for d in directories):
+                    locks.append(RunLock(directory))
+                    locks[-1].acquire()
+            except RunDirectoryBusy as err:
+                refusal = str(err)
+                for lock in locks:
+                    lock.release()
+        refusal = collectives.broadcast_object(refusal)
+        if refusal is not None:
+            raise RunDirectoryBusy(refusal)
+        return locks
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -82,20 +106,29 @@ class Trainer:
         try:
             batches = self._batches()
             while self.state.step < self.recipe.train.steps:
-                (images, tokens), data_wait = next(batches)
-                result = self._train_step(images, tokens)
+                (images, tokens, text_ids), data_wait = next(batches)
+                result = self._train_step(images, tokens, text_ids)
                 self._record_step(result, data_wait, logger)
                 self._evaluate_if_due(logger)
+                self.last_progress = time.monotonic()
                 if self._checkpoint_if_due(preemption):
-                    status = "preempted"
-                    logger.message(f"stop signal received: saved step {self.state.step}, exiting")
+                    if self.watch.launcher_gone():
+                        status = "launcher_lost"
+                        logger.message(f"the launcher of this rank (pid {self.watch.parent}) is gone: saved "
+                                       f"step {self.state.step}, stopping rather than training on as an orphan")
+                    else:
+                        status = "preempted"
+                        logger.message(f"stop signal received: saved step {self.state.step}, exiting")
                     break
             if status == "completed":
                 self._final_evaluation(logger)
+            metrics = self._write_metrics(status, start_step, time.perf_counter() - started)
         finally:
             preemption.uninstall()
             logger.close()
-        return self._write_metrics(status, start_step, time.perf_counter() - started)
+        for lock in self.locks:
+            lock.release()
+        return metrics
 
     # -- its steps -----------------------------------------------------------------------------
     def _batches(self):
@@ -107,9 +140,10 @@ class Trainer:
                 batch = next(iterator, None)
                 if batch is None:
                     break
-                yield batch[:2], time.perf_counter() - wait_start
+                yield batch[:3], time.perf_counter() - wait_start
 
-    def _train_step(self, images: torch.Tensor, tokens: torch.Tensor) -> StepResult:
+    def _train_step(self, images: torch.Tensor, tokens: torch.Tensor, text_ids: torch.Tensor) -> StepResult:
+        from rwkvclip_dist.data.dataset import STAND_IN
         from rwkvclip_dist.parallel.engine import clamp_parameter_
         from rwkvclip_dist.training.accumulation import contrastive_step, split_micro_batches
         from rwkvclip_dist.training.schedule import set_lr
@@ -118,13 +152,16 @@ class Trainer:
         micro = split_micro_batches(images.to(self.device, parts.dtype), tokens.to(self.device),
                                     self.recipe.train.accumulation_steps)
         lr = set_lr(engine.optimizer, parts.base_lrs, parts.schedule.factor(self.state.step))
-        out = contrastive_step(engine, parts.loss_fn, self._backward_and_step, micro)
+        valid = (text_ids != STAND_IN).to(self.device)
+        out = contrastive_step(engine, parts.loss_fn, self._backward_and_step, micro, valid)
         grad_norm = None
         if out.finite:
             clamp_parameter_(engine, engine.module.logit_scale, 0.0, MAX_LOGIT_SCALE)
             norm = engine.get_global_grad_norm()
             grad_norm = None if norm is None else float(norm)
-        return StepResult(collectives.all_reduce_mean(out.loss), lr, out.finite, out.logit_scale, grad_norm)
+        loss_sum, masked = collectives.all_reduce_sum([out.loss, int((~valid).sum())])
+        return StepResult(loss_sum / self.launch.world_size, round(masked), lr, out.finite, out.logit_scale,
+                          grad_norm)
 
     def _backward_and_step(self, loss: torch.Tensor) -> None:
         # Every micro-batch's loss is the whole step's loss (training.accumulation): no 1/K. The
@@ -136,6 +173,7 @@ class Trainer:
         state, limit = self.state, self.recipe.train.max_nonfinite_steps
         state.step += 1
         state.samples += self.parts.global_batch
+        state.samples_masked += result.masked
         if result.finite:
             state.nonfinite_in_a_row, self.last_finite_loss = 0, result.loss
         else:
@@ -144,7 +182,7 @@ class Trainer:
                            f"({state.nonfinite_in_a_row} in a row, limit {limit})")
         logger.log_step(state.step, loss=result.loss, lr=result.lr, logit_scale=result.logit_scale,
                         grad_norm=result.grad_norm, global_samples=self.parts.global_batch, data_wait=data_wait,
-                        skipped=not result.finite)
+                        skipped=not result.finite, masked=result.masked)
         if state.nonfinite_in_a_row >= limit:
             raise NonFiniteLossError(
                 f"stopping: the loss was non-finite for {limit} steps in a row (steps "
@@ -170,7 +208,7 @@ class Trainer:
 
     def _checkpoint_if_due(self, preemption: PreemptionHandler) -> bool:
         """Save when a save is due or a stop was asked for (collective); True means stop now."""
-        stop = preemption.should_stop()
+        stop = preemption.should_stop(also=self.watch.launcher_gone())
         step, every = self.state.step, self.recipe.checkpoint.every_steps
         if stop or step == self.recipe.train.steps or (every and step % every == 0):
             record = {"step": step, "world_size": self.launch.world_size, "recipe": to_plain(self.recipe)}
@@ -185,6 +223,8 @@ class Trainer:
         self.last_finite_loss = float("nan")
         if self.recipe.checkpoint.resume:
             self.parts.checkpoints.load(self.parts.engine, self._stateful())
+        else:
+            self.parts.checkpoints.refuse_to_overwrite()
 
     def _open_logger(self, start_step: int) -> TrainLogger:
         from rwkvclip_dist.model.flops import forward_flops_per_sample
@@ -208,7 +248,8 @@ class Trainer:
             "status": status, "steps": state.step, "samples": state.samples, "final_loss": self.last_finite_loss,
             "samples_per_s": (state.step - start_step) * global_batch / max(elapsed, 1e-9),
             "wall_time_s": elapsed, "resumed_from_step": start_step, "world_size": self.launch.world_size,
-            "corrupt_samples_replaced": round(corrupt / self.launch.local_world_size), "evals": state.evals,
+            "corrupt_samples_replaced": round(corrupt / self.launch.local_world_size),
+            "samples_masked": state.samples_masked, "evals": state.evals,
         }
         if state.evals:
             metrics.update(state.evals[max(state.evals, key=int)])
