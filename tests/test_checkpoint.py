@@ -15,15 +15,11 @@ from conftest import REPO, loss_log, rank_processes, train_args
 
 
 @pytest.mark.slow
-def test_sigkill_one_rank_then_resume_gives_the_uninterrupted_losses(tmp_path, demo_data, clean_shm):
-    from conftest import dist_env, run_checked, torchrun_cmd
+def test_sigkill_one_rank_then_resume_gives_the_uninterrupted_losses(tmp_path, demo_data, reference_losses,
+                                                                     clean_shm):
+    from conftest import REFERENCE_STEPS, dist_env, run_checked, torchrun_cmd
 
-    steps = ["train.steps=12", "checkpoint.every_steps=3", "checkpoint.keep_last=2"]
-    reference = tmp_path / "reference"
-    run_checked(torchrun_cmd(2, *train_args(reference, demo_data, *steps)), timeout=300, env=dist_env())
-    expected = {r["step"]: r["loss"] for r in loss_log(reference)}
-    assert sorted(expected) == list(range(1, 13))
-
+    steps, expected = REFERENCE_STEPS, reference_losses
     run = tmp_path / "interrupted"
     cmd = torchrun_cmd(2, *train_args(run, demo_data, *steps))
     launcher = subprocess.Popen(cmd, cwd=REPO, env=dist_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -10,6 +10,7 @@ refused with an error that names the file and the foreign object.
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,12 @@ def load_weights_only(path: str | Path, map_location: Any = "cpu") -> Any:
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()
-        detail = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), first[-1] if first else "")
+        # Not torch's advice to allow-list the global: that is exactly what must not happen here.
+        name = re.search(r"GLOBAL (\S+)", str(err))
+        detail = f"it names {name.group(1)}" if name else "it is not a plain torch file"
         raise UnsafeCheckpointError(
-            f"checkpoint file {path} was refused: it holds more than tensors and plain data ({detail}); "
-            f"loading it could run code. Delete it or restore it from a trusted copy") from None
+            f"checkpoint file {path} was refused: {detail}, beyond tensors and plain data; loading it could "
+            f"run code. Delete it or restore it from a trusted copy") from None
 
 
 def make_engine_loads_safe(engine) -> None:

@@ -10,6 +10,7 @@ already is the full step's loss.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
@@ -66,6 +67,15 @@ def init_distributed(launch: LaunchEnv, backend: str = "auto", timeout_s: float 
     if torch.cuda.is_available():
         torch.cuda.set_device(launch.local_rank)
     timeout = timedelta(seconds=timeout_s)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and not dist.is_initialized():
+        # torchrun's static rendezvous (--master-port) keeps one store across --max-restarts, and
+        # env:// adds no per-attempt prefix: a restarted rank would read the dead attempt's addresses
+        # and fail to connect. Key this attempt's process groups by the restart count.
+        store = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master=False,
+                              timeout=timeout)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"rwkvclip/attempt_{attempt}", store),
+                                rank=launch.rank, world_size=launch.world_size, timeout=timeout)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     # ZeRO runs its collectives on a clone of the world group that DeepSpeed creates on first use
     # with torch's default timeout (30 min gloo, 10 min NCCL), not the one above; create it here.
