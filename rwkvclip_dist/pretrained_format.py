@@ -10,12 +10,13 @@ lone ``.safetensors`` file still loads. Torch pickles are only ever read with ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from rwkvclip_dist.model.config import ModelConfig, apply_overrides, config_from_dict
@@ -99,11 +100,22 @@ def read_record(path: str | Path) -> dict[str, Any]:
     if sidecar.is_file():
         return json.loads(sidecar.read_text())
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        with _unreadable_named(path):
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
         if METADATA_KEY in metadata:
             return json.loads(metadata[METADATA_KEY])
     raise FileNotFoundError(f"{path}: no config found (neither {sidecar.name} nor embedded '{METADATA_KEY}' metadata)")
+
+
+@contextlib.contextmanager
+def _unreadable_named(path: Path):
+    """The readers' own errors name no file ("incomplete metadata, file not fully covered")."""
+    try:
+        yield
+    except (SafetensorError, RuntimeError, EOFError) as err:
+        raise ValueError(f"{path}: cannot be read ({' '.join(str(err).split())[:300]}); it may be truncated or "
+                         f"not a model file: copy or convert it again") from None
 
 
 def read_config(path: str | Path) -> ModelConfig:
@@ -119,10 +131,11 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    with _unreadable_named(path):
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
         for wrapper in ("state_dict", "model", "module"):
             if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
                 state = state[wrapper]

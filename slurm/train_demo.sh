@@ -15,7 +15,7 @@
 #   sbatch slurm/train_demo.sh [dotted.key=value ...]
 # Site settings (NCCL, modules, paths, account/partition): slurm/site.env, see slurm/site.env.example.
 # The run directory is ${RWKVCLIP_RUNS:-runs}/<job name>: resubmitting with the same --job-name resumes.
-NPROC_PER_NODE=2
+NPROC_PER_NODE=${NPROC_PER_NODE:-2}
 export DS_ACCELERATOR=cpu
 # shellcheck source-path=SCRIPTDIR
 # shellcheck source=common.sh

@@ -227,6 +227,41 @@ def single(root: str) -> None:
     print("REPORT " + json.dumps(report))
 
 
+def ranks(root: str) -> None:
+    """2 ranks under ``torchrun --max-restarts=1``. Attempt 0: save step 1, then rank 1 dies between the
+    ranks' files of step 2 (rank 0 has written its own). Attempt 1: resume and report."""
+    import torch
+
+    from rwkvclip_dist.checkpoint import manager as manager_module
+    from rwkvclip_dist.checkpoint.manager import CheckpointManager
+
+    root = Path(root)
+    launch, engine = _engine()
+    directory = root / "checkpoints"
+    if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+        _save(CheckpointManager(directory), engine, 1)
+        if launch.rank == 0:
+            torch.save(_weights(engine), root / "step1.pt")
+        for p in engine.module.parameters():
+            p.data.add_(1.0)
+        real_save = manager_module._atomic_torch_save
+
+        def dying_save(obj, path):
+            if launch.rank == 1 and path.name.startswith("rank_"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_save(obj, path)
+
+        manager_module._atomic_torch_save = dying_save
+        _save(CheckpointManager(directory), engine, 2)
+        raise AssertionError("the save was expected to fail: rank 1 died")
+    tag_dir = directory / "step_00000002"
+    left = sorted(p.name for p in tag_dir.iterdir()) if tag_dir.is_dir() else []
+    step, weights = _load(directory, engine)
+    if launch.rank == 0:
+        (root / "report.json").write_text(json.dumps({
+            "left": left, "step": step, "weights": _same(weights, torch.load(root / "step1.pt"))}))
+
+
 def _disk_full(mount: Path, clean: Path, engine, step1: dict) -> dict | str:
     """Saves on a tmpfs with room for one checkpoint and a half: the pre-save check, then (with the
     check disabled) a write that runs out of space half-way."""
@@ -318,6 +353,19 @@ def test_a_full_disk_stops_the_save_with_the_space_needed_and_keeps_the_previous
 
 
 @pytest.mark.slow
+def test_a_rank_killed_between_the_ranks_files_leaves_no_loadable_half(tmp_path, clean_shm):
+    from conftest import dist_env, torchrun_cmd
+
+    cmd = [a.replace("--max-restarts=0", "--max-restarts=1") for a in torchrun_cmd(2, __file__, "ranks", str(tmp_path))]
+    proc = subprocess.run(cmd, cwd=REPO, env=dist_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert "rank_00000.pt" in report["left"] and "rank_00001.pt" not in report["left"], report
+    assert "client_state.pt" not in report["left"] and "manifest.json" not in report["left"], report
+    assert (report["step"], report["weights"]) == (1, True)
+
+
+@pytest.mark.slow
 def test_crafted_pickles_in_a_checkpoint_are_refused_and_never_run(single_report):
     report = single_report[0]
     assert report["code_ran"] is False
@@ -329,4 +377,4 @@ def test_crafted_pickles_in_a_checkpoint_are_refused_and_never_run(single_report
 
 
 if __name__ == "__main__":
-    {"single": single}[sys.argv[1]](sys.argv[2])
+    {"single": single, "ranks": ranks}[sys.argv[1]](sys.argv[2])

@@ -68,6 +68,12 @@ def load_captions(paths: list[str]) -> dict[str, dict]:
                 if not isinstance(obj, dict) or not isinstance(obj.get("key"), str):
                     raise ValueError(f"{path}:{n}: each line needs a string 'key'")
                 fields = {k: v for k, v in obj.items() if k in ("synthetic", "generated", "tags")}
+                for name, value in fields.items():
+                    ok = (isinstance(value, list) and all(isinstance(t, str) for t in value) if name == "tags"
+                          else isinstance(value, str))
+                    if not ok:
+                        want = "a list of strings" if name == "tags" else "a string"
+                        raise ValueError(f"{path}:{n}: key {obj['key']!r}: '{name}' must be {want}, got {value!r}")
                 merged.setdefault(obj["key"], {}).update(fields)
     return merged
 
