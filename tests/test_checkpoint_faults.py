@@ -223,6 +223,12 @@ def single(root: str) -> None:
     except UnsafeCheckpointError as err:
         report["evil_no_manifest"] = str(err)
     report["code_ran"] = (root / MARKER).exists()
+    try:
+        CheckpointManager(clean).refuse_to_overwrite()  # what a run with checkpoint.resume=false does
+        report["start_over"] = "allowed"
+    except CheckpointError as err:
+        report["start_over"] = str(err)
+    CheckpointManager(root / "empty").refuse_to_overwrite()
     report["disk_full"] = _disk_full(root / "small", clean, engine, step1)
     print("REPORT " + json.dumps(report))
 
@@ -363,6 +369,12 @@ def test_a_rank_killed_between_the_ranks_files_leaves_no_loadable_half(tmp_path,
     assert "rank_00000.pt" in report["left"] and "rank_00001.pt" not in report["left"], report
     assert "client_state.pt" not in report["left"] and "manifest.json" not in report["left"], report
     assert (report["step"], report["weights"]) == (1, True)
+
+
+@pytest.mark.slow
+def test_starting_over_on_a_directory_with_checkpoints_is_refused(single_report):
+    assert single_report[0]["start_over"].startswith("checkpoint.resume is false but ")
+    assert "holds checkpoints of an earlier run (up to step_00000001)" in single_report[0]["start_over"]
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,10 +103,18 @@ def cluster(tmp_path_factory):
     # Variables of an enclosing Slurm job (a CI runner on a cluster) must not leak into the test's jobs.
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
     env = dict(inherited, SLURM_CONF=start.stdout.strip().splitlines()[-1], RWKVCLIP_RUNS=str(runs),
+               RWKVCLIP_VENV=job_venv(),
                RWKVCLIP_RESIGNAL_SECONDS="1",
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")))
     yield Cluster(state, runs, env)
     subprocess.run(["bash", str(CLUSTER), "stop", str(state)], capture_output=True, timeout=120)
+
+
+def job_venv() -> str:
+    """The jobs' Python environment: the repository's .venv (as `make test` creates it), else this one."""
+    if "RWKVCLIP_VENV" in os.environ:
+        return os.environ["RWKVCLIP_VENV"]
+    return str(ROOT / ".venv") if (ROOT / ".venv" / "bin" / "activate").is_file() else sys.prefix
 
 
 def _latest_step(run_dir: Path) -> int | None:

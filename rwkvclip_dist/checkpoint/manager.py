@@ -121,9 +121,9 @@ class CheckpointManager:
         """For a run that starts over (``checkpoint.resume: false``): stop if checkpoints are there."""
         tags = self.complete_tags()
         if tags:
-            raise CheckpointError(f"checkpoint.resume is false but {self.directory} holds checkpoints of an earlier "
-                               f"run (up to {tags[-1]}) that this run would overwrite; choose another run "
-                               f"directory (or checkpoint.dir), or delete them")
+            raise CheckpointError(f"checkpoint.resume is false but {self.directory} holds checkpoints of an "
+                                  f"earlier run (up to {tags[-1]}) that this run would overwrite; choose another "
+                                  f"run directory (or checkpoint.dir), or delete them")
 
     # -- save ----------------------------------------------------------------------------------
     def save(self, engine, step: int, states: Mapping[str, Stateful], record: dict[str, Any]) -> str:

@@ -88,12 +88,20 @@ wait_idle() {
     die "node $node not idle after 30 s (state: '${state:-none}'); see $SLURM_CONF and the logs beside it"
 }
 
-# start_node DIR NAME: (re)start one node's slurmd, e.g. after a test killed it as a lost node.
+# start_node DIR NAME: (re)start one node's slurmd, e.g. after a test killed it as a lost node. In a
+# cluster of several nodes each slurmd (and so every job process on its node) gets a /dev/shm of its
+# own, as separate machines have: Streaming's per-node shared memory would collide otherwise.
 start_node() {
     local dir=$1 name=$2
     export SLURM_CONF=$dir/slurm.conf
     mkdir -p "$dir/spool/$name"
-    slurmd -N "$name"
+    if ((${SLURM_TEST_NODES:-1} > 1)) || [[ $name != "$(hostname -s)" ]]; then
+        # shellcheck disable=SC2016 # $1 is expanded by the inner sh
+        unshare --mount --propagation private \
+            sh -c 'mount -t tmpfs -o size=2g "shm-$1" /dev/shm && exec slurmd -N "$1"' sh "$name"
+    else
+        slurmd -N "$name"
+    fi
     wait_idle "$name"
 }
 
