@@ -22,6 +22,16 @@ from conftest import PYTHON, REPO, REFERENCE_STEPS, dist_env, loss_log, rank_pro
 TIMEOUT_S = 10
 
 
+@pytest.mark.parametrize("value", ["0", "-5", "1e9"])
+def test_the_collective_timeout_is_checked_when_the_recipe_loads(value):
+    from conftest import DEMO_RECIPE
+    from rwkvclip_dist.training.recipe import ConfigError, load_recipe
+
+    with pytest.raises(ConfigError, match=r"command line: parallel\.timeout_s: must be between 1 and 604800"):
+        load_recipe(DEMO_RECIPE, [f"parallel.timeout_s={value}"])
+    assert load_recipe(DEMO_RECIPE).parallel.timeout_s == 1800
+
+
 def _srun_style_ranks(run, data, world: int, *extra: str) -> list[subprocess.Popen]:
     from rwkvclip_dist.parallel.launch_env import free_port
 

@@ -54,8 +54,9 @@ def setup_process(launch: LaunchEnv) -> torch.device:
                         format=f"%(asctime)s [rank {launch.rank}] %(message)s", datefmt="%H:%M:%S", force=True)
     if torch.cuda.is_available():
         return torch.device("cuda", launch.local_rank)
-    # Ranks sharing a CPU split its cores instead of each spawning one thread per core.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.local_world_size))
+    # Ranks sharing a CPU split its cores instead of each spawning one thread per core; the cores this
+    # process may run on (a Slurm allocation, a container, taskset), not all of the machine's.
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // launch.local_world_size))
     return torch.device("cpu")
 
 

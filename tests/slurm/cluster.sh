@@ -96,8 +96,11 @@ start_node() {
     export SLURM_CONF=$dir/slurm.conf
     mkdir -p "$dir/spool/$name"
     if ((${SLURM_TEST_NODES:-1} > 1)) || [[ $name != "$(hostname -s)" ]]; then
+        # ... and CPUs of its own: node <host> the first core, <host>-nK the K-th (modulo the cores).
+        local index=0
+        [[ $name == *-n[0-9]* ]] && index=$((${name##*-n} - 1))
         # shellcheck disable=SC2016 # $1 is expanded by the inner sh
-        unshare --mount --propagation private \
+        taskset -c "$((index % $(nproc)))" unshare --mount --propagation private \
             sh -c 'mount -t tmpfs -o size=2g "shm-$1" /dev/shm && exec slurmd -N "$1"' sh "$name"
     else
         slurmd -N "$name"
