@@ -8,6 +8,7 @@
 The run directory receives the resolved recipe (``recipe.yaml``), checkpoints, TensorBoard logs,
 ``loss_log.jsonl`` (one line per step) and, at the end, ``metrics.json``. A run resumes from the
 newest complete checkpoint in its checkpoint directory unless ``checkpoint.resume=false``.
+Exit statuses: ``rwkvclip_dist/training/runner.py``.
 The loop itself lives in ``rwkvclip_dist.training``.
 """
 from __future__ import annotations
@@ -37,18 +38,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     from rwkvclip_dist.parallel.launch_env import detect_launch_env
-    from rwkvclip_dist.training.loop import Trainer
     from rwkvclip_dist.training.recipe import load_recipe
+    from rwkvclip_dist.training.runner import run_training
 
     args = parse_args(argv)
     # A mistake in the recipe or its data ends in one line and exit status 2 on each rank (setup only:
-    # an error while training keeps its traceback).
-    with user_errors("train.py", args.debug or debug_requested([])):
+    # an error while training keeps its traceback); training.runner maps the other endings.
+    debug = args.debug or debug_requested([])
+    with user_errors("train.py", debug):
         launch = detect_launch_env()
         recipe = load_recipe(args.recipe, args.overrides)
-        trainer = Trainer(recipe, Path(args.run_dir or Path("runs") / Path(args.recipe).stem), launch)
-    metrics = trainer.run()
-    if trainer.is_main:
+    metrics = run_training(recipe, Path(args.run_dir or Path("runs") / Path(args.recipe).stem), launch, debug)
+    if launch.rank == 0:
         print(json.dumps({k: v for k, v in metrics.items() if k != "evals"}), flush=True)
     return metrics
 

@@ -13,7 +13,11 @@
 #      under <run dir>/logs/<job id>.<restart>/ranks/;
 #   4. turns Slurm's warning signal (--signal=B:USR1@<s>: USR1 to this batch shell <s> seconds
 #      before the time limit) into "save and stop": USR1 is forwarded to every rank, which saves a
-#      checkpoint and exits 0, and then the job requeues itself and resumes in its next allocation.
+#      checkpoint and exits 0, and then the job requeues itself and resumes in its next allocation;
+#   5. requeues a job whose step failed (a rank or a whole node lost: the survivors exit within
+#      parallel.timeout_s) so that it resumes from its last complete checkpoint, unless the step
+#      failed RWKVCLIP_MAX_FAILURES times in a row (default 2) without a new checkpoint: an error that
+#      repeats (a bad recipe, a broken environment) ends the job instead of looping.
 #
 # Variables the sbatch script sets before calling rwkvclip_launch:
 #   NPROC_PER_NODE   processes per node (default: the GPUs Slurm gave this node, else 1)
@@ -60,6 +64,7 @@ rwkvclip_env() {
 rwkvclip_setup() {
     rwkvclip_env
     RWKVCLIP_RUN_DIR=${RWKVCLIP_RUNS:-$RWKVCLIP_REPO/runs}/$SLURM_JOB_NAME
+    RWKVCLIP_LATEST=${RWKVCLIP_LATEST:-$RWKVCLIP_RUN_DIR/checkpoints/latest}
     RWKVCLIP_LOG_DIR=$RWKVCLIP_RUN_DIR/logs/$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}
     mkdir -p "$RWKVCLIP_LOG_DIR"
 
@@ -69,6 +74,22 @@ rwkvclip_setup() {
     RDZV_PORT=${RDZV_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
     NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
     export RWKVCLIP_REPO RWKVCLIP_RUN_DIR RWKVCLIP_LOG_DIR RDZV_HOST RDZV_PORT NPROC_PER_NODE
+}
+
+rwkvclip_latest() {
+    cat "$RWKVCLIP_LATEST" 2>/dev/null || echo none
+}
+
+# After a failed step: 0 (requeue) unless it is the RWKVCLIP_MAX_FAILURES-th failure in a row that
+# saved no new checkpoint. The count lives in the run directory, across requeues.
+rwkvclip_should_requeue_failure() {
+    local latest_before=$1 count_file=$RWKVCLIP_RUN_DIR/.failures_without_progress failures=0
+    if [[ $(rwkvclip_latest) == "$latest_before" && -f $count_file ]]; then
+        failures=$(cat "$count_file")
+    fi
+    failures=$((failures + 1))
+    echo "$failures" >"$count_file"
+    ((failures < ${RWKVCLIP_MAX_FAILURES:-2}))
 }
 
 rwkvclip_signal_steps() {
@@ -116,6 +137,8 @@ rwkvclip_launch() {
     if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
         srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
     fi
+    local latest_before
+    latest_before=$(rwkvclip_latest)
     srun "${srun_args[@]}" bash "$RWKVCLIP_REPO/slurm/launch_node.sh" "$entry" "$@" &
     local srun_pid=$! status=0
     while true; do
@@ -136,6 +159,18 @@ rwkvclip_launch() {
         rwkvclip_log "requeueing job $SLURM_JOB_ID to resume from its checkpoint in $RWKVCLIP_RUN_DIR"
         scontrol requeue "$SLURM_JOB_ID"
         return 0
+    fi
+    if ((status != 0)) && [[ ${RWKVCLIP_REQUEUE_ON_FAILURE:-1} == 1 ]]; then
+        if rwkvclip_should_requeue_failure "$latest_before"; then
+            rwkvclip_log "job step failed (status $status; latest checkpoint $(rwkvclip_latest)): requeueing" \
+                "job $SLURM_JOB_ID to resume from it"
+            scontrol requeue "$SLURM_JOB_ID"
+            return 0
+        fi
+        rwkvclip_log "job step failed (status $status) ${RWKVCLIP_MAX_FAILURES:-2} times in a row without a" \
+            "new checkpoint; not requeueing (see the logs in $RWKVCLIP_LOG_DIR)"
+    elif ((status == 0)); then
+        rm -f "$RWKVCLIP_RUN_DIR/.failures_without_progress"
     fi
     return "$status"
 }

@@ -17,12 +17,21 @@ done
 # has nothing to save anyway, and Slurm's SIGKILL after KillWait still ends the step).
 trap '' USR1 TERM
 
+# The first node's launcher hosts the rendezvous store, named explicitly: torchrun's guess (does
+# RDZV_HOST resolve to one of my addresses?) can pick two hosts, or the wrong one, on machines with
+# several names and interfaces, and a store that leaves with its node crashes the other launchers.
+is_host=false
+if ((SLURM_NODEID == 0)); then
+    is_host=true
+fi
+
 exec python -m torch.distributed.run \
     --nnodes="$SLURM_NNODES" \
     --nproc-per-node="$NPROC_PER_NODE" \
     --rdzv-backend=c10d \
     --rdzv-endpoint="$RDZV_HOST:$RDZV_PORT" \
     --rdzv-id="$SLURM_JOB_ID" \
+    --rdzv-conf="is_host=$is_host" \
     --max-restarts=0 \
     --signals-to-handle=SIGINT,SIGHUP,SIGQUIT \
     --log-dir="$RWKVCLIP_LOG_DIR/ranks/node$SLURM_NODEID" \

@@ -17,7 +17,7 @@
 # The run directory is ${RWKVCLIP_RUNS:-runs}/<job name>: resubmitting with the same --job-name resumes.
 # The digits data must exist first: python tools/make_demo_data.py --out data/demo_digits (the recipe's
 # paths are relative to recipes/, so ../data/demo_digits is this data/demo_digits).
-NPROC_PER_NODE=2
+NPROC_PER_NODE=${NPROC_PER_NODE:-2}
 export DS_ACCELERATOR=cpu
 # shellcheck source-path=SCRIPTDIR
 # shellcheck source=common.sh

@@ -84,6 +84,37 @@ def rank_processes(launcher: subprocess.Popen) -> dict:
     return ranks
 
 
+# A fixed canonical node count: Streaming otherwise derives the sample order from the number of nodes,
+# and the two-node Slurm test compares against this one-node run.
+REFERENCE_STEPS = ("train.steps=12", "checkpoint.every_steps=3", "checkpoint.keep_last=2", "data.num_canonical_nodes=2")
+
+
+@pytest.fixture(scope="session")
+def reference_losses(demo_data, tmp_path_factory) -> dict[int, float]:
+    """``{step: loss}`` of one uninterrupted 2-rank run of :func:`train_args` with ``REFERENCE_STEPS``,
+    shared by every test that checks an interrupted run of that recipe against it."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    run_checked(torchrun_cmd(2, *train_args(run, demo_data, *REFERENCE_STEPS)), timeout=600, env=dist_env())
+    losses = {r["step"]: r["loss"] for r in loss_log(run)}
+    assert sorted(losses) == list(range(1, 13))
+    return losses
+
+
+def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None = None, poll: float = 0.05):
+    """Poll ``condition()`` until truthy; fail naming ``what`` (and ``proc``'s exit) on timeout."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: the process exited with {proc.returncode} first")
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
 @pytest.fixture
 def clean_shm():
     yield

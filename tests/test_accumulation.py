@@ -62,6 +62,24 @@ def test_accumulated_gradient_equals_one_big_batch(parts):
     assert_grads_close(got, expected)
 
 
+def test_accumulation_leaves_a_stand_in_out_of_every_micro_batch_loss():
+    """A stand-in for an undecodable sample (a copy of sample 2) in the second of two micro-batches:
+    the accumulated gradient equals one batch without it."""
+    images, tokens = _batch(8)
+    images[5], tokens[5] = images[2], tokens[2]
+    valid = torch.ones(8, dtype=torch.bool)
+    valid[5] = False
+    loss_fn = ClipLoss(rank=0, world_size=1)
+    model = _tiny(0.0)
+    reference = _loss(model, loss_fn, images[valid], tokens[valid])
+    reference.backward()
+    expected = _grads(model)
+    model.zero_grad()
+    out = contrastive_step(model, loss_fn, lambda loss: loss.backward(), split_micro_batches(images, tokens, 2), valid)
+    assert out.loss == pytest.approx(reference.item(), rel=1e-5)
+    assert_grads_close(_grads(model), expected)
+
+
 def test_stochastic_depth_masks_are_replayed_in_the_gradient_pass():
     """With drop-path active, the reference is one loss over the micro-batches' features drawn from
     the same RNG stream; re-embedding with fresh masks would give a different gradient."""

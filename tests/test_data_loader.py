@@ -175,7 +175,7 @@ def test_weighted_streams_with_remote_and_local_cache(tmp_path):
     assert os.path.isfile(tmp_path / "cache_a" / "index.json"), "remote stream was not cached locally"
 
 
-def test_corrupt_sample_is_replaced_and_counted(tmp_path):
+def test_corrupt_sample_is_replaced_marked_and_counted(tmp_path):
     data = str(tmp_path / "data")
     write_shards(data, 10, corrupt={0, 5})
     loader, dataset = build_eval_dataloader(data, image_size=8, batch_size=10)
@@ -184,7 +184,8 @@ def test_corrupt_sample_is_replaced_and_counted(tmp_path):
     ids = [lookup[tuple(t.tolist())][0] for t in tok]
     assert ids == [1, 1, 2, 3, 4, 4, 6, 7, 8, 9]
     assert dataset.num_corrupt == 2
-    assert torch.equal(img[0], img[1]) and tid.tolist() == [0] * 10
+    # The copies keep the batch shape but are marked, so the trainer leaves them out of the loss.
+    assert torch.equal(img[0], img[1]) and tid.tolist() == [0, -1, 0, 0, 0, -1, 0, 0, 0, 0]
 
 
 def test_config_and_stream_errors_name_the_field(tmp_path):

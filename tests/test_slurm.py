@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,10 +103,23 @@ def cluster(tmp_path_factory):
     # Variables of an enclosing Slurm job (a CI runner on a cluster) must not leak into the test's jobs.
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
     env = dict(inherited, SLURM_CONF=start.stdout.strip().splitlines()[-1], RWKVCLIP_RUNS=str(runs),
+               RWKVCLIP_VENV=job_venv(),
                RWKVCLIP_RESIGNAL_SECONDS="1",
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")))
     yield Cluster(state, runs, env)
     subprocess.run(["bash", str(CLUSTER), "stop", str(state)], capture_output=True, timeout=120)
+
+
+def _data(demo_data: Path) -> str:
+    # The recipe's data/demo_digits exists only where `make demo` ran; the session's copy always does.
+    return f"data.streams=[{{remote: {demo_data / 'train'}}}]"
+
+
+def job_venv() -> str:
+    """The jobs' Python environment: the repository's .venv (as `make test` creates it), else this one."""
+    if "RWKVCLIP_VENV" in os.environ:
+        return os.environ["RWKVCLIP_VENV"]
+    return str(ROOT / ".venv") if (ROOT / ".venv" / "bin" / "activate").is_file() else sys.prefix
 
 
 def _latest_step(run_dir: Path) -> int | None:
@@ -129,9 +143,9 @@ def _status(run_dir: Path) -> str | None:
 
 
 @pytest.mark.timeout(360)
-def test_sbatch_trains_and_saves(cluster):
+def test_sbatch_trains_and_saves(cluster, demo_data):
     name = "demo-plain"
-    job_id = cluster.submit(name, "train.steps=3", "checkpoint.every_steps=2", *FAST)
+    job_id = cluster.submit(name, "train.steps=3", "checkpoint.every_steps=2", *FAST, _data(demo_data))
     job = cluster.wait_done(job_id, name)
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", cluster.batch_log(name, job_id)
     run_dir = cluster.runs / name
@@ -148,10 +162,10 @@ def test_sbatch_trains_and_saves(cluster):
 
 
 @pytest.mark.timeout(600)
-def test_requeue_and_time_limit_signal_resume_from_checkpoint(cluster):
+def test_requeue_and_time_limit_signal_resume_from_checkpoint(cluster, demo_data):
     name, total = "demo-requeue", 12
     run_dir = cluster.runs / name
-    job_id = cluster.submit(name, f"train.steps={total}", "checkpoint.every_steps=2", *FAST)
+    job_id = cluster.submit(name, f"train.steps={total}", "checkpoint.every_steps=2", *FAST, _data(demo_data))
 
     # 1. Pre-emption: requeue the running job once its first checkpoint exists. The ranks get SIGTERM,
     #    save where they are and exit; Slurm puts the job back in the queue under the same id.

@@ -7,16 +7,19 @@ Layout of ``<dir>``::
 
     step_00000400/            DeepSpeed's files (model and optimizer shards), written by every rank
         rank_00001.pt         this rank's Stateful objects, one file per rank
+        manifest.json         every file above with its size (rank 0, once all ranks have written)
         client_state.pt       the run's record (rank 0), written last: it marks the checkpoint complete
     latest                    the tag of the newest *complete* checkpoint
 
 ``latest`` is replaced atomically (write a temporary file, then rename) by rank 0, and only after
 every rank reported its part written; a save that dies half-way therefore leaves ``latest`` naming
 the previous checkpoint, which is still complete. Older checkpoints beyond ``keep_last`` (and any
-incomplete leftovers) are deleted after a new one completes.
+incomplete leftovers) are deleted after a new one completes. On resume the files are checked against
+the manifest and read as data only (``integrity``, ``safe_load``); before a save, the free space.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -28,6 +31,9 @@ from typing import Any, Protocol
 
 import torch
 
+from rwkvclip_dist.checkpoint.integrity import (CheckpointError, CheckpointSpaceError, check_space, list_files, manifest_bytes,
+                                                human_bytes, verify, write_manifest)
+from rwkvclip_dist.checkpoint.safe_load import load_weights_only, make_engine_loads_safe
 from rwkvclip_dist.parallel import collectives
 from rwkvclip_dist.typed_config import FieldError, path_field
 
@@ -115,20 +121,47 @@ class CheckpointManager:
         """The run's record saved with checkpoint ``tag`` (step, world size, tensor_parallel, recipe)."""
         return _load_plain(self.directory / tag / CLIENT_FILE)
 
+    def refuse_to_overwrite(self) -> None:
+        """For a run that starts over (``checkpoint.resume: false``): stop if checkpoints are there."""
+        tags = self.complete_tags()
+        if tags:
+            raise CheckpointError(f"checkpoint.resume is false but {self.directory} holds checkpoints of an "
+                                  f"earlier run (up to {tags[-1]}) that this run would overwrite; choose another "
+                                  f"run directory (or checkpoint.dir), or delete them")
+
     # -- save ----------------------------------------------------------------------------------
     def save(self, engine, step: int, states: Mapping[str, Stateful], record: dict[str, Any]) -> str:
-        """Collective: save ``engine`` and every rank's ``states``, then rank 0's ``record``; returns the tag."""
+        """Collective: save ``engine`` and every rank's ``states``, then rank 0's manifest and ``record``.
+
+        Order: every rank's files; a barrier; the manifest; the completion marker; ``latest``. A save
+        killed anywhere before the marker leaves an unmarked directory that is never loaded and is
+        cleared by the next save of that step; killed after it, ``latest`` still names the previous one.
+        """
         tag = tag_for_step(step)
         tag_dir = self.directory / tag
+        problem = None
         if self.rank == 0:
-            tag_dir.mkdir(parents=True, exist_ok=True)
-            # A crashed save of the same step may have left a stale client file; it must not count.
-            (tag_dir / CLIENT_FILE).unlink(missing_ok=True)
-        collectives.barrier()
-        engine.save_checkpoint(str(self.directory), tag=tag, save_latest=False)
-        _atomic_torch_save({name: obj.state_dict() for name, obj in states.items()}, tag_dir / rank_file(self.rank))
+            problem = self._prepare(tag_dir, engine)
+        problem = collectives.broadcast_object(problem)
+        if problem is not None:
+            raise CheckpointSpaceError(problem)
+        try:
+            engine.save_checkpoint(str(self.directory), tag=tag, save_latest=False)
+            _atomic_torch_save({name: obj.state_dict() for name, obj in states.items()},
+                               tag_dir / rank_file(self.rank))
+        except (OSError, RuntimeError) as err:
+            if not self._out_of_space(err, engine):
+                raise
+            # The other ranks learn of it as a lost peer: DeepSpeed's own barriers are on the way.
+            self._remove_partial(tag_dir)
+            raise CheckpointSpaceError(
+                f"no space left in {self.directory} while writing checkpoint {tag} "
+                f"({getattr(err, 'filename', None) or type(err).__name__}): it needs about "
+                f"{human_bytes(self._needed_bytes(engine))}, {human_bytes(shutil.disk_usage(self.directory).free)} "
+                f"is free; the previous checkpoint {self._latest_or_none()} is intact") from None
         collectives.barrier()
         if self.rank == 0:
+            write_manifest(tag_dir, list_files(tag_dir, CLIENT_FILE), _atomic_write_text)
             # The client file is the completion marker: written only once every rank has written.
             _atomic_torch_save(record, tag_dir / CLIENT_FILE)
             _atomic_write_text(self.directory / "latest", tag + "\n")
@@ -137,6 +170,43 @@ class CheckpointManager:
         log.info("saved checkpoint %s", tag_dir)
         return tag
 
+    def _prepare(self, tag_dir: Path, engine) -> str | None:
+        """Rank 0, before a save: clear what a crashed save of this step left; check the space."""
+        if tag_dir.is_dir():
+            if tag_dir.name == self._latest_or_none():
+                raise CheckpointError(f"refusing to overwrite {tag_dir}, the newest complete checkpoint")
+            shutil.rmtree(tag_dir)
+        tag_dir.mkdir(parents=True)
+        try:
+            check_space(self.directory, self._needed_bytes(engine))
+        except CheckpointSpaceError as err:
+            tag_dir.rmdir()
+            return str(err)
+        return None
+
+    def _needed_bytes(self, engine) -> int:
+        previous = self._latest_or_none()
+        size = manifest_bytes(self.directory / previous) if previous else None
+        if size is None:
+            # No previous checkpoint to go by: weights, plus fp32 master weights and two Adam moments.
+            params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+            size = params * (12 + next(engine.module.parameters()).element_size())
+        return size
+
+    def _out_of_space(self, err: Exception, engine) -> bool:
+        if isinstance(err, OSError):
+            return err.errno in (errno.ENOSPC, errno.EDQUOT)
+        # torch.save's zip writer reports a full disk as "[enforce fail at inline_container.cc] ...".
+        return "inline_container" in str(err) and shutil.disk_usage(self.directory).free < self._needed_bytes(engine)
+
+    def _latest_or_none(self) -> str | None:
+        path = self.directory / "latest"
+        return path.read_text().strip() if path.is_file() else None
+
+    def _remove_partial(self, tag_dir: Path) -> None:
+        if self.rank == 0 and not (tag_dir / CLIENT_FILE).exists():
+            shutil.rmtree(tag_dir, ignore_errors=True)
+
     def _prune(self, newest: str) -> None:
         keep = set(self.complete_tags()[-self.keep_last:]) | {newest}
         for path in self.directory.iterdir():
@@ -144,17 +214,52 @@ class CheckpointManager:
                 shutil.rmtree(path)
 
     # -- load ----------------------------------------------------------------------------------
+    def choose_tag(self) -> str | None:
+        """Collective: the newest complete checkpoint whose files match its manifest (rank 0 decides).
+
+        A complete checkpoint with missing or truncated files is skipped with a warning that names
+        them, and renamed ``<tag>.broken`` so that it is neither loaded nor pruned; if no complete
+        checkpoint survives the check, the run stops rather than start over.
+        """
+        decision: tuple[str | None, str | None] = (None, None)
+        if self.rank == 0:
+            decision = self._verified_newest()
+        tag, error = collectives.broadcast_object(decision)
+        if error is not None:
+            raise CheckpointError(error)
+        return tag
+
+    def _verified_newest(self) -> tuple[str | None, str | None]:
+        tags = self.complete_tags()
+        broken = []
+        for tag in reversed(tags):
+            problems = verify(self.directory / tag)
+            if not problems:
+                if broken:
+                    _atomic_write_text(self.directory / "latest", tag + "\n")
+                return tag, None
+            log.warning("checkpoint %s is damaged, skipping it: %s", self.directory / tag, "; ".join(problems))
+            broken.append(f"{tag}: {'; '.join(problems)}")
+            (self.directory / tag).rename(self.directory / f"{tag}.broken")
+        if broken:
+            return None, (f"no intact checkpoint in {self.directory} to resume from (set aside as *.broken: "
+                          f"{' | '.join(broken)}); restore the files or start over with checkpoint.resume=false "
+                          f"in another directory")
+        return None, None
+
     def load(self, engine, states: Mapping[str, Stateful], tag: str | None = None) -> dict[str, Any] | None:
-        """Load the newest complete checkpoint (or ``tag``) into ``engine`` and ``states``.
+        """Load the newest intact complete checkpoint (or ``tag``) into ``engine`` and ``states``.
 
         Returns the run's record, or None when there is nothing to resume from. Each rank reads its own
         file; a rank the saved run did not have (larger world size) reads rank 0's, and its
-        Stateful objects decide what of another rank's state applies to it.
+        Stateful objects decide what of another rank's state applies to it. Every file, DeepSpeed's
+        included, is read as data only (``checkpoint.safe_load``).
         """
-        tag = tag or self.latest_tag()
+        tag = tag or self.choose_tag()
         if tag is None:
             return None
         tag_dir = self.directory / tag
+        make_engine_loads_safe(engine)
         load_path, _ = engine.load_checkpoint(str(self.directory), tag=tag)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
@@ -172,7 +277,6 @@ class CheckpointManager:
 
 def _load_plain(path: Path) -> dict[str, Any]:
     # Only tensors and plain containers: a checkpoint file can never run code when read.
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise RuntimeError(f"checkpoint file {path} is missing") from None
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    return load_weights_only(path)

@@ -22,18 +22,11 @@ from pathlib import Path
 
 import torch
 
+from rwkvclip_dist.checkpoint.safe_load import deepspeed_safe_globals
 from rwkvclip_dist.parallel.tensor_parallel import merge_shards
 from rwkvclip_dist.pretrained_format import read_torch_file, strip_prefixes
 
 TP_RANK_PATTERN = re.compile(r"mp_rank_(\d+)_")
-
-
-def _deepspeed_safe_globals() -> list:
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 @contextlib.contextmanager
@@ -47,7 +40,7 @@ def _weights_only_loads():
 
     torch.load = safe_load
     try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
             yield
     finally:
         torch.load = original

@@ -57,6 +57,19 @@ def connect(path: str, read_only: bool = False) -> sqlite3.Connection:
     return conn
 
 
+def _check_field_types(obj: dict, where: str) -> None:
+    """A wrong type would otherwise surface deep in a worker as an AttributeError naming no file."""
+    for name in FIELDS:
+        value = obj.get(name)
+        if value is None:  # absent, or null: given as empty
+            continue
+        ok = (isinstance(value, list) and all(isinstance(t, str) for t in value) if name == "tags"
+              else isinstance(value, str))
+        if not ok:
+            want = "a list of strings" if name == "tags" else "a string"
+            raise ValueError(f"{where}: key {obj['key']!r}: '{name}' must be {want}, got {value!r}")
+
+
 def _lines(paths: list[str]) -> Iterable[tuple]:
     seq = 0
     for path in paths:
@@ -70,6 +83,7 @@ def _lines(paths: list[str]) -> Iterable[tuple]:
                     raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
                 if not isinstance(obj, dict) or not isinstance(obj.get("key"), str):
                     raise ValueError(f"{path}:{n}: each line needs a string 'key'")
+                _check_field_types(obj, f"{path}:{n}")
                 seq += 1
                 yield (seq, obj["key"], *(json.dumps(obj[k]) if k in obj else None for k in FIELDS))
 

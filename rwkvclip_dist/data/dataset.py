@@ -24,6 +24,8 @@ from rwkvclip_dist.data.tokenizer import CONTEXT_LENGTH, tokenize
 
 log = logging.getLogger(__name__)
 CORRUPT_SHM = "rwkvclip_corrupt"
+STAND_IN = -1
+"""``text_id`` of a stand-in for an undecodable sample: the trainer leaves it out of the loss."""
 
 
 class CorruptSample:
@@ -148,9 +150,11 @@ class ThreeTextDataset(StreamingDataset):
     def __iter__(self) -> Iterator[tuple]:
         """Iterate this worker's partition, replacing undecodable samples.
 
-        A bad sample is replaced by the worker's previous good one (or its next, at the start) rather
-        than dropped: every rank then keeps the same batch size and the sample position that
-        Streaming checkpoints stays exact. Each replacement is logged and counted (``num_corrupt``).
+        A bad sample is replaced by a copy of the worker's previous good one (or its next, at the
+        start) rather than dropped: every rank then keeps the same batch size and the sample position
+        that Streaming checkpoints stays exact. The copy's ``text_id`` is :data:`STAND_IN`, so the
+        trainer excludes it from the contrastive loss, where it would be a false negative of its
+        original. Each replacement is logged and counted (``num_corrupt``).
         """
         last = None
         owed = 0
@@ -161,12 +165,17 @@ class ThreeTextDataset(StreamingDataset):
                 if last is None:
                     owed += 1
                 else:
-                    yield last
+                    yield _stand_in(last)
                 continue
             last = item
-            for _ in range(owed + 1):
-                yield item
+            yield item
+            for _ in range(owed):
+                yield _stand_in(item)
             owed = 0
         if owed:
             raise RuntimeError(f"all {owed} samples of a data-loader worker's partition failed to "
                                f"decode; the shards are damaged (see the warnings above)")
+
+
+def _stand_in(item: tuple) -> tuple:
+    return item[:2] + (STAND_IN,) + item[3:]

@@ -19,6 +19,7 @@ from streaming import Stream, StreamingDataLoader
 
 from rwkvclip_dist.data.config import DataConfig, StreamConfig
 from rwkvclip_dist.data.dataset import ThreeTextDataset
+from rwkvclip_dist.data.index_check import check_local_index, safe_basename
 from rwkvclip_dist.data.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ def _stream(sc: StreamConfig, download_timeout: float) -> Stream:
         if not os.path.isfile(os.path.join(sc.remote, "index.json")):
             raise FileNotFoundError(f"data stream {sc.remote!r}: no index.json (build it with "
                                     f"tools/make_shards.py)")
+        check_local_index(sc.remote)
         if sc.local is None:
             # A local directory is read in place; Streaming wants it as `local` then.
             return Stream(local=sc.remote, proportion=sc.proportion, repeat=sc.repeat, choose=sc.choose,
@@ -64,7 +66,17 @@ def _open_dataset(configs: list[StreamConfig], **kwargs: Any) -> ThreeTextDatase
         raise (FileNotFoundError if missing else ConnectionError)(message) from err
 
 
+def _check_shard_names(dataset: ThreeTextDataset) -> None:
+    # Remote indexes too, before Streaming downloads (and writes) any shard they name.
+    for i, (stream, shard) in enumerate(zip(dataset.stream_per_shard, dataset.shards)):
+        for data in (shard.raw_data, shard.zip_data):
+            if data is not None:
+                where = dataset.streams[stream].remote or dataset.streams[stream].local
+                safe_basename(f"{where}/index.json", f"shard {i} basename", data.basename)
+
+
 def _check_columns(dataset: ThreeTextDataset, needed: tuple[str, ...]) -> None:
+    _check_shard_names(dataset)
     for stream, shard in zip(dataset.stream_per_shard, dataset.shards):
         missing = [c for c in needed if c not in shard.column_names]
         if missing:

@@ -48,6 +48,16 @@ def all_gather_with_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return _AllGatherWithGrad.apply(tensor, group)
 
 
+def all_gather_constant(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate ``tensor`` (no gradient: masks, labels) from the ranks of ``group`` along dim 0."""
+    if world_size(group) == 1:
+        return tensor
+    device = tensor.device
+    parts = [torch.empty_like(tensor, device=_comm_device()) for _ in range(world_size(group))]
+    dist.all_gather(parts, tensor.detach().to(_comm_device()).contiguous(), group=group)
+    return torch.cat(parts, dim=0).to(device)
+
+
 def all_gather_no_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """Concatenate ``tensor`` from the ranks of ``group`` along dim 0; gradients flow only into the
     local rows."""
@@ -88,3 +98,21 @@ def all_reduce_mean(value: float) -> float:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sum over ranks of a few floats (float64), in one collective."""
+    if world_size() == 1:
+        return [float(v) for v in values]
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` (a small picklable value produced by this code, not read from files) on every rank."""
+    if world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src, device=_comm_device())
+    return holder[0]

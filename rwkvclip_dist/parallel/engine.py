@@ -11,7 +11,9 @@ already is the full step's loss.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Literal
 
 import torch
@@ -43,8 +45,14 @@ class ParallelSection:
     offload_optimizer: Literal["none", "cpu"] = "none"
     """'cpu': ZeRO-Offload. The fp32 master weights and Adam moments live in host memory and
     DeepSpeed's CPU Adam (a JIT-built op) updates them; needs zero_stage >= 1."""
+    timeout_s: float = 1800.0
+    """Seconds any collective may wait for the other ranks before this rank gives up and exits
+    (a peer that died or hangs). Longer than the slowest step, evaluation or checkpoint save; the
+    default suits large clusters, whose saves and first steps can take minutes."""
 
     def __post_init__(self) -> None:
+        if not 1 <= self.timeout_s <= 7 * 24 * 3600:
+            raise FieldError("timeout_s", f"must be between 1 and {7 * 24 * 3600} seconds, got {self.timeout_s}")
         for name in ("allgather_bucket_size", "reduce_bucket_size", "tensor_parallel"):
             if getattr(self, name) < 1:
                 raise FieldError(name, f"must be >= 1, got {getattr(self, name)}")
@@ -53,16 +61,37 @@ class ParallelSection:
                              "partitioned optimizer states)")
 
 
-def init_distributed(launch: LaunchEnv, backend: str = "auto") -> str:
-    """Create the default process group (also for world size 1: DeepSpeed needs one)."""
+def init_distributed(launch: LaunchEnv, backend: str = "auto", timeout_s: float = 1800.0) -> str:
+    """Create the default process group (also for world size 1: DeepSpeed needs one).
+
+    Every collective of the run, ours and DeepSpeed's, waits at most ``timeout_s`` for the other
+    ranks. gloo raises in the waiting rank; NCCL's watchdog aborts the communicator and, with torch's
+    default ``TORCH_NCCL_ASYNC_ERROR_HANDLING=3``, ends the process (docs/reliability.md).
+    """
     import deepspeed
+    import torch.distributed as dist
+    from deepspeed.utils import groups
 
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     export_to_environ(launch)
     if torch.cuda.is_available():
         torch.cuda.set_device(launch.local_rank)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    timeout = timedelta(seconds=timeout_s)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and not dist.is_initialized():
+        # torchrun's static rendezvous (--master-port) keeps one store across --max-restarts, and
+        # env:// adds no per-attempt prefix: a restarted rank would read the dead attempt's addresses
+        # and fail to connect. Key this attempt's process groups by the restart count.
+        store = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master=False,
+                              timeout=timeout)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"rwkvclip/attempt_{attempt}", store),
+                                rank=launch.rank, world_size=launch.world_size, timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
+    # ZeRO runs its collectives on a clone of the world group that DeepSpeed creates on first use
+    # with torch's default timeout (30 min gloo, 10 min NCCL), not the one above; create it here.
+    if groups._WORLD_GROUP is None:
+        groups._WORLD_GROUP = dist.new_group(ranks=list(range(launch.world_size)), timeout=timeout)
     return backend
 
 

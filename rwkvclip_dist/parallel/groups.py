@@ -17,6 +17,7 @@ of a TP group draw the same masks and different DP ranks different ones.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,8 +51,9 @@ def check_world_size(tensor_parallel: int, world_size: int) -> None:
                           f"{world_size}: launch a multiple of {tensor_parallel} ranks (world = TP x DP)")
 
 
-def init_parallel_groups(tensor_parallel: int) -> ParallelGroups:
-    """Create the TP and DP groups (collective over the default group, which must exist)."""
+def init_parallel_groups(tensor_parallel: int, timeout_s: float = 1800.0) -> ParallelGroups:
+    """Create the TP and DP groups (collective over the default group, which must exist); their
+    collectives wait at most ``timeout_s`` for a peer, like the default group's."""
     world, rank = collectives.world_size(), collectives.rank()
     check_world_size(tensor_parallel, world)
     if tensor_parallel == 1:
@@ -60,7 +62,8 @@ def init_parallel_groups(tensor_parallel: int) -> ParallelGroups:
 
     # Gloo side groups are megatron's for its own CPU metadata exchange, which we never use.
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
-                                             create_gloo_process_groups=False)
+                                             create_gloo_process_groups=False,
+                                             distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)))
     return ParallelGroups(tensor_parallel, parallel_state.get_tensor_model_parallel_rank(),
                           parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
                           parallel_state.get_tensor_model_parallel_group(), parallel_state.get_data_parallel_group())

@@ -46,19 +46,21 @@ def _counted_once(scale: torch.Tensor, parts: int) -> torch.Tensor:
 
 
 def contrastive_step(forward: ForwardFn, loss_fn: LossFn, backward: BackwardFn,
-                     micro_batches: Sequence[Batch]) -> StepOutput:
+                     micro_batches: Sequence[Batch], valid: torch.Tensor | None = None) -> StepOutput:
     """Run the forward and backward passes of one optimizer step over ``micro_batches``.
 
     ``forward(images, tokens)`` returns the model's dict; ``backward(loss)`` is called once per
     micro-batch (DeepSpeed: ``engine.backward(loss, scale_wrt_gas=False); engine.step()``, which
-    applies the optimizer at the step's last micro-batch).
+    applies the optimizer at the step's last micro-batch). ``valid`` flags this rank's samples of the
+    whole step (all micro-batches in order) that count in the loss (``loss.py``).
     """
     if not micro_batches:
         raise ValueError("contrastive_step needs at least one micro-batch")
+    masked = {} if valid is None else {"valid": valid}
     if len(micro_batches) == 1:
         images, tokens = micro_batches[0]
         out = forward(images, tokens)
-        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], **masked)
         finite = not all_reduce_max_flag(not math.isfinite(loss.item()))
         if finite:
             backward(loss)
@@ -71,7 +73,7 @@ def contrastive_step(forward: ForwardFn, loss_fn: LossFn, backward: BackwardFn,
             out = forward(images, tokens)
             image_cache.append(out["image_features"])
             text_cache.append(out["text_features"])
-        loss_value = loss_fn(torch.cat(image_cache), torch.cat(text_cache), out["logit_scale"]).item()
+        loss_value = loss_fn(torch.cat(image_cache), torch.cat(text_cache), out["logit_scale"], **masked).item()
     after_first_pass = torch_streams()
     if all_reduce_max_flag(not math.isfinite(loss_value)):
         return StepOutput(loss_value, False, out["logit_scale"].item())
@@ -82,7 +84,7 @@ def contrastive_step(forward: ForwardFn, loss_fn: LossFn, backward: BackwardFn,
         out = forward(images, tokens)
         image_features = torch.cat(image_cache[:j] + [out["image_features"]] + image_cache[j + 1:])
         text_features = torch.cat(text_cache[:j] + [out["text_features"]] + text_cache[j + 1:])
-        loss = loss_fn(image_features, text_features, _counted_once(out["logit_scale"], parts))
+        loss = loss_fn(image_features, text_features, _counted_once(out["logit_scale"], parts), **masked)
         backward(loss)
     set_torch_streams(after_first_pass)
     return StepOutput(loss_value, True, out["logit_scale"].item())

@@ -22,6 +22,7 @@ from rwkvclip_dist import ops
 from rwkvclip_dist.parallel import collectives
 from rwkvclip_dist.parallel.launch_env import LaunchEnv
 from rwkvclip_dist.training.metrics import TrainLogger
+from rwkvclip_dist.training.ownership import LauncherWatch, lock_run_directories
 from rwkvclip_dist.training.preemption import PreemptionHandler
 from rwkvclip_dist.training.recipe import Recipe, save_recipe
 from rwkvclip_dist.training.state import TrainState
@@ -38,6 +39,8 @@ class NonFiniteLossError(RuntimeError):
 class StepResult:
     loss: float
     """Mean over ranks of the step's loss."""
+    masked: int
+    """Stand-ins for undecodable samples left out of the loss, over all ranks."""
     lr: float
     finite: bool
     logit_scale: float
@@ -52,8 +55,9 @@ def setup_process(launch: LaunchEnv) -> torch.device:
                         format=f"%(asctime)s [rank {launch.rank}] %(message)s", datefmt="%H:%M:%S", force=True)
     if torch.cuda.is_available():
         return torch.device("cuda", launch.local_rank)
-    # Ranks sharing a CPU split its cores instead of each spawning one thread per core.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.local_world_size))
+    # Ranks sharing a CPU split its cores instead of each spawning one thread per core; the cores this
+    # process may run on (a Slurm allocation, a container, taskset), not all of the machine's.
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // launch.local_world_size))
     return torch.device("cpu")
 
 
@@ -61,20 +65,24 @@ class Trainer:
     def __init__(self, recipe: Recipe, run_dir: Path, launch: LaunchEnv) -> None:
         from rwkvclip_dist.parallel.engine import init_distributed
         from rwkvclip_dist.parallel.groups import check_world_size
-        from rwkvclip_dist.training.components import build_components
+        from rwkvclip_dist.training.components import build_components, check_resume_compatible, checkpoint_directory
         from rwkvclip_dist.training.evals import open_evaluations
 
+        # First: the parent that launched this rank, before it has any chance to die unnoticed.
+        self.watch = LauncherWatch(launch.launcher)
         self.recipe, self.run_dir, self.launch = recipe, run_dir, launch
         check_world_size(recipe.parallel.tensor_parallel, launch.world_size)
-        self._check_checkpoint_matches()
+        check_resume_compatible(recipe, run_dir)
         self.device = setup_process(launch)
         # Evaluation data and class names are opened before any process group starts: a mistake there
         # stops every rank at once with its message, not after the engine is built.
         evals = open_evaluations(recipe.eval.zeroshot, recipe.model.name, recipe.model.overrides, self.device)
-        init_distributed(launch, recipe.parallel.backend)
+        init_distributed(launch, recipe.parallel.backend, recipe.parallel.timeout_s)
         self.is_main = launch.rank == 0
+        self.last_progress = time.monotonic()
+        """When this rank last finished a step (how long a survivor waited for a lost peer)."""
+        self.locks = lock_run_directories([run_dir, checkpoint_directory(recipe, run_dir)], self.is_main)
         if self.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
             save_recipe(recipe, run_dir / "recipe.yaml")
         collectives.barrier()
         self.state = TrainState()
@@ -90,20 +98,29 @@ class Trainer:
         try:
             batches = self._batches()
             while self.state.step < self.recipe.train.steps:
-                (images, tokens), data_wait = next(batches)
-                result = self._train_step(images, tokens)
+                (images, tokens, text_ids), data_wait = next(batches)
+                result = self._train_step(images, tokens, text_ids)
                 self._record_step(result, data_wait, logger)
                 self._evaluate_if_due(logger)
+                self.last_progress = time.monotonic()
                 if self._checkpoint_if_due(preemption):
-                    status = "preempted"
-                    logger.message(f"stop signal received: saved step {self.state.step}, exiting")
+                    if self.watch.launcher_gone():
+                        status = "launcher_lost"
+                        logger.message(f"the launcher of this rank (pid {self.watch.parent}) is gone: saved "
+                                       f"step {self.state.step}, stopping rather than training on as an orphan")
+                    else:
+                        status = "preempted"
+                        logger.message(f"stop signal received: saved step {self.state.step}, exiting")
                     break
             if status == "completed":
                 self._final_evaluation(logger)
+            metrics = self._write_metrics(status, start_step, time.perf_counter() - started)
         finally:
             preemption.uninstall()
             logger.close()
-        return self._write_metrics(status, start_step, time.perf_counter() - started)
+        for lock in self.locks:
+            lock.release()
+        return metrics
 
     # -- its steps -----------------------------------------------------------------------------
     def _batches(self):
@@ -115,9 +132,10 @@ class Trainer:
                 batch = next(iterator, None)
                 if batch is None:
                     break
-                yield batch[:2], time.perf_counter() - wait_start
+                yield batch[:3], time.perf_counter() - wait_start
 
-    def _train_step(self, images: torch.Tensor, tokens: torch.Tensor) -> StepResult:
+    def _train_step(self, images: torch.Tensor, tokens: torch.Tensor, text_ids: torch.Tensor) -> StepResult:
+        from rwkvclip_dist.data.dataset import STAND_IN
         from rwkvclip_dist.parallel.engine import clamp_parameter_
         from rwkvclip_dist.training.accumulation import contrastive_step, split_micro_batches
         from rwkvclip_dist.training.schedule import set_lr
@@ -126,13 +144,17 @@ class Trainer:
         micro = split_micro_batches(images.to(self.device, parts.dtype), tokens.to(self.device),
                                     self.recipe.train.accumulation_steps)
         lr = set_lr(engine.optimizer, parts.base_lrs, parts.schedule.factor(self.state.step))
-        out = contrastive_step(engine, parts.loss_fn, self._backward_and_step, micro)
+        valid = (text_ids != STAND_IN).to(self.device)
+        out = contrastive_step(engine, parts.loss_fn, self._backward_and_step, micro, valid)
         grad_norm = None
         if out.finite:
             clamp_parameter_(engine, engine.module.logit_scale, 0.0, MAX_LOGIT_SCALE)
             norm = engine.get_global_grad_norm()
             grad_norm = None if norm is None else float(norm)
-        return StepResult(collectives.all_reduce_mean(out.loss), lr, out.finite, out.logit_scale, grad_norm)
+        loss_sum, masked = collectives.all_reduce_sum([out.loss, int((~valid).sum())])
+        # The ranks of a tensor-parallel group hold the same samples: each is counted once.
+        return StepResult(loss_sum / self.launch.world_size, round(masked / parts.groups.tensor_parallel), lr,
+                          out.finite, out.logit_scale, grad_norm)
 
     def _backward_and_step(self, loss: torch.Tensor) -> None:
         # Every micro-batch's loss is the whole step's loss (training.accumulation): no 1/K. The
@@ -144,6 +166,7 @@ class Trainer:
         state, limit = self.state, self.recipe.train.max_nonfinite_steps
         state.step += 1
         state.samples += self.parts.global_batch
+        state.samples_masked += result.masked
         if result.finite:
             state.nonfinite_in_a_row, self.last_finite_loss = 0, result.loss
         else:
@@ -152,7 +175,7 @@ class Trainer:
                            f"({state.nonfinite_in_a_row} in a row, limit {limit})")
         logger.log_step(state.step, loss=result.loss, lr=result.lr, logit_scale=result.logit_scale,
                         grad_norm=result.grad_norm, global_samples=self.parts.global_batch, data_wait=data_wait,
-                        skipped=not result.finite)
+                        skipped=not result.finite, masked=result.masked)
         if state.nonfinite_in_a_row >= limit:
             raise NonFiniteLossError(
                 f"stopping: the loss was non-finite for {limit} steps in a row (steps "
@@ -182,7 +205,7 @@ class Trainer:
 
     def _checkpoint_if_due(self, preemption: PreemptionHandler) -> bool:
         """Save when a save is due or a stop was asked for (collective); True means stop now."""
-        stop = preemption.should_stop()
+        stop = preemption.should_stop(also=self.watch.launcher_gone())
         step, every = self.state.step, self.recipe.checkpoint.every_steps
         if stop or step == self.recipe.train.steps or (every and step % every == 0):
             record = {"step": step, "world_size": self.launch.world_size,
@@ -194,32 +217,12 @@ class Trainer:
     def _stateful(self) -> dict:
         return {"train_state": self.state, "loader": self.parts.loader}
 
-    def _check_checkpoint_matches(self) -> None:
-        """Before any process group or engine starts: the checkpoint a run would resume from must have
-        been written with its tensor_parallel (each TP rank's shards hold other slices of the weights
-        and optimizer states)."""
-        from rwkvclip_dist.checkpoint.manager import CheckpointManager
-        from rwkvclip_dist.training.components import checkpoint_directory
-        from rwkvclip_dist.typed_config import ConfigError
-
-        if not self.recipe.checkpoint.resume:
-            return
-        checkpoints = CheckpointManager(checkpoint_directory(self.recipe, self.run_dir))
-        tag = checkpoints.latest_tag()
-        if tag is None:
-            return
-        saved, tp = checkpoints.read_record(tag).get("tensor_parallel", 1), self.recipe.parallel.tensor_parallel
-        if saved != tp:
-            raise ConfigError(
-                f"checkpoint {checkpoints.directory / tag} was saved with parallel.tensor_parallel={saved}, "
-                f"this run has {tp}: resume with parallel.tensor_parallel={saved}, or start a new run "
-                f"(checkpoint.resume=false or another checkpoint.dir); tools/convert_checkpoint.py from-zero "
-                f"merges its shards into one file of weights")
-
     def _resume(self) -> None:
         self.last_finite_loss = float("nan")
         if self.recipe.checkpoint.resume:
             self.parts.checkpoints.load(self.parts.engine, self._stateful())
+        else:
+            self.parts.checkpoints.refuse_to_overwrite()
 
     def _open_logger(self, start_step: int) -> TrainLogger:
         from rwkvclip_dist.model.flops import forward_flops_per_sample
@@ -247,7 +250,7 @@ class Trainer:
             "samples_per_s": (state.step - start_step) * global_batch / max(elapsed, 1e-9),
             "wall_time_s": elapsed, "resumed_from_step": start_step, "world_size": self.launch.world_size,
             "corrupt_samples_replaced": round(corrupt / self.launch.local_world_size),
-            "bi_wkv_calls": ops.dispatch_counts(), "evals": state.evals,
+            "bi_wkv_calls": ops.dispatch_counts(), "samples_masked": state.samples_masked, "evals": state.evals,
         }
         if state.evals:
             metrics.update(state.evals[max(state.evals, key=int)])

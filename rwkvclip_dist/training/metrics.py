@@ -88,7 +88,7 @@ class TrainLogger:
         self._window_losses: list[float] = []
 
     def log_step(self, step: int, *, loss: float, lr: float, logit_scale: float, grad_norm: float | None,
-                 global_samples: int, data_wait: float, skipped: bool) -> dict[str, float] | None:
+                 global_samples: int, data_wait: float, skipped: bool, masked: int = 0) -> dict[str, float] | None:
         """Record one optimizer step (``step`` counts completed steps, from 1); every ``every``
         steps, emit the window's averages. Returns those averages when it emitted them."""
         self._window_samples += global_samples
@@ -101,6 +101,8 @@ class TrainLogger:
             return None
         record = {"step": step, "loss": loss, "lr": lr, "logit_scale": logit_scale, "grad_norm": grad_norm,
                   "skipped": skipped}
+        if masked:
+            record["masked"] = masked  # stand-ins for undecodable samples, left out of the loss
         self.loss_log.write(json.dumps(record) + "\n")
         self.loss_log.flush()
         if self.bar is not None:

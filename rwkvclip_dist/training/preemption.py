@@ -26,9 +26,10 @@ class PreemptionHandler:
     def _on_signal(self, signum, frame) -> None:
         self.received = signum
 
-    def should_stop(self) -> bool:
-        """Collective: True on every rank as soon as any rank has received a stop signal."""
-        return all_reduce_max_flag(self.received is not None)
+    def should_stop(self, also: bool = False) -> bool:
+        """Collective: True on every rank as soon as any rank has received a stop signal (or ``also``:
+        another reason of this rank's to stop, such as a launcher that is gone)."""
+        return all_reduce_max_flag(self.received is not None or also)
 
     def uninstall(self) -> None:
         for sig, previous in self._previous.items():

@@ -24,18 +24,23 @@ class TrainState:
     """Training samples consumed over all ranks."""
     nonfinite_in_a_row: int = 0
     """Consecutive steps whose loss was not finite on some rank (the run stops at the recipe's limit)."""
+    samples_masked: int = 0
+    """Stand-ins for undecodable samples that the loss left out, over all ranks."""
     evals: dict[str, dict[str, float]] = field(default_factory=dict)
     """In-loop evaluation results by step (the key is the step, as a string)."""
 
     def state_dict(self) -> dict[str, Any]:
         """Counters plus this rank's random generators (each rank saves its own)."""
         return {"step": self.step, "samples": self.samples, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "samples_masked": self.samples_masked,
                 "evals": {k: dict(v) for k, v in self.evals.items()}, "rank": collectives.rank(),
                 "rng": rng.capture()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.samples = int(state["step"]), int(state["samples"])
         self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
+        # Absent from checkpoints written before stand-ins were masked.
+        self.samples_masked = int(state.get("samples_masked", 0))
         self.evals = {k: dict(v) for k, v in state["evals"].items()}
         if state["rank"] == collectives.rank():
             rng.restore(state["rng"])

@@ -1,13 +1,18 @@
 #!/bin/bash
-# A throw-away single-node Slurm cluster on localhost for the tests: munged, slurmctld and slurmd
+# A throw-away Slurm cluster on localhost for the tests: munged, slurmctld and one slurmd per node
 # with every state, spool, socket and log file under one directory, so it never touches /etc/slurm
 # or a real cluster's daemons. cgroup-free (proctrack/linuxproc, task/none) because test machines
 # and containers rarely delegate a writable cgroup tree.
 #
+# SLURM_TEST_NODES=N (default 1) starts N nodes on this one machine: the first is named after the
+# host (so the rendezvous host of a job resolves), the others <host>-n2, <host>-n3...; each is its
+# own slurmd (`slurmd -N <name>`) on its own port, with its own spool, pid and log file.
+#
 #   tests/slurm/cluster.sh start DIR   # writes DIR/slurm.conf, starts the daemons, waits for "idle"
 #   tests/slurm/cluster.sh stop DIR    # stops what start started (by the pid files in DIR)
+#   tests/slurm/cluster.sh start-node DIR NODE   # restarts one node's slurmd
 #
-# Clients then need SLURM_CONF=DIR/slurm.conf in their environment. SLURM_TEST_CPUS sets the node's
+# Clients then need SLURM_CONF=DIR/slurm.conf in their environment. SLURM_TEST_CPUS sets each node's
 # CPU count (default 2). Needs root (munged and slurmd
 # run as root here) and the Debian packages slurm-wlm and munge; start installs them when missing.
 set -euo pipefail
@@ -26,24 +31,31 @@ free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
+node_names() {
+    local host=$1 count=$2 i
+    echo "$host"
+    for ((i = 2; i <= count; i++)); do
+        echo "$host-n$i"
+    done
+}
+
 write_conf() {
-    local dir=$1 node=$2 ctld_port=$3 slurmd_port=$4 cpus=$5
+    local dir=$1 host=$2 ctld_port=$3 cpus=$4 nodes=$5 name names
     cat >"$dir/slurm.conf" <<CONF
 ClusterName=rwkvclip-test
-SlurmctldHost=$node(127.0.0.1)
+SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort=$ctld_port
-SlurmdPort=$slurmd_port
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$dir/munge/munge.socket
 StateSaveLocation=$dir/state
-SlurmdSpoolDir=$dir/spool
+SlurmdSpoolDir=$dir/spool/%n
 SlurmctldPidFile=$dir/slurmctld.pid
-SlurmdPidFile=$dir/slurmd.pid
+SlurmdPidFile=$dir/slurmd-%n.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
-SlurmdLogFile=$dir/log/slurmd.log
+SlurmdLogFile=$dir/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -58,9 +70,12 @@ ReturnToService=2
 KillWait=30
 MailProg=/bin/true
 SlurmdTimeout=60
-NodeName=$node NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN
-PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP
 CONF
+    names=$(node_names "$host" "$nodes" | paste -sd, -)
+    for name in $(node_names "$host" "$nodes"); do
+        echo "NodeName=$name NodeAddr=127.0.0.1 Port=$(free_port) CPUs=$cpus State=UNKNOWN" >>"$dir/slurm.conf"
+    done
+    echo "PartitionName=debug Nodes=$names Default=YES MaxTime=INFINITE State=UP" >>"$dir/slurm.conf"
 }
 
 wait_idle() {
@@ -73,8 +88,28 @@ wait_idle() {
     die "node $node not idle after 30 s (state: '${state:-none}'); see $SLURM_CONF and the logs beside it"
 }
 
+# start_node DIR NAME: (re)start one node's slurmd, e.g. after a test killed it as a lost node. In a
+# cluster of several nodes each slurmd (and so every job process on its node) gets a /dev/shm of its
+# own, as separate machines have: Streaming's per-node shared memory would collide otherwise.
+start_node() {
+    local dir=$1 name=$2
+    export SLURM_CONF=$dir/slurm.conf
+    mkdir -p "$dir/spool/$name"
+    if ((${SLURM_TEST_NODES:-1} > 1)) || [[ $name != "$(hostname -s)" ]]; then
+        # ... and CPUs of its own: node <host> the first core, <host>-nK the K-th (modulo the cores).
+        local index=0
+        [[ $name == *-n[0-9]* ]] && index=$((${name##*-n} - 1))
+        # shellcheck disable=SC2016 # $1 is expanded by the inner sh
+        taskset -c "$((index % $(nproc)))" unshare --mount --propagation private \
+            sh -c 'mount -t tmpfs -o size=2g "shm-$1" /dev/shm && exec slurmd -N "$1"' sh "$name"
+    else
+        slurmd -N "$name"
+    fi
+    wait_idle "$name"
+}
+
 start() {
-    local dir=$1 node cpus
+    local dir=$1 host node cpus
     install_packages
     mkdir -p "$dir"/{munge,state,spool,log}
     dir=$(cd "$dir" && pwd)
@@ -85,13 +120,14 @@ start() {
     munged --force --key-file="$dir/munge/munge.key" --socket="$dir/munge/munge.socket" \
         --pid-file="$dir/munge/munged.pid" --log-file="$dir/log/munged.log" \
         --seed-file="$dir/munge/munged.seed"
-    node=$(hostname -s)
+    host=$(hostname -s)
     cpus=${SLURM_TEST_CPUS:-2}
-    write_conf "$dir" "$node" "$(free_port)" "$(free_port)" "$cpus"
+    write_conf "$dir" "$host" "$(free_port)" "$cpus" "${SLURM_TEST_NODES:-1}"
     export SLURM_CONF=$dir/slurm.conf
     slurmctld -i
-    slurmd -N "$node"
-    wait_idle "$node"
+    for node in $(node_names "$host" "${SLURM_TEST_NODES:-1}"); do
+        start_node "$dir" "$node"
+    done
     echo "$dir/slurm.conf"
 }
 
@@ -125,7 +161,7 @@ cluster_stepds() {
 }
 
 stop() {
-    local dir=$1 pid
+    local dir=$1 pid pidfile
     export SLURM_CONF=$dir/slurm.conf
     # Jobs first, so no job step outlives the daemons that track it.
     if [[ -f $dir/slurmctld.pid ]]; then
@@ -135,7 +171,9 @@ stop() {
             sleep 0.5
         done
     fi
-    stop_pidfile "$dir/slurmd.pid"
+    for pidfile in "$dir"/slurmd-*.pid; do
+        stop_pidfile "$pidfile"
+    done
     for pid in $(cluster_stepds "$SLURM_CONF"); do
         stop_pid "$pid"
     done
@@ -143,9 +181,16 @@ stop() {
     stop_pidfile "$dir/munge/munged.pid"
 }
 
-[[ $# -eq 2 ]] || die "usage: $0 start|stop DIR"
+usage="usage: $0 start|stop DIR, or $0 start-node DIR NODE"
+[[ $# -ge 2 ]] || die "$usage"
+# (Not `cmd && start ...`: set -e does not apply inside a function called from an && list.)
+case $1 in
+    start | stop) [[ $# -eq 2 ]] || die "$usage" ;;
+    start-node) [[ $# -eq 3 ]] || die "$usage" ;;
+    *) die "$usage" ;;
+esac
 case $1 in
     start) start "$2" ;;
     stop) stop "$2" ;;
-    *) die "unknown command '$1' (want start or stop)" ;;
+    start-node) start_node "$2" "$3" ;;
 esac

@@ -1,0 +1,57 @@
+"""Reading checkpoint files without ever running code from them.
+
+A torch file is a pickle, and unpickling with ``weights_only=False`` (what DeepSpeed's own
+``TorchCheckpointEngine.load`` does for its ``*_model_states.pt`` / ``*_optim_states.pt``) calls
+whatever the file names: a crafted checkpoint runs arbitrary code on every rank that resumes from it.
+Here every file is read with ``weights_only=True``: tensors, plain containers and the few plain
+DeepSpeed types its files hold (an int enum and the loss-scaler's attribute bag). Anything else is
+refused with an error that names the file and the foreign object.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rwkvclip_dist.checkpoint.integrity import CheckpointError
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file holds objects beyond tensors and plain containers."""
+
+
+def deepspeed_safe_globals() -> list:
+    """The DeepSpeed classes its checkpoint files legitimately hold; none runs code when rebuilt."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def load_weights_only(path: str | Path, map_location: Any = "cpu") -> Any:
+    """``torch.load`` restricted to data; :class:`UnsafeCheckpointError` names anything else."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # Not torch's advice to allow-list the global: that is exactly what must not happen here.
+        name = re.search(r"GLOBAL (\S+)", str(err))
+        detail = f"it names {name.group(1)}" if name else "it is not a plain torch file"
+        raise UnsafeCheckpointError(
+            f"checkpoint file {path} was refused: {detail}, beyond tensors and plain data; loading it could "
+            f"run code. Delete it or restore it from a trusted copy") from None
+
+
+def make_engine_loads_safe(engine) -> None:
+    """Route every file DeepSpeed's engine reads (model, optimizer and ZeRO shards) through
+    :func:`load_weights_only` instead of its ``torch.load(..., weights_only=False)``."""
+    checkpoint_engine = engine.checkpoint_engine
+
+    def load(path: str, map_location=None):
+        return load_weights_only(path, map_location)
+
+    checkpoint_engine.load = load

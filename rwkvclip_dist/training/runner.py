@@ -1,0 +1,61 @@
+"""Runs a :class:`~rwkvclip_dist.training.loop.Trainer` and turns the ways a run ends into exit statuses.
+
+    0  completed, or pre-empted (SIGTERM/SIGUSR1) after saving: a requeue resumes
+    1  a checkpoint could not be written or read safely (no space, damaged, refused), or a crash
+    2  the recipe is invalid (nothing started)
+    3  a peer rank was lost (killed, frozen, its node gone): nothing more can be saved
+    4  this rank's launcher is gone: the ranks saved and stopped rather than train on as orphans
+    5  another live trainer holds the run directory (nothing was written)
+
+A rank that lost a peer leaves with ``os._exit``: the broken process group's destructors (and
+DeepSpeed's) may wait on the dead rank forever.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from rwkvclip_dist.checkpoint.integrity import CheckpointError
+from rwkvclip_dist.cli import user_errors
+from rwkvclip_dist.parallel.failures import EXIT_PEER_LOST, is_peer_loss, peer_loss_message
+from rwkvclip_dist.parallel.launch_env import LaunchEnv
+from rwkvclip_dist.training.ownership import RunDirectoryBusy
+from rwkvclip_dist.training.recipe import Recipe
+
+EXIT_LAUNCHER_LOST = 4
+EXIT_BUSY = 5
+
+
+def run_training(recipe: Recipe, run_dir: Path, launch: LaunchEnv, debug: bool = False) -> dict:
+    """Train; on failure print one line and exit with the status above (``debug``: a mistake in the
+    run's setup shows its traceback instead)."""
+    from rwkvclip_dist.training.loop import Trainer
+
+    trainer = None
+    try:
+        with user_errors("train.py", debug):  # setup: evaluation data, checkpoint compatibility...
+            trainer = Trainer(recipe, run_dir, launch)
+        metrics = trainer.run()
+    except RunDirectoryBusy as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BUSY)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        # The other ranks may be inside DeepSpeed's save, waiting for this one.
+        os._exit(1)
+    except Exception as err:
+        if not is_peer_loss(err):
+            raise
+        waited = None if trainer is None else time.monotonic() - trainer.last_progress
+        print(f"error: {peer_loss_message(err, launch.rank, recipe.parallel.timeout_s, waited)}",
+              file=sys.stderr, flush=True)
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(EXIT_PEER_LOST)
+    if metrics["status"] == "launcher_lost":
+        sys.exit(EXIT_LAUNCHER_LOST)
+    return metrics
