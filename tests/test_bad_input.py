@@ -73,12 +73,14 @@ def test_the_train_loader_checks_the_index_before_streaming_reads_it(stream):
     ('{"key": "c1", "synth', r"caps\.jsonl:2: not a JSON line"),
 ])
 def test_caption_jsonl_problems_name_the_line(tmp_path, line, expected):
-    from rwkvclip_dist.data.builder import load_captions
+    """Through the on-disk caption join that make_shards --captions uses; no index is left behind."""
+    from rwkvclip_dist.data.captions import index_captions
 
-    captions = tmp_path / "caps.jsonl"
+    captions, db = tmp_path / "caps.jsonl", tmp_path / "captions.sqlite"
     captions.write_text('{"key": "ok", "synthetic": "fine"}\n' + line)
     with pytest.raises(ValueError, match=expected):
-        load_captions([str(captions)])
+        index_captions([str(captions)], str(db))
+    assert not db.exists()
 
 
 @pytest.mark.parametrize("keep", ["half", "20 bytes"])
