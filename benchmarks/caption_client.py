@@ -2,7 +2,7 @@
 """Client-side ceiling of the caption and tag steps (tools/generate_captions.py) on this machine.
 
 The steps' CLI runs in this process against the tests' stand-in chat server (an aiohttp server that
-decodes every base64 image and answers at once; tests/test_descriptions_server.py), started in a
+decodes every base64 image and answers at once; tests/chat_server.py), started in a
 child process so that its CPU is not counted. The input is an MDS set of photo-like JPEGs; each row
 costs the client reading the shard, base64-encoding the image, the HTTP round trip, the gates and the
 JSONL write. A vision-language model on a GPU answers far more slowly than this stand-in, so the
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-SERVER = Path(__file__).resolve().parents[1] / "tests" / "test_descriptions_server.py"
+SERVER = Path(__file__).resolve().parents[1] / "tests" / "chat_server.py"
 
 
 def _serve(digests: dict[str, str], answers: dict[str, str], url: mp.Queue, stop: mp.Event) -> None:

@@ -1,5 +1,8 @@
 """Shared fixtures and helpers: launching real multi-process (gloo) runs with torchrun, reading what a
-training run wrote, finding its rank processes, and the demo data set.
+training run wrote, finding its rank processes, the demo data set, and the small images, tars, MDS
+shards and CSV corpora the data, caption and description tests build. No test file imports another
+(tests/test_layout.py checks); larger helpers live in plain modules beside this one: tool_loader.py
+(tools/ scripts), chat_server.py (the stand-in for vLLM), slurm_cluster.py (the Slurm test cluster).
 
 Multi-process tests start ``torchrun`` subprocesses with ``DS_ACCELERATOR=cpu`` and a cached
 ``TORCH_EXTENSIONS_DIR`` so DeepSpeed's CPU communication op is compiled once per machine. Stale
@@ -8,10 +11,13 @@ process uses, so concurrent runs on the machine are left alone).
 """
 from __future__ import annotations
 
+import functools
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -56,9 +62,7 @@ def run_checked(cmd: list[str], timeout: float, env: dict[str, str] | None = Non
 def loss_log(run_dir: Path) -> list[dict]:
     """The records of a run's ``loss_log.jsonl`` (empty before its first step)."""
     path = run_dir / "loss_log.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_rows(path) if path.is_file() else []
 
 
 def train_args(run_dir: Path, data: Path, *extra: str) -> list[str]:
@@ -123,9 +127,130 @@ def clean_shm():
     clean_stale_shm()
 
 
+@pytest.fixture
+def clean_shm_before_and_after():
+    """For tests that open Streaming datasets in this process: stale segments removed before the test
+    as well as after it."""
+    from rwkvclip_dist.data.shm import clean_stale_shm
+
+    clean_stale_shm()
+    yield
+    clean_stale_shm()
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """The digits demo data set (MDS shards + zeroshot.json), built once per test session."""
     from rwkvclip_dist.data.demo_digits import ensure_demo_data
 
     return Path(ensure_demo_data(str(tmp_path_factory.mktemp("demo") / "demo_digits")))
+
+
+# Small inputs of the data, caption and description tests.
+
+# The variables that make a process a torch.distributed rank; tests that fork ranks restore them.
+RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+CORPUS_CAPTIONS = [
+    ("a red car parked on a street", ["car", "street"]),
+    ("two brown dogs running on a beach", ["dog", "beach"]),
+    ("a woman holding an umbrella", ["woman", "umbrella"]),
+]
+
+
+def jpeg(seed: int, size=(24, 16), fmt="JPEG") -> bytes:
+    """A noise image of ``size`` (width, height), the same bytes for the same arguments."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add a member ``name`` holding ``data`` to an open tar."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@functools.cache
+def _make_shards_tool():
+    from tool_loader import tool_module
+
+    return tool_module("make_shards")
+
+
+def make_shards(argv: list[str]) -> int:
+    """Exit status of tools/make_shards.py's ``main(argv)`` (the tool is loaded once per session)."""
+    return _make_shards_tool().main(argv)
+
+
+def read_back(out: str) -> dict[str, dict]:
+    """All samples by key, via stock Streaming (fails on duplicate keys)."""
+    from streaming import StreamingDataset
+
+    from rwkvclip_dist.data.shm import clean_stale_shm
+
+    clean_stale_shm()
+    ds = StreamingDataset(local=out, shuffle=False, batch_size=1)
+    rows = [ds[i] for i in range(len(ds))]
+    by_key = {r["key"]: r for r in rows}
+    assert len(by_key) == len(rows), "duplicate keys in the output"
+    del ds
+    clean_stale_shm()
+    return by_key
+
+
+def write_shards(path: str, n: int, prefix: str = "s", synthetic_every: int = 1, corrupt=(),
+                 size_limit: int = 1 << 14) -> None:
+    """``n`` rows with unique texts ``{prefix} raw i`` etc.; rows ``i % synthetic_every != 0`` lack a
+    synthetic caption; rows in ``corrupt`` carry undecodable image bytes."""
+    from streaming import MDSWriter
+
+    from rwkvclip_dist.data.columns import COMPRESSION, columns
+
+    with MDSWriter(out=path, columns=columns(), compression=COMPRESSION, size_limit=size_limit) as w:
+        for i in range(n):
+            image = b"\xff\xd8 broken" if i in corrupt else jpeg(i, size=(12, 12))
+            w.write({"key": f"{prefix}{i}", "jpg": image, "raw": f"{prefix} raw {i}",
+                     "synthetic": f"{prefix} synthetic {i}" if i % synthetic_every == 0 else "",
+                     "generated": f"{prefix} generated {i}", "tags": [], "width": 12, "height": 12,
+                     "source": "test"})
+
+
+def text_index(prefix: str, n: int) -> dict[tuple, tuple[int, str]]:
+    """Token row -> (sample index, text kind) of :func:`write_shards`' rows, to identify what a loader
+    yielded."""
+    from rwkvclip_dist.data.columns import TEXT_ID
+    from rwkvclip_dist.data.tokenizer import tokenize
+
+    out = {}
+    for kind in TEXT_ID:
+        toks = tokenize([f"{prefix} {kind} {i}" for i in range(n)])
+        out.update({tuple(t.tolist()): (i, kind) for i, t in enumerate(toks)})
+    return out
+
+
+def caption_corpus(root: Path, n: int) -> Path:
+    """``root/corpus.csv``: ``n`` rows (keys m00, m01, ...) of a JPEG under ``root/img``, a raw text
+    naming the key, and a synthetic caption and tags from :data:`CORPUS_CAPTIONS`."""
+    import pandas as pd
+    from PIL import Image
+
+    (root / "img").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        Image.new("RGB", (24, 24), (40 * i % 255, 90, 160)).save(root / "img" / f"{i}.jpg")
+        caption, tags = CORPUS_CAPTIONS[i % len(CORPUS_CAPTIONS)]
+        rows.append({"key": f"m{i:02d}", "image_path": f"img/{i}.jpg", "raw": f"holiday pic key=m{i:02d}",
+                     "synthetic": caption, "tags": json.dumps(tags)})  # fmt: skip
+    csv = root / "corpus.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    return csv
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The records of a JSONL file (blank lines skipped)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

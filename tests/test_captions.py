@@ -1,7 +1,7 @@
 """The synthetic-caption and tag steps (tools/generate_captions.py) end to end.
 
 vLLM serving a vision-language model cannot run here (GPU and weights), so a real aiohttp server on
-127.0.0.1 (test_descriptions_server.ChatServer) stands in: it decodes the base64 image of each request,
+127.0.0.1 (tests/chat_server.py's ChatServer) stands in: it decodes the base64 image of each request,
 identifies the sample by the SHA-256 of the bytes and keeps them, so the tests check that the actual
 image bytes of every sample reached the server. Client, gates, output files and CLI are the real ones.
 """
@@ -18,11 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
+from chat_server import ChatServer
 from PIL import Image
-from test_descriptions import read_rows
-from test_descriptions_merge import _corpus, _make_shards
-from test_descriptions_server import ChatServer
 
+from conftest import caption_corpus, make_shards, read_rows
 from rwkvclip_dist.descriptions.caption_cli import main
 from rwkvclip_dist.descriptions.cli import main as describe_main
 
@@ -52,8 +51,8 @@ def test_caption_tag_and_description_steps_fill_the_shards(server, tmp_path):
     JPEGs, the description step joins their outputs, make_shards --captions merges all three."""
     from streaming import StreamingDataset
 
-    csv = _corpus(tmp_path, 3)
-    assert _make_shards(["--input", str(csv), "--out", str(tmp_path / "plain"), "--workers", "1"]) == 0
+    csv = caption_corpus(tmp_path, 3)
+    assert make_shards(["--input", str(csv), "--out", str(tmp_path / "plain"), "--workers", "1"]) == 0
     images = {f"m{i:02d}": (tmp_path / "img" / f"{i}.jpg").read_bytes() for i in range(3)}
     captions = {"m00": "A red car parked on a street.", "m01": "Two brown dogs running on a beach.",
                 "m02": "A woman holding an umbrella in the rain."}  # fmt: skip
@@ -82,7 +81,7 @@ def test_caption_tag_and_description_steps_fill_the_shards(server, tmp_path):
     merged_args = ["--input", str(csv), "--out", str(tmp_path / "merged"), "--workers", "1"]
     for path in ("cap.jsonl", "tags.jsonl", "desc.jsonl"):
         merged_args += ["--captions", str(tmp_path / path)]
-    assert _make_shards(merged_args) == 0
+    assert make_shards(merged_args) == 0
     merged = {row["key"]: row for row in StreamingDataset(local=str(tmp_path / "merged"), batch_size=1)}
     assert merged["m01"]["synthetic"] == captions["m01"] and merged["m01"]["tags"] == ["dog", "beach"]
     assert merged["m02"]["generated"] == generated["m02"] and merged["m02"]["raw"] == "holiday pic key=m02"

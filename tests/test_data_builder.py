@@ -9,45 +9,14 @@ from __future__ import annotations
 import io
 import json
 import os
-import sys
 import tarfile
 
-import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from streaming import StreamingDataset
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-import make_shards  # noqa: E402
-
-from rwkvclip_dist.data.builder import REJECTS, BuildOptions, build_shards  # noqa: E402
-from rwkvclip_dist.data.shm import clean_stale_shm  # noqa: E402
-
-
-def jpeg(seed: int, size=(24, 16), fmt="JPEG") -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-def read_back(out: str) -> dict[str, dict]:
-    """All samples by key, via stock Streaming (fails on duplicate keys)."""
-    clean_stale_shm()
-    ds = StreamingDataset(local=out, shuffle=False, batch_size=1)
-    rows = [ds[i] for i in range(len(ds))]
-    by_key = {r["key"]: r for r in rows}
-    assert len(by_key) == len(rows), "duplicate keys in the output"
-    del ds
-    clean_stale_shm()
-    return by_key
+from conftest import add, jpeg, make_shards, read_back
+from rwkvclip_dist.data.builder import REJECTS, BuildOptions, build_shards
 
 
 @pytest.fixture
@@ -170,9 +139,9 @@ def test_cli_exit_codes(tmp_path, capsys):
     with tarfile.open(empty, "w") as t:
         add(t, "x.jpg", b"garbage")
         add(t, "x.txt", b"text")
-    assert make_shards.main(["--input", str(empty), "--out", str(tmp_path / "o1"), "--workers", "1"]) == 1
+    assert make_shards(["--input", str(empty), "--out", str(tmp_path / "o1"), "--workers", "1"]) == 1
     assert "no usable sample" in capsys.readouterr().err
-    assert make_shards.main(["--input", str(tmp_path / "nope.tar"), "--out", str(tmp_path / "o2")]) == 2
+    assert make_shards(["--input", str(tmp_path / "nope.tar"), "--out", str(tmp_path / "o2")]) == 2
     assert "nope.tar" in capsys.readouterr().err
 
 

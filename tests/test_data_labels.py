@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from test_data_builder import jpeg, make_shards, read_back
 from tool_loader import tool_main
 
 from torchvision.datasets import ImageFolder
 
+from conftest import jpeg, make_shards, read_back
 from rwkvclip_dist.eval.datasets import open_labelled_images
 from rwkvclip_dist.pretrained import create_model_and_transforms, load_model, save_pretrained
 
@@ -38,7 +38,7 @@ def folder(tmp_path_factory):
 
 def test_folder_labels_and_zeroshot_on_the_shards(folder, tmp_path):
     out = tmp_path / "val"
-    assert make_shards.main(["--input", str(folder), "--out", str(out), "--labels", "folder", "--workers", "1"]) == 0
+    assert make_shards(["--input", str(folder), "--out", str(out), "--labels", "folder", "--workers", "1"]) == 0
     rows = read_back(str(out))
     assert len(rows) == 12
     assert {k: (r["label"], r["raw"]) for k, r in rows.items() if k.endswith("_0")} == {
@@ -75,22 +75,22 @@ def test_class_list_orders_labels_and_names_bad_folders(folder, tmp_path, capsys
     classes = tmp_path / "classes.txt"
     classes.write_text("\n".join(CLASSES) + "\n")
     out = tmp_path / "out"
-    assert make_shards.main(["--input", str(folder), "--out", str(out), "--labels", "folder",
-                             "--classes", str(classes), "--workers", "1"]) == 0
+    assert make_shards(["--input", str(folder), "--out", str(out), "--labels", "folder",
+                        "--classes", str(classes), "--workers", "1"]) == 0
     assert {r["raw"]: r["label"] for r in read_back(str(out)).values()} == {"red": 0, "green": 1, "blue": 2}
     classes.write_text("red\ngreen\n")
-    assert make_shards.main(["--input", str(folder), "--out", str(tmp_path / "o2"), "--labels", "folder",
-                             "--classes", str(classes)]) == 2
+    assert make_shards(["--input", str(folder), "--out", str(tmp_path / "o2"), "--labels", "folder",
+                        "--classes", str(classes)]) == 2
     assert f"{folder}/blue: class folder 'blue' is not in --classes" in capsys.readouterr().err
     classes.write_text("red\ngreen\nred\n")
-    assert make_shards.main(["--input", str(folder), "--out", str(tmp_path / "o3"), "--labels", "folder",
-                             "--classes", str(classes)]) == 2
+    assert make_shards(["--input", str(folder), "--out", str(tmp_path / "o3"), "--labels", "folder",
+                        "--classes", str(classes)]) == 2
     assert "classes.txt:3: class 'red' repeats line 1" in capsys.readouterr().err
     loose = tmp_path / "loose"
     (loose / "cat").mkdir(parents=True)
     (loose / "cat" / "a.jpg").write_bytes(jpeg(1))
     (loose / "b.jpg").write_bytes(jpeg(2))
-    assert make_shards.main(["--input", str(loose), "--out", str(tmp_path / "o4"), "--labels", "folder"]) == 2
+    assert make_shards(["--input", str(loose), "--out", str(tmp_path / "o4"), "--labels", "folder"]) == 2
     assert f"{loose}/b.jpg: --labels folder needs every image inside a class subfolder" in capsys.readouterr().err
 
 
@@ -98,8 +98,8 @@ def test_column_labels_from_tables(tmp_path, capsys):
     pd.DataFrame({"key": ["p0", "p1"], "jpg": [jpeg(1), jpeg(2)], "caption": ["a", "b"],
                   "cls": [3, 0]}).to_parquet(tmp_path / "val.parquet")
     out = tmp_path / "p"
-    assert make_shards.main(["--input", str(tmp_path / "val.parquet"), "--out", str(out), "--labels", "cls",
-                             "--workers", "1"]) == 0
+    assert make_shards(["--input", str(tmp_path / "val.parquet"), "--out", str(out), "--labels", "cls",
+                        "--workers", "1"]) == 0
     rows = read_back(str(out))
     assert (rows["p0"]["label"], rows["p1"]["label"], rows["p0"]["raw"]) == (3, 0, "a")
 
@@ -110,7 +110,7 @@ def test_column_labels_from_tables(tmp_path, capsys):
                   "cls": ["dog", "1", "cat"]}).to_csv(tmp_path / "val.csv", index=False)
     base = ["--input", str(tmp_path / "val.csv"), "--labels", "cls", "--classes", str(tmp_path / "classes.txt"),
             "--workers", "1"]
-    assert make_shards.main(base + ["--out", str(tmp_path / "c")]) == 0
+    assert make_shards(base + ["--out", str(tmp_path / "c")]) == 0
     rows = read_back(str(tmp_path / "c"))
     assert [(rows[k]["label"], rows[k]["raw"]) for k in ("c0", "c1", "c2")] == [(1, "dog"), (1, "dog"), (0, "cat")]
 
@@ -118,8 +118,8 @@ def test_column_labels_from_tables(tmp_path, capsys):
                          ("7", "label 7 in column 'cls' is out of range")):
         pd.DataFrame({"key": ["c0", "c1"], "image_path": ["img.jpg"] * 2, "cls": ["cat", bad]}).to_csv(
             tmp_path / "val.csv", index=False)
-        assert make_shards.main(base + ["--out", str(tmp_path / f"bad{bad}")]) == 2
+        assert make_shards(base + ["--out", str(tmp_path / f"bad{bad}")]) == 2
         assert f"val.csv:row1: {message}" in capsys.readouterr().err
-    assert make_shards.main(["--input", str(tmp_path / "val.parquet"), "--out", str(tmp_path / "x"),
-                             "--labels", "nope"]) == 2
+    assert make_shards(["--input", str(tmp_path / "val.parquet"), "--out", str(tmp_path / "x"),
+                        "--labels", "nope"]) == 2
     assert "--labels 'nope': no such column" in capsys.readouterr().err

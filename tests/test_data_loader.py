@@ -5,64 +5,24 @@ Multi-rank tests run two real torch.distributed gloo ranks with Streaming's envi
 
 from __future__ import annotations
 
-import io
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
-from PIL import Image
 from scipy.stats import chisquare
-from streaming import MDSWriter
 
-from rwkvclip_dist.data.columns import COMPRESSION, TEXT_ID, columns
+from conftest import RANK_ENV, text_index, write_shards
+from rwkvclip_dist.data.columns import TEXT_ID
 from rwkvclip_dist.data.config import DataConfig, StreamConfig
 from rwkvclip_dist.data.loader import build_eval_dataloader, build_train_dataloader
-from rwkvclip_dist.data.tokenizer import tokenize
 from rwkvclip_dist.parallel.launch_env import free_port
 from rwkvclip_dist.data.shm import clean_stale_shm
 from rwkvclip_dist.typed_config import ConfigError, build_dataclass
 
+pytestmark = pytest.mark.usefixtures("clean_shm_before_and_after")
 N_RANK_SAMPLES = 96
-ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def jpeg(i: int) -> bytes:
-    rng = np.random.default_rng(i)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-def write_shards(path: str, n: int, prefix: str = "s", synthetic_every: int = 1, corrupt=(),
-                 size_limit: int = 1 << 14) -> None:
-    """``n`` rows with unique texts ``{prefix} raw i`` etc.; rows ``i % synthetic_every != 0`` lack a
-    synthetic caption; rows in ``corrupt`` carry undecodable image bytes."""
-    with MDSWriter(out=path, columns=columns(), compression=COMPRESSION, size_limit=size_limit) as w:
-        for i in range(n):
-            w.write({"key": f"{prefix}{i}", "jpg": b"\xff\xd8 broken" if i in corrupt else jpeg(i),
-                     "raw": f"{prefix} raw {i}",
-                     "synthetic": f"{prefix} synthetic {i}" if i % synthetic_every == 0 else "",
-                     "generated": f"{prefix} generated {i}", "tags": [], "width": 12, "height": 12,
-                     "source": "test"})
-
-
-def text_index(prefix: str, n: int) -> dict[tuple, tuple[int, str]]:
-    """Token row -> (sample index, text kind), to identify what the loader yielded."""
-    out = {}
-    for kind in TEXT_ID:
-        toks = tokenize([f"{prefix} {kind} {i}" for i in range(n)])
-        out.update({tuple(t.tolist()): (i, kind) for i, t in enumerate(toks)})
-    return out
-
-
-@pytest.fixture(autouse=True)
-def _shm_clean():
-    clean_stale_shm()
-    yield
-    clean_stale_shm()
 
 
 def _epoch(loader, lookup, stop_after=None):
@@ -115,7 +75,7 @@ def _rank_main(rank: int, world: int, port: int, data: str, result_dir: str) -> 
 def test_two_ranks_partition_and_exact_resume(tmp_path):
     data = str(tmp_path / "data")
     write_shards(data, N_RANK_SAMPLES)
-    saved = {k: os.environ.get(k) for k in ENV}
+    saved = {k: os.environ.get(k) for k in RANK_ENV}
     try:
         # fork, as under torchrun: a spawned rank would also spawn its DataLoader workers, each
         # re-importing torch (tens of seconds on two shared cores) for no extra coverage.

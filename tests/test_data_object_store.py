@@ -19,14 +19,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
-from test_data_loader import ENV, _shm_clean, text_index, write_shards  # noqa: F401 (autouse fixture)
 
+from conftest import RANK_ENV, text_index, write_shards
 from rwkvclip_dist.data.config import DataConfig, StreamConfig
 from rwkvclip_dist.data.loader import build_train_dataloader
 from rwkvclip_dist.data.local_s3 import LocalS3Server
 from rwkvclip_dist.parallel.launch_env import free_port
 from rwkvclip_dist.data.shm import clean_stale_shm
 
+pytestmark = pytest.mark.usefixtures("clean_shm_before_and_after")
 N_SAMPLES = 96  # a multiple of every global batch below, so no epoch is padded
 
 
@@ -125,7 +126,7 @@ def _launch(world: int, tmp_path: Path, name: str, state=None, stop_after=None) 
     out = tmp_path / name
     out.mkdir()
     phase = {"cache": str(out / "cache"), "state": state, "stop_after": stop_after}
-    saved = {k: os.environ.get(k) for k in ENV}
+    saved = {k: os.environ.get(k) for k in RANK_ENV}
     try:  # fork, as under torchrun (see test_data_loader.test_two_ranks_partition_and_exact_resume)
         tmp.start_processes(_rank_main, args=(world, free_port(), phase, str(out)), nprocs=world, join=True,
                             start_method="fork")

@@ -14,8 +14,8 @@ import tarfile
 import pandas as pd
 import pytest
 from streaming import StreamingDataset
-from test_data_builder import add, jpeg, make_shards, read_back
 
+from conftest import add, jpeg, make_shards, read_back
 from rwkvclip_dist.data.builder import REJECTS, REPORT, BuildOptions, build_shards
 from rwkvclip_dist.data.captions import CaptionTable, index_captions
 from rwkvclip_dist.data.parts import part_name
@@ -76,17 +76,17 @@ def _report(out):
 
 def test_parts_and_merge_equal_a_one_part_build(inputs, tmp_path):
     one, many = tmp_path / "one", tmp_path / "many"
-    assert make_shards.main(_args(inputs, one) + ["--workers", "1"]) == 0
+    assert make_shards(_args(inputs, one) + ["--workers", "1"]) == 0
     expected = read_back(str(one))
     assert sorted(expected) == ["a0", "a1", "b0", "b1", "c0", "d0", "dup01", "dup03", "dup2csv", "e0", "e1",
                                 "e2", "e3", "f0", "g0", "g1"]
     assert expected["dup01"]["raw"].endswith("t0.tar") and expected["dup2csv"]["raw"].endswith("t2.tar")
     assert (expected["a0"]["synthetic"], expected["a0"]["tags"]) == ("new a0", ["x"])
 
-    assert make_shards.main(_args(inputs, many) + ["--prepare"]) == 0
+    assert make_shards(_args(inputs, many) + ["--prepare"]) == 0
     for i in (2, 0, 1):  # any order, one with a worker pool
-        assert make_shards.main(_args(inputs, many) + ["--shard", f"{i}/3", "--workers", str(1 + (i == 1))]) == 0
-    assert make_shards.main(["--merge", "--out", str(many), "--workers", "1"]) == 0
+        assert make_shards(_args(inputs, many) + ["--shard", f"{i}/3", "--workers", str(1 + (i == 1))]) == 0
+    assert make_shards(["--merge", "--out", str(many), "--workers", "1"]) == 0
     assert read_back(str(many)) == expected  # keys, image bytes and every column
     assert _report(many) == _report(one)
     report = _report(one)
@@ -107,7 +107,7 @@ def test_parts_and_merge_equal_a_one_part_build(inputs, tmp_path):
 def test_interrupted_part_reruns_alone_and_resumes(inputs, tmp_path, capsys):
     out = tmp_path / "out"
     for i in range(3):
-        assert make_shards.main(_args(inputs, out) + ["--shard", f"{i}/3", "--workers", "1"]) == 0
+        assert make_shards(_args(inputs, out) + ["--shard", f"{i}/3", "--workers", "1"]) == 0
     part0 = out / part_name(0, 3)
     kept = part0 / ".build" / "tar-t0.tar.done"
     kept_mtime = kept.stat().st_mtime_ns
@@ -115,18 +115,18 @@ def test_interrupted_part_reruns_alone_and_resumes(inputs, tmp_path, capsys):
     (part0 / ".build" / "tar-t3.tar.done").unlink()
     (part0 / "part.json").unlink()
     (part0 / "tar-t3.tar" / "shard.00000.mds.zstd").write_bytes(b"half a shard")
-    assert make_shards.main(["--merge", "--out", str(out)]) == 1
+    assert make_shards(["--merge", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "part(s) 0 of 3" in err and "--array=0" in err
-    assert make_shards.main(_args(inputs, out) + ["--shard", "0/3", "--workers", "1"]) == 0
+    assert make_shards(_args(inputs, out) + ["--shard", "0/3", "--workers", "1"]) == 0
     assert kept.stat().st_mtime_ns == kept_mtime, "a finished unit was rebuilt"
-    assert make_shards.main(_args(inputs, out) + ["--merge", "--workers", "1"]) == 0
+    assert make_shards(_args(inputs, out) + ["--merge", "--workers", "1"]) == 0
     assert sorted(read_back(str(out))) == ["a0", "a1", "b0", "b1", "c0", "d0", "dup01", "dup03", "dup2csv",
                                            "e0", "e1", "e2", "e3", "f0", "g0", "g1"]
     # The merge checks the parts against the arguments it is given.
-    assert make_shards.main(_args(inputs, out)[:-2] + ["--merge"]) == 2
+    assert make_shards(_args(inputs, out)[:-2] + ["--merge"]) == 2
     assert "other files" in capsys.readouterr().err
-    assert make_shards.main(["--out", str(out), "--shard", "3/3", "--input", str(inputs / "t0.tar")]) == 2
+    assert make_shards(["--out", str(out), "--shard", "3/3", "--input", str(inputs / "t0.tar")]) == 2
 
 
 def test_caption_table_matches_the_dict_merge(tmp_path):

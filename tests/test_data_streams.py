@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from test_data_loader import _shm_clean, text_index, write_shards  # noqa: F401 (autouse fixture)
 
+from conftest import text_index, write_shards
 from rwkvclip_dist.data.config import DataConfig, StreamConfig
 from rwkvclip_dist.data.loader import build_train_dataloader
 from rwkvclip_dist.typed_config import ConfigError, build_dataclass
 
+pytestmark = pytest.mark.usefixtures("clean_shm_before_and_after")
 SIZES = {"a": 40, "b": 24, "c": 16}
 
 

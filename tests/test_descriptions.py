@@ -1,6 +1,6 @@
 """End-to-end tests of description generation against a real HTTP server on 127.0.0.1.
 
-The server (test_descriptions_server.py) speaks the OpenAI chat-completions protocol and stands in
+The server (tests/chat_server.py) speaks the OpenAI chat-completions protocol and stands in
 for vLLM, which needs a GPU and model weights and cannot run here; the client, retries, gates,
 output files and CLI under test are the real ones.
 """
@@ -17,8 +17,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_descriptions_server import ChatServer
+from chat_server import ChatServer
 
+from conftest import read_rows
 from rwkvclip_dist.descriptions.bookkeeping import RunConfig
 from rwkvclip_dist.descriptions.cli import main
 from rwkvclip_dist.descriptions.client import ClientConfig, ServerError
@@ -41,10 +42,6 @@ def write_samples(path: Path, n: int) -> list[str]:
             raw = f"IMG_{i}.jpg key={key} only $9.99 at shop.example.com"
             handle.write(json.dumps({"key": key, "raw": raw, "synthetic": caption, "tags": tags}) + "\n")
     return keys
-
-
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture

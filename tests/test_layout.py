@@ -1,5 +1,6 @@
 """The house rules of the package layout, checked on the source: no import cycle, no import from a
-lower layer into a higher one, tools on the public API only, and files short enough to read."""
+lower layer into a higher one, tools on the public API only, files short enough to read, and tests
+that share helpers through conftest.py or a helper module, never by importing another test file."""
 from __future__ import annotations
 
 import ast
@@ -93,6 +94,22 @@ def test_tools_use_public_names_and_do_not_edit_sys_path():
                 assert not private, f"{path.name} imports private names {private} from {node.module}"
             if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", "") == "sys":
                 raise AssertionError(f"{path.name} edits or reads sys.path; the package is installed")
+
+
+def test_no_test_file_imports_another():
+    tests = REPO / "tests"
+    test_modules = {p.stem for p in tests.glob("test_*.py")}
+    found = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module.split(".")[0]]
+            else:
+                continue
+            found += [f"tests/{path.name}:{node.lineno} imports {n}" for n in names if n in test_modules]
+    assert not found, "shared test helpers belong in tests/conftest.py or a helper module:\n" + "\n".join(found)
 
 
 def test_files_stay_short_and_the_entry_point_thin():

@@ -13,17 +13,13 @@ import os
 import re
 import shutil
 import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from slurm_cluster import CLUSTER, ROOT, Cluster, job_venv
 
 from rwkvclip_dist.checkpoint.manager import TAG_PATTERN, tag_for_step
 
-ROOT = Path(__file__).resolve().parents[1]
-CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
 # Small steps: the orchestration is under test, not the learning (tests/test_demo*.py cover that).
 FAST = ["data.batch_size=16", "eval.zeroshot=[]", "logging.every_steps=1", "logging.progress_bar=false",
         "logging.tensorboard=false"]
@@ -32,61 +28,6 @@ RESUMED = re.compile(r"resumed from \S+ \(step (\d+)\)")
 pytestmark = pytest.mark.skipif(
     shutil.which("slurmctld") is None and os.geteuid() != 0,
     reason="needs the slurm-wlm and munge packages, or root to install them")
-
-
-@dataclass
-class Cluster:
-    state: Path
-    runs: Path
-    env: dict[str, str]
-
-    def run(self, *args: str) -> str:
-        # From the repository root: that is where sbatch scripts expect to be submitted from.
-        result = subprocess.run(args, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=60)
-        if result.returncode != 0:
-            raise AssertionError(f"{' '.join(args)} failed ({result.returncode}): {result.stderr}")
-        return result.stdout
-
-    def submit(self, name: str, *overrides: str) -> str:
-        out = self.run("sbatch", "--parsable", f"--job-name={name}", f"--output={self.runs}/%x-%j.out",
-                       "slurm/train_demo.sh", *overrides)
-        return out.strip().split(";")[0]
-
-    def job(self, job_id: str) -> dict[str, str]:
-        fields = self.run("scontrol", "show", "job", "--oneliner", job_id).split()
-        return dict(field.split("=", 1) for field in fields if "=" in field)
-
-    def wait(self, what: str, condition, timeout: float, job_id: str, name: str):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = condition()
-            if value:
-                return value
-            time.sleep(0.2)
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; job {job_id}: "
-                             f"{self.job(job_id)}\n{self.batch_log(name, job_id)[-3000:]}")
-
-    def wait_done(self, job_id: str, name: str, timeout: float = 240) -> dict[str, str]:
-        def finished():
-            job = self.job(job_id)
-            return job if job["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
-
-        return self.wait("the job to finish", finished, timeout, job_id, name)
-
-    def start_now(self, job_id: str, name: str) -> None:
-        """Slurm holds a requeued batch job for two minutes (until the old credential expires); the
-        test lets it start in two seconds instead. Not at once: slurmd rejects a job credential issued
-        within the same second as the revocation of the job's previous one."""
-        self.wait("the requeued job to be pending", lambda: self.job(job_id)["JobState"] == "PENDING",
-                  120, job_id, name)
-        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+2")
-
-    def batch_log(self, name: str, job_id: str) -> str:
-        path = self.runs / f"{name}-{job_id}.out"
-        return path.read_text() if path.is_file() else f"({path} does not exist)"
-
-    def node_log(self, name: str, job_id: str, restart: int) -> str:
-        return (self.runs / name / "logs" / f"{job_id}.{restart}" / "node0.log").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -113,13 +54,6 @@ def cluster(tmp_path_factory):
 def _data(demo_data: Path) -> str:
     # The recipe's data/demo_digits exists only where `make demo` ran; the session's copy always does.
     return f"data.streams=[{{remote: {demo_data / 'train'}}}]"
-
-
-def job_venv() -> str:
-    """The jobs' Python environment: the repository's .venv (as `make test` creates it), else this one."""
-    if "RWKVCLIP_VENV" in os.environ:
-        return os.environ["RWKVCLIP_VENV"]
-    return str(ROOT / ".venv") if (ROOT / ".venv" / "bin" / "activate").is_file() else sys.prefix
 
 
 def _latest_step(run_dir: Path) -> int | None:
@@ -211,7 +145,7 @@ def test_shard_build_array_reruns_a_failed_part_then_merges(cluster, tmp_path):
     import sys
     import tarfile
 
-    from test_data_builder import add, jpeg, make_shards, read_back
+    from conftest import add, jpeg, make_shards, read_back
 
     data = tmp_path / "data"
     data.mkdir()
@@ -248,7 +182,7 @@ def test_shard_build_array_reruns_a_failed_part_then_merges(cluster, tmp_path):
     merge = cluster.wait_done(merge_id, "shards-merge")
     assert (merge["JobState"], merge["ExitCode"]) == ("COMPLETED", "0:0"), cluster.batch_log("shards-merge", merge_id)
     assert {p: p.stat().st_mtime_ns for p in finished} == finished, "a finished part was rebuilt"
-    assert make_shards.main(args[:-1] + [str(tmp_path / "one"), "--workers", "1"]) == 0
+    assert make_shards(args[:-1] + [str(tmp_path / "one"), "--workers", "1"]) == 0
     merged = read_back(str(out))
     assert merged == read_back(str(tmp_path / "one")) and len(merged) == 13
     assert merged["t0k0"]["raw"] == "t0k0 from t0"

@@ -24,7 +24,7 @@ import time
 import pytest
 
 from conftest import REFERENCE_STEPS, loss_log
-from test_slurm import CLUSTER, ROOT, Cluster, job_venv
+from slurm_cluster import CLUSTER, ROOT, Cluster, job_venv
 
 pytestmark = pytest.mark.skipif(
     shutil.which("slurmctld") is None and os.geteuid() != 0,

@@ -1,4 +1,4 @@
-"""Stand-in chat-completions server shared by tests/test_descriptions*.py (holds no tests itself).
+"""Stand-in chat-completions server for the description and caption tests (a helper, not a test file).
 
 A real HTTP server on 127.0.0.1 that stands in for vLLM (`vllm serve`), which needs a GPU and model
 weights and cannot run here. It speaks the same OpenAI protocol (GET /v1/models, POST
