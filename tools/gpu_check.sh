@@ -149,7 +149,7 @@ print(f"resumed {steps} -> {metrics['steps']}, final loss {metrics['final_loss']
 EOF
 
 if [[ $mode == gpu ]]; then
-  sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+  sanitizer=$(command -v compute-sanitizer || find /usr/local/cuda*/bin -maxdepth 1 -name compute-sanitizer 2>/dev/null | head -n 1)
   for tool in memcheck racecheck synccheck initcheck; do
     if [[ -z $sanitizer ]]; then
       step "sanitizer_$tool" 5 sh -c 'echo "compute-sanitizer not found (PATH, /usr/local/cuda*/bin)"; exit 1'
