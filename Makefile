@@ -10,6 +10,8 @@ STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR ?= cpu
 export PYTHONUNBUFFERED := 1
+# The environment's tools first (ninja above all: the compiled-op cache is only reused by the same ninja).
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: env sysdeps demo test lock clean
 

@@ -27,6 +27,12 @@ PYTHON = sys.executable
 TRAIN = str(REPO / "rwkvclip_dist" / "train.py")
 DEMO_RECIPE = str(REPO / "recipes" / "demo_digits.yaml")
 
+# Compiled ops are cached in TORCH_EXTENSIONS_DIR, but ninja keys each object on its command's hash and
+# the system's ninja (1.11) hashes differently from the environment's (1.13): with both on the machine,
+# the tests (run without the environment activated) and the Slurm jobs (which activate it) would
+# recompile DeepSpeed's op on every switch, ~25-45 s each. This environment's tools come first.
+os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+
 
 def dist_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)

@@ -59,6 +59,22 @@ def test_training_scripts_share_one_body_and_name_a_real_recipe(script):
     assert not re.search(r"^\s*(srun|torchrun|python|deepspeed)\b", text, re.MULTILINE)
 
 
+@pytest.mark.parametrize("script", TRAIN_SCRIPTS, ids=lambda p: p.name)
+def test_multi_node_recipes_fix_a_sample_order_their_node_counts_divide(script):
+    """Streaming computes the sample order for ``num_canonical_nodes``; left unset it is the node count
+    of the first run, so a requeued job started afresh on fewer nodes would see other samples. Every
+    recipe a multi-node script runs fixes it, and the script's node count divides it."""
+    from rwkvclip_dist.training.recipe import load_recipe
+
+    nodes = int(_sbatch_options(script)["nodes"])
+    recipe = load_recipe(ROOT / BODY.findall(script.read_text())[0], check_paths=False)
+    canonical = recipe.data.num_canonical_nodes
+    if nodes == 1 and canonical is None:
+        return
+    assert canonical is not None, f"{script.name}: its recipe leaves data.num_canonical_nodes unset"
+    assert canonical % nodes == 0, f"{script.name}: {nodes} nodes do not divide num_canonical_nodes {canonical}"
+
+
 def test_common_body_refuses_to_run_outside_slurm(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     result = subprocess.run(["bash", str(ROOT / "slurm" / "train_demo.sh")], cwd=ROOT, env=env,

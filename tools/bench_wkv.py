@@ -136,7 +136,15 @@ def main() -> None:
     parser.add_argument("--peak-gbs", type=float, help="HBM peak in GB/s when torch cannot tell")
     parser.add_argument("--out", help="Markdown file (default benchmarks/bi_wkv_<gpu>.md)")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu to check this script without a GPU")
+    parser.add_argument("--build-baseline", metavar="ARCH",
+                        help="only compile the two-scan baseline for ARCH (e.g. 9.0) and exit: needs nvcc, not a GPU "
+                             "(tools/gpu_check.sh --cpu does this before a GPU session)")
     args = parser.parse_args()
+    if args.build_baseline:
+        module = build_two_scan((args.build_baseline,))
+        assert callable(module.forward) and callable(module.backward)
+        print(f"two-scan baseline compiled for sm_{args.build_baseline.replace('.', '')}")
+        return
     device = torch.device(args.device)
     if device.type == "cpu":
         if not args.out:

@@ -22,7 +22,8 @@
 #   --budget S     wall-clock seconds for all steps (default 500 on a GPU, 3600 with --cpu): a step
 #                  is cut at what is left, and steps that find nothing left fail as "not run", so
 #                  the run always ends with its results file inside the allocation.
-#   --cpu          every step at tiny size on the CPU (no GPU, no sanitizer binary): no Python error
+#   --cpu          every step at tiny size on the CPU (no GPU, no sanitizer binary), and the
+#                  benchmark's two-scan baseline compiled for sm_90: no Python or compile error
 #                  can wait for the GPU. The GPU-only assertions are replaced by their CPU
 #                  counterparts (the chunked path serves every call).
 #   --wheelhouse   install the wheels of tools/make_wheelhouse.py into OUT_DIR/site (pip --target,
@@ -38,7 +39,7 @@ while (($#)); do
     --budget) budget="${2:?--budget needs seconds}"; shift ;;
     --only) only=",${2:?--only needs step names},"; shift ;;
     --wheelhouse) wheelhouse="${2:?--wheelhouse needs a directory}"; shift ;;
-    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $1" >&2; exit 2 ;;
     *) out="$1" ;;
   esac
@@ -115,6 +116,9 @@ EOF
   wkv_args=(--repeats 10)
 else
   step env 120 "$python" -c 'import torch; print("torch", torch.__version__, "(CPU mode)")'
+  # The benchmark's baseline is built only on a GPU machine: compile it here so a GPU session cannot meet
+  # a compile error (needs nvcc).
+  step baseline_build 300 "$python" tools/bench_wkv.py --build-baseline 9.0
   step kernel_tests 600 "$python" -m pytest "${pytest_opts[@]}" tests/test_cuda_bi_wkv.py tests/test_ops_dispatch.py
   train_args=(parallel.precision=fp32 parallel.zero_stage=2 checkpoint.every_steps=3 logging.tensorboard=false
               data.batch_size=8 eval.zeroshot.0.batch_size=32)

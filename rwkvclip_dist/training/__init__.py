@@ -12,6 +12,8 @@ the optimizer's parameter groups, the learning-rate schedule and exact gradient 
     evals.py         in-loop zero-shot evaluation through rwkvclip_dist.eval
     metrics.py       TensorBoard, progress bar, summary lines, loss_log.jsonl
     preemption.py    SIGTERM / SIGUSR1: save, then exit 0
+    ownership.py     one trainer per run directory (a lock naming host, pid and job)
+    runner.py        run a recipe; map each way a run ends to its exit status
 
 ``rwkvclip_dist/train.py`` is the command-line entry point.
 """

@@ -69,7 +69,9 @@ ReturnToService=2
 # Seconds between SIGTERM and SIGKILL: the trainer must save its checkpoint inside this window.
 KillWait=30
 MailProg=/bin/true
-SlurmdTimeout=60
+# A node that stops answering is declared down after this long (a lost node's job is then requeued);
+# clusters use minutes, the tests wait less.
+SlurmdTimeout=10
 CONF
     names=$(node_names "$host" "$nodes" | paste -sd, -)
     for name in $(node_names "$host" "$nodes"); do
