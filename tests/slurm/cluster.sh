@@ -72,6 +72,9 @@ MailProg=/bin/true
 # A node that stops answering is declared down after this long (a lost node's job is then requeued);
 # clusters use minutes, the tests wait less.
 SlurmdTimeout=10
+# Pending jobs whose start time has come (a requeued job after StartTime=now+2, an array's merge once its
+# dependency is met) are otherwise started by the backfill pass, every 30 s; clusters do not mind, tests do.
+SchedulerParameters=sched_interval=1,bf_interval=2
 CONF
     names=$(node_names "$host" "$nodes" | paste -sd, -)
     for name in $(node_names "$host" "$nodes"); do
