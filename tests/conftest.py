@@ -257,6 +257,21 @@ def caption_corpus(root: Path, n: int) -> Path:
     return csv
 
 
+def kill_once_written(cmd: list[str], out: Path, lines: int, timeout_s: float = 60) -> None:
+    """Run ``cmd`` until ``out`` holds ``lines`` lines, then SIGKILL it: a crash in the middle of a run."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout_s
+    while (not out.exists() or len(out.read_bytes().splitlines()) < lines) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+
+
 def read_rows(path: Path) -> list[dict]:
     """The records of a JSONL file (blank lines skipped)."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -11,17 +11,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from chat_server import ChatServer
 from PIL import Image
 
-from conftest import caption_corpus, make_shards, read_rows
+from conftest import caption_corpus, kill_once_written, make_shards, read_rows
 from rwkvclip_dist.descriptions.caption_cli import main
 from rwkvclip_dist.descriptions.cli import main as describe_main
 
@@ -155,14 +153,7 @@ def test_kill_midway_then_resume_writes_each_key_exactly_once(tmp_path):
         out = tmp_path / "cap.jsonl"
         cmd = [sys.executable, str(REPO / "tools/generate_captions.py"),
                *_args(srv, "caption", src, out, "--concurrency", "2", progress=True)]
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
-        while (not out.exists() or len(out.read_bytes().splitlines()) < 8) and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stderr.read().decode()
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stderr.close()
+        kill_once_written(cmd, out, 8)
         first = read_rows(out)
         assert 8 <= len(first) < 40, "the kill should land mid-run"
         with out.open("ab") as handle:

@@ -8,18 +8,16 @@ output files and CLI under test are the real ones.
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from chat_server import ChatServer
 
-from conftest import read_rows
+from conftest import kill_once_written, read_rows
 from rwkvclip_dist.descriptions.bookkeeping import RunConfig
 from rwkvclip_dist.descriptions.cli import main
 from rwkvclip_dist.descriptions.client import ClientConfig, ServerError
@@ -131,14 +129,7 @@ def test_kill_midway_then_resume_writes_each_key_exactly_once(server, tmp_path):
         str(REPO / "tools/generate_descriptions.py"),
         *cli_args(srv, tmp_path / "in.jsonl", out, "--concurrency", "2", progress=True),
     ]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while (not out.exists() or len(out.read_bytes().splitlines()) < 10) and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode()
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    kill_once_written(cmd, out, 10)
     first = read_rows(out)
     assert 10 <= len(first) < 60, "the kill should land mid-run"
     # A kill during a write leaves a torn last line; make sure there is one to recover from.
