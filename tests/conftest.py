@@ -15,9 +15,11 @@ import functools
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -259,9 +261,6 @@ def caption_corpus(root: Path, n: int) -> Path:
 
 def kill_once_written(cmd: list[str], out: Path, lines: int, timeout_s: float = 60) -> None:
     """Run ``cmd`` until ``out`` holds ``lines`` lines, then SIGKILL it: a crash in the middle of a run."""
-    import signal
-    import time
-
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + timeout_s
     while (not out.exists() or len(out.read_bytes().splitlines()) < lines) and time.monotonic() < deadline:
