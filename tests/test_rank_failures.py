@@ -7,6 +7,8 @@
 - Under ``torchrun --max-restarts=1``, rank 1 is SIGKILLed (no handler runs). The survivor exits at
   its next collective, the agent restarts both ranks, they resume from the newest complete checkpoint
   and the per-step losses equal an uninterrupted run's.
+- Launched srun-style, rank 0 cannot prepare a checkpoint's directory: every rank learns it from rank
+  0's broadcast and exits with the checkpoint status (1) and one line.
 """
 from __future__ import annotations
 
@@ -94,3 +96,30 @@ def test_torchrun_restarts_after_a_sigkilled_rank_and_resumes_to_the_same_losses
     assert {r["step"]: r["loss"] for r in after} == {s: reference_losses[s] for s in range(resumed + 1, 13)}
     print(f"\nSIGKILL at step {killed_at_step}: restarted from step {resumed}, whole job done "
           f"{time.monotonic() - killed_at:.1f} s after the kill")
+
+
+def test_a_save_refused_on_rank_0_stops_every_rank_with_the_checkpoint_status(tmp_path, demo_data, clean_shm):
+    """Rank 0 cannot prepare the checkpoint's directory (a file is in its place) while rank 1 waits
+    for rank 0's word: both ranks must stop at once with the checkpoint exit status (1) and one line,
+    not rank 1 waiting out the collective timeout (before the fix rank 0 raised before the broadcast:
+    a traceback on rank 0, and rank 1 waited until it noticed a lost peer). Launched srun-style: no
+    agent kills the survivor."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000001").write_text("not a checkpoint\n")
+    started = time.monotonic()
+    procs = _srun_style_ranks(run, demo_data, 2, "train.steps=1", "checkpoint.every_steps=0",
+                              "parallel.timeout_s=600")
+    try:
+        outputs = [proc.communicate(timeout=240) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.communicate()
+    elapsed = time.monotonic() - started
+    assert [proc.returncode for proc in procs] == [1, 1], [err[-2000:] for _, err in outputs]
+    for rank, (_, stderr) in enumerate(outputs):
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in stderr, (rank, stderr[-3000:])
+        assert "cannot prepare checkpoint directory" in errors[0] and "step_00000001" in errors[0], errors
+    assert elapsed < 240

@@ -142,9 +142,10 @@ class CheckpointManager:
         problem = None
         if self.rank == 0:
             problem = self._prepare(tag_dir, engine)
+        # Every failure of rank 0's preparation reaches every rank: the others are waiting here.
         problem = collectives.broadcast_object(problem)
         if problem is not None:
-            raise CheckpointSpaceError(problem)
+            raise problem
         try:
             engine.save_checkpoint(str(self.directory), tag=tag, save_latest=False)
             _atomic_torch_save({name: obj.state_dict() for name, obj in states.items()},
@@ -170,18 +171,26 @@ class CheckpointManager:
         log.info("saved checkpoint %s", tag_dir)
         return tag
 
-    def _prepare(self, tag_dir: Path, engine) -> str | None:
-        """Rank 0, before a save: clear what a crashed save of this step left; check the space."""
-        if tag_dir.is_dir():
-            if tag_dir.name == self._latest_or_none():
-                raise CheckpointError(f"refusing to overwrite {tag_dir}, the newest complete checkpoint")
-            shutil.rmtree(tag_dir)
-        tag_dir.mkdir(parents=True)
+    def _prepare(self, tag_dir: Path, engine) -> CheckpointError | None:
+        """Rank 0, before a save: clear what a crashed save of this step left; check the space.
+
+        Returns what went wrong instead of raising: the other ranks wait in the broadcast after it.
+        """
+        try:
+            if tag_dir.is_dir():
+                if tag_dir.name == self._latest_or_none():
+                    return CheckpointError(f"refusing to overwrite {tag_dir}, the newest complete checkpoint")
+                shutil.rmtree(tag_dir)
+            tag_dir.mkdir(parents=True)
+        except OSError as err:
+            return CheckpointError(f"cannot prepare checkpoint directory {tag_dir}: {err.strerror or err} "
+                                   f"({err.filename or tag_dir}); the previous checkpoint "
+                                   f"{self._latest_or_none()} is intact")
         try:
             check_space(self.directory, self._needed_bytes(engine))
         except CheckpointSpaceError as err:
             tag_dir.rmdir()
-            return str(err)
+            return err
         return None
 
     def _needed_bytes(self, engine) -> int:
