@@ -13,7 +13,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from rwkvclip_dist.typed_config import FieldError, path_field
+from rwkvclip_dist.typed_config import ConfigError, FieldError, path_field
 
 
 def _names_a_file(classes: str) -> bool:
@@ -81,8 +81,9 @@ class ZeroShotTask:
             self.dataset, folder_names = open_labelled_images(section.data, eval_transform(image_size))
             prompts = load_class_prompts(section.classes)
             self.classnames = class_names(prompts, folder_names, section.classnames or None, section.data)
-        except (FileNotFoundError, ValueError) as err:
-            raise type(err)(f"{where}: {err}") from None
+        except (OSError, ValueError) as err:
+            # Not type(err)(...): UnicodeDecodeError's or FieldError's constructors take other arguments.
+            raise ConfigError(f"{where}: {err}") from err
         self.templates = list(prompts["templates"])
 
     def due(self, step: int) -> bool:
