@@ -148,6 +148,33 @@ def test_corrupt_sample_is_replaced_marked_and_counted(tmp_path):
     assert torch.equal(img[0], img[1]) and tid.tolist() == [0, -1, 0, 0, 0, -1, 0, 0, 0, 0]
 
 
+def _add_to_counter(dataset, times: int, start) -> None:
+    start.wait()  # all at once: the increments overlap
+    for _ in range(times):
+        dataset.corrupt_counter.add()
+
+
+def test_corrupt_counts_of_several_worker_processes_are_all_kept(tmp_path):
+    """The node's corrupt-sample counter is incremented by every loader worker: three workers over
+    shards where every other sample is undecodable count each one, and four processes incrementing at
+    once (a read-modify-write without a lock loses counts there) lose none."""
+    data = str(tmp_path / "data")
+    write_shards(data, 48, corrupt=set(range(1, 48, 2)), size_limit=1 << 11)
+    cfg = DataConfig(streams=[StreamConfig(remote=data)], batch_size=4, num_workers=3, shuffle=False)
+    loader, dataset = build_train_dataloader(cfg, image_size=8, seed=0)
+    assert sum(len(tid) for _, _, tid in loader) == 48
+    assert dataset.num_corrupt == 24
+    context = tmp.get_context("fork")
+    start = context.Barrier(4)
+    procs = [context.Process(target=_add_to_counter, args=(dataset, 20000, start)) for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+    assert [proc.exitcode for proc in procs] == [0] * 4
+    assert dataset.num_corrupt == 24 + 4 * 20000
+
+
 def test_config_and_stream_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="text_weights.*caption"):
         DataConfig(text_weights={"caption": 1.0})

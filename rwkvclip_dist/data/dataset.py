@@ -7,8 +7,10 @@ the samples after a mid-epoch resume are bit-identical to those of the uninterru
 
 from __future__ import annotations
 
+import fcntl
 import io
 import logging
+import os
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -36,6 +38,32 @@ class CorruptSample:
 
     def __repr__(self) -> str:
         return f"CorruptSample(id={self.sample_id}, key={self.key!r}, {self.error})"
+
+
+class NodeCounter:
+    """A count shared by every process of a node (its ranks and their loader workers), in shared memory.
+
+    An increment is a read and a write: from several workers at once, without the lock, two of them
+    read the same value and one count is lost. The lock is ``flock`` on the segment's own file, so
+    nothing but the segment is created, and it is released when the descriptor closes, even in a
+    process that dies holding it.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._scalar = SharedScalar(np.int64, name)
+        self._file = f"/dev/shm/{name}"  # where Linux keeps the POSIX segment Streaming created
+
+    @property
+    def value(self) -> int:
+        return int(self._scalar.get())
+
+    def add(self, n: int = 1) -> None:
+        fd = os.open(self._file, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._scalar.set(self._scalar.get() + n)
+        finally:
+            os.close(fd)
 
 
 _MASK64 = (1 << 64) - 1
@@ -94,13 +122,13 @@ class ThreeTextDataset(StreamingDataset):
         self.context_length = context_length
         self._epoch = 0
         # Node-wide counter in shared memory, so worker processes' replacements reach the trainer.
-        self._corrupt = SharedScalar(np.int64, _get_path(self._shm_prefix_int, CORRUPT_SHM))
+        self.corrupt_counter = NodeCounter(_get_path(self._shm_prefix_int, CORRUPT_SHM))
 
     @property
     def num_corrupt(self) -> int:
         """Samples that failed to decode and were replaced by the worker's previous good sample, on this
         node since the dataset was built (the trainer reports the total in ``metrics.json``)."""
-        return int(self._corrupt.get())
+        return self.corrupt_counter.value
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
         # Streaming's prefetch thread calls this for every sample: a file lock, a stat of the shard
@@ -160,7 +188,7 @@ class ThreeTextDataset(StreamingDataset):
         owed = 0
         for item in super().__iter__():
             if isinstance(item, CorruptSample):
-                self._corrupt.set(self._corrupt.get() + 1)
+                self.corrupt_counter.add()
                 log.warning("undecodable sample %r: replaced by a neighbouring good sample", item)
                 if last is None:
                     owed += 1
