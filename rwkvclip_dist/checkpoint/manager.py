@@ -105,7 +105,8 @@ class CheckpointManager:
             return None
         tag = path.read_text().strip()
         if not TAG_PATTERN.match(tag) or not (self.directory / tag / CLIENT_FILE).is_file():
-            raise RuntimeError(f"{path} names {tag!r}, which is not a complete checkpoint in {self.directory}")
+            raise CheckpointError(f"{path} names {tag!r}, which is not a complete checkpoint in {self.directory}; "
+                                  f"write the tag of a complete one into it (a step_* folder with {CLIENT_FILE})")
         return tag
 
     def complete_tags(self) -> list[str]:
@@ -271,13 +272,13 @@ class CheckpointManager:
         make_engine_loads_safe(engine)
         load_path, _ = engine.load_checkpoint(str(self.directory), tag=tag)
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
         record = _load_plain(tag_dir / CLIENT_FILE)
         own = tag_dir / rank_file(self.rank)
         saved = _load_plain(own if own.is_file() else tag_dir / rank_file(0))
         missing = sorted(set(states) - set(saved))
         if missing:
-            raise RuntimeError(f"checkpoint {tag_dir} holds no state for {missing} (it has {sorted(saved)})")
+            raise CheckpointError(f"checkpoint {tag_dir} holds no state for {missing} (it has {sorted(saved)})")
         for name, obj in states.items():
             obj.load_state_dict(saved[name])
         log.info("resumed from %s (step %s)", tag_dir, record.get("step"))
