@@ -56,9 +56,10 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def _save(manager, engine, step: int) -> None:
+    from rwkvclip_dist.checkpoint.record import RunRecord
     from rwkvclip_dist.training.state import TrainState
 
-    manager.save(engine, step, {"train_state": TrainState(step=step, samples=2 * step)}, {"step": step})
+    manager.save(engine, {"train_state": TrainState(step=step, samples=2 * step)}, RunRecord(step=step, world_size=1))
 
 
 def _load(directory: Path, engine) -> tuple[int, dict]:
@@ -67,7 +68,7 @@ def _load(directory: Path, engine) -> tuple[int, dict]:
 
     state = TrainState()
     record = CheckpointManager(directory).load(engine, {"train_state": state})
-    assert record["step"] == state.step
+    assert record.step == state.step
     return state.step, _weights(engine)
 
 

@@ -1,14 +1,16 @@
 """One checkpoint manager for everything with state: model and optimizer (through the DeepSpeed
 engine) and any number of Stateful objects (``state_dict()`` / ``load_state_dict()``: the run's
-``TrainState`` with its RNGs, the data loader), plus a small record of the run (step, world size,
-resolved recipe).
+``TrainState`` with its RNGs, the data loader), plus the run's record (``checkpoint.record.RunRecord``:
+step, world size, tensor-parallel size, resolved recipe and model configuration, versions). This
+package alone reads and writes that record and the ``latest`` file; before any engine is built,
+:meth:`CheckpointManager.check_resumable` refuses a resume with another model or tensor-parallel size.
 
 Layout of ``<dir>``::
 
     step_00000400/            DeepSpeed's files (model and optimizer shards), written by every rank
         rank_00001.pt         this rank's Stateful objects, one file per rank
         manifest.json         every file above with its size (rank 0, once all ranks have written)
-        client_state.pt       the run's record (rank 0), written last: it marks the checkpoint complete
+        client_state.pt       the run's RunRecord (rank 0), written last: it marks the checkpoint complete
     latest                    the tag of the newest *complete* checkpoint
 
 ``latest`` is replaced atomically (write a temporary file, then rename) by rank 0, and only after
@@ -33,6 +35,7 @@ import torch
 
 from rwkvclip_dist.checkpoint.integrity import (CheckpointError, CheckpointSpaceError, check_space, list_files, manifest_bytes,
                                                 human_bytes, verify, write_manifest)
+from rwkvclip_dist.checkpoint.record import RunRecord, check_resumable
 from rwkvclip_dist.checkpoint.safe_load import load_weights_only, make_engine_loads_safe
 from rwkvclip_dist.parallel import collectives
 from rwkvclip_dist.typed_config import FieldError, path_field
@@ -76,6 +79,12 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+def read_latest(directory: Path) -> str | None:
+    """The tag the ``latest`` file of a checkpoint directory names, unchecked (None without one)."""
+    path = Path(directory) / "latest"
+    return path.read_text().strip() if path.is_file() else None
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -100,12 +109,11 @@ class CheckpointManager:
     # -- discovery ---------------------------------------------------------------------------
     def latest_tag(self) -> str | None:
         """The tag named by ``latest``, or None when there is no complete checkpoint."""
-        path = self.directory / "latest"
-        if not path.is_file():
+        tag = read_latest(self.directory)
+        if tag is None:
             return None
-        tag = path.read_text().strip()
         if not TAG_PATTERN.match(tag) or not (self.directory / tag / CLIENT_FILE).is_file():
-            raise CheckpointError(f"{path} names {tag!r}, which is not a complete checkpoint in {self.directory}; "
+            raise CheckpointError(f"{self.directory / 'latest'} names {tag!r}, which is not a complete checkpoint in {self.directory}; "
                                   f"write the tag of a complete one into it (a step_* folder with {CLIENT_FILE})")
         return tag
 
@@ -118,9 +126,22 @@ class CheckpointManager:
                 and int(TAG_PATTERN.match(p.name).group(1)) <= newest and (p / CLIENT_FILE).is_file()]
         return sorted(tags)
 
-    def read_record(self, tag: str) -> dict[str, Any]:
-        """The run's record saved with checkpoint ``tag`` (step, world size, tensor_parallel, recipe)."""
-        return _load_plain(self.directory / tag / CLIENT_FILE)
+    def read_record(self, tag: str) -> RunRecord:
+        """The run's record saved with checkpoint ``tag``."""
+        path = self.directory / tag / CLIENT_FILE
+        try:
+            return RunRecord.from_dict(_load_plain(path), str(path))
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
+
+    def check_resumable(self, tensor_parallel: int, model: dict[str, Any], model_name: str,
+                        model_overrides: dict[str, Any]) -> None:
+        """Before any engine is built: refuse (``ConfigError``, one line naming both) to resume the newest
+        checkpoint with another tensor-parallel size or model; nothing to check without a checkpoint."""
+        tag = self.latest_tag()
+        if tag is not None:
+            check_resumable(self.read_record(tag), str(self.directory / tag), tensor_parallel, model,
+                            model_name, model_overrides)
 
     def refuse_to_overwrite(self) -> None:
         """For a run that starts over (``checkpoint.resume: false``): stop if checkpoints are there."""
@@ -131,14 +152,15 @@ class CheckpointManager:
                                   f"run directory (or checkpoint.dir), or delete them")
 
     # -- save ----------------------------------------------------------------------------------
-    def save(self, engine, step: int, states: Mapping[str, Stateful], record: dict[str, Any]) -> str:
-        """Collective: save ``engine`` and every rank's ``states``, then rank 0's manifest and ``record``.
+    def save(self, engine, states: Mapping[str, Stateful], record: RunRecord) -> str:
+        """Collective: save ``engine`` and every rank's ``states`` as step ``record.step``, then rank 0's
+        manifest and ``record``.
 
         Order: every rank's files; a barrier; the manifest; the completion marker; ``latest``. A save
         killed anywhere before the marker leaves an unmarked directory that is never loaded and is
         cleared by the next save of that step; killed after it, ``latest`` still names the previous one.
         """
-        tag = tag_for_step(step)
+        tag = tag_for_step(record.step)
         tag_dir = self.directory / tag
         problem = None
         if self.rank == 0:
@@ -160,12 +182,12 @@ class CheckpointManager:
                 f"no space left in {self.directory} while writing checkpoint {tag} "
                 f"({getattr(err, 'filename', None) or type(err).__name__}): it needs about "
                 f"{human_bytes(self._needed_bytes(engine))}, {human_bytes(shutil.disk_usage(self.directory).free)} "
-                f"is free; the previous checkpoint {self._latest_or_none()} is intact") from None
+                f"is free; the previous checkpoint {read_latest(self.directory)} is intact") from None
         collectives.barrier()
         if self.rank == 0:
             write_manifest(tag_dir, list_files(tag_dir, CLIENT_FILE), _atomic_write_text)
             # The client file is the completion marker: written only once every rank has written.
-            _atomic_torch_save(record, tag_dir / CLIENT_FILE)
+            _atomic_torch_save(record.to_dict(), tag_dir / CLIENT_FILE)
             _atomic_write_text(self.directory / "latest", tag + "\n")
             self._prune(tag)
         collectives.barrier()
@@ -179,14 +201,14 @@ class CheckpointManager:
         """
         try:
             if tag_dir.is_dir():
-                if tag_dir.name == self._latest_or_none():
+                if tag_dir.name == read_latest(self.directory):
                     return CheckpointError(f"refusing to overwrite {tag_dir}, the newest complete checkpoint")
                 shutil.rmtree(tag_dir)
             tag_dir.mkdir(parents=True)
         except OSError as err:
             return CheckpointError(f"cannot prepare checkpoint directory {tag_dir}: {err.strerror or err} "
                                    f"({err.filename or tag_dir}); the previous checkpoint "
-                                   f"{self._latest_or_none()} is intact")
+                                   f"{read_latest(self.directory)} is intact")
         try:
             check_space(self.directory, self._needed_bytes(engine))
         except CheckpointSpaceError as err:
@@ -195,7 +217,7 @@ class CheckpointManager:
         return None
 
     def _needed_bytes(self, engine) -> int:
-        previous = self._latest_or_none()
+        previous = read_latest(self.directory)
         size = manifest_bytes(self.directory / previous) if previous else None
         if size is None:
             # No previous checkpoint to go by: weights, plus fp32 master weights and two Adam moments.
@@ -208,10 +230,6 @@ class CheckpointManager:
             return err.errno in (errno.ENOSPC, errno.EDQUOT)
         # torch.save's zip writer reports a full disk as "[enforce fail at inline_container.cc] ...".
         return "inline_container" in str(err) and shutil.disk_usage(self.directory).free < self._needed_bytes(engine)
-
-    def _latest_or_none(self) -> str | None:
-        path = self.directory / "latest"
-        return path.read_text().strip() if path.is_file() else None
 
     def _remove_partial(self, tag_dir: Path) -> None:
         if self.rank == 0 and not (tag_dir / CLIENT_FILE).exists():
@@ -257,7 +275,7 @@ class CheckpointManager:
                           f"in another directory")
         return None, None
 
-    def load(self, engine, states: Mapping[str, Stateful], tag: str | None = None) -> dict[str, Any] | None:
+    def load(self, engine, states: Mapping[str, Stateful], tag: str | None = None) -> RunRecord | None:
         """Load the newest intact complete checkpoint (or ``tag``) into ``engine`` and ``states``.
 
         Returns the run's record, or None when there is nothing to resume from. Each rank reads its own
@@ -273,7 +291,7 @@ class CheckpointManager:
         load_path, _ = engine.load_checkpoint(str(self.directory), tag=tag)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
-        record = _load_plain(tag_dir / CLIENT_FILE)
+        record = self.read_record(tag)
         own = tag_dir / rank_file(self.rank)
         saved = _load_plain(own if own.is_file() else tag_dir / rank_file(0))
         missing = sorted(set(states) - set(saved))
@@ -281,7 +299,7 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {tag_dir} holds no state for {missing} (it has {sorted(saved)})")
         for name, obj in states.items():
             obj.load_state_dict(saved[name])
-        log.info("resumed from %s (step %s)", tag_dir, record.get("step"))
+        log.info("resumed from %s (step %s)", tag_dir, record.step)
         return record
 
 

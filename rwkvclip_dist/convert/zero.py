@@ -22,9 +22,11 @@ from pathlib import Path
 
 import torch
 
+from rwkvclip_dist.checkpoint.integrity import CheckpointError
+from rwkvclip_dist.checkpoint.manager import CLIENT_FILE, CheckpointManager, read_latest
 from rwkvclip_dist.checkpoint.safe_load import deepspeed_safe_globals
 from rwkvclip_dist.parallel.tensor_parallel import merge_shards
-from rwkvclip_dist.pretrained_format import read_torch_file, strip_prefixes
+from rwkvclip_dist.pretrained_format import strip_prefixes
 
 TP_RANK_PATTERN = re.compile(r"mp_rank_(\d+)_")
 
@@ -76,12 +78,12 @@ def load_zero_checkpoint(checkpoint_dir: str | Path, tag: str | None = None,
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"DeepSpeed checkpoint directory {checkpoint_dir} does not exist")
-    if tag is None and not (checkpoint_dir / "latest").is_file():
+    tag = tag or read_latest(checkpoint_dir)
+    if tag is None:
         raise FileNotFoundError(f"{checkpoint_dir} has no 'latest' file; pass the tag (e.g. step_00000400)")
-    if tag is not None and not (checkpoint_dir / tag).is_dir():
+    if not (checkpoint_dir / tag).is_dir():
         tags = sorted(p.name for p in checkpoint_dir.iterdir() if p.is_dir())
         raise FileNotFoundError(f"{checkpoint_dir} has no checkpoint {tag!r}; it has {', '.join(tags) or 'none'}")
-    tag = tag or (checkpoint_dir / "latest").read_text().strip()
     tp = tensor_parallel_size(checkpoint_dir / tag)
     if tp > 1 and split_dims is None:
         raise ValueError(f"{checkpoint_dir / tag} holds {tp} tensor-parallel shards; merging them needs the "
@@ -106,17 +108,12 @@ def load_zero_checkpoint(checkpoint_dir: str | Path, tag: str | None = None,
 def trained_model(checkpoint_dir: str | Path, tag: str | None = None) -> tuple[str, dict] | None:
     """``(registry name, overrides)`` of the model a run of this project trained, read from the
     recipe its checkpoint records; None for a checkpoint another program wrote."""
-    from rwkvclip_dist.checkpoint.manager import CLIENT_FILE
-
     checkpoint_dir = Path(checkpoint_dir)
-    if tag is None:
-        latest = checkpoint_dir / "latest"
-        tag = latest.read_text().strip() if latest.is_file() else None
-    record_file = checkpoint_dir / str(tag) / CLIENT_FILE
-    if tag is None or not record_file.is_file():
+    tag = tag or read_latest(checkpoint_dir)
+    if tag is None or not (checkpoint_dir / tag / CLIENT_FILE).is_file():
         return None
-    record = read_torch_file(record_file)
-    model = (record.get("recipe") or {}).get("model") if isinstance(record, dict) else None
-    if not isinstance(model, dict) or "name" not in model:
-        return None
-    return model["name"], dict(model.get("overrides") or {})
+    try:
+        name, overrides = CheckpointManager(checkpoint_dir).read_record(tag).model_section()
+    except CheckpointError as err:
+        raise ValueError(str(err)) from None
+    return None if name is None else (name, overrides)

@@ -46,28 +46,6 @@ def checkpoint_directory(recipe: Recipe, run_dir: Path) -> Path:
     return Path(recipe.checkpoint.dir) if recipe.checkpoint.dir else run_dir / "checkpoints"
 
 
-def check_resume_compatible(recipe: Recipe, run_dir: Path) -> None:
-    """Before any process group or engine starts: the checkpoint a run would resume from must have
-    been written with its tensor_parallel (each TP rank's shards hold other slices of the weights
-    and optimizer states)."""
-    from rwkvclip_dist.checkpoint.manager import CheckpointManager
-    from rwkvclip_dist.typed_config import ConfigError
-
-    if not recipe.checkpoint.resume:
-        return
-    checkpoints = CheckpointManager(checkpoint_directory(recipe, run_dir))
-    tag = checkpoints.latest_tag()
-    if tag is None:
-        return
-    saved, tp = checkpoints.read_record(tag).get("tensor_parallel", 1), recipe.parallel.tensor_parallel
-    if saved != tp:
-        raise ConfigError(
-            f"checkpoint {checkpoints.directory / tag} was saved with parallel.tensor_parallel={saved}, "
-            f"this run has {tp}: resume with parallel.tensor_parallel={saved}, or start a new run "
-            f"(checkpoint.resume=false or another checkpoint.dir); tools/convert_checkpoint.py from-zero "
-            f"merges its shards into one file of weights")
-
-
 def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: torch.device,
                      evals: list) -> Components:
     """``evals``: the opened in-loop evaluations (``training.evals.open_evaluations``)."""

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from rwkvclip_dist import ops
+from rwkvclip_dist.checkpoint.record import RunRecord, installed_versions
 from rwkvclip_dist.parallel import collectives
 from rwkvclip_dist.parallel.launch_env import LaunchEnv
 from rwkvclip_dist.training.metrics import TrainLogger
@@ -65,14 +66,19 @@ class Trainer:
     def __init__(self, recipe: Recipe, run_dir: Path, launch: LaunchEnv) -> None:
         from rwkvclip_dist.parallel.engine import init_distributed
         from rwkvclip_dist.parallel.groups import check_world_size
-        from rwkvclip_dist.training.components import build_components, check_resume_compatible, checkpoint_directory
+        from rwkvclip_dist.checkpoint.manager import CheckpointManager
+        from rwkvclip_dist.model.registry import get_model_config
+        from rwkvclip_dist.training.components import build_components, checkpoint_directory
         from rwkvclip_dist.training.evals import open_evaluations
 
         # First: the parent that launched this rank, before it has any chance to die unnoticed.
         self.watch = LauncherWatch(launch.launcher)
         self.recipe, self.run_dir, self.launch = recipe, run_dir, launch
         check_world_size(recipe.parallel.tensor_parallel, launch.world_size)
-        check_resume_compatible(recipe, run_dir)
+        self.model_config = to_plain(get_model_config(recipe.model.name, **recipe.model.overrides))
+        if recipe.checkpoint.resume:  # before any engine: another model would be trained on these weights
+            CheckpointManager(checkpoint_directory(recipe, run_dir)).check_resumable(
+                recipe.parallel.tensor_parallel, self.model_config, recipe.model.name, recipe.model.overrides)
         self.device = setup_process(launch)
         # Evaluation data and class names are opened before any process group starts: a mistake there
         # stops every rank at once with its message, not after the engine is built.
@@ -208,9 +214,10 @@ class Trainer:
         stop = preemption.should_stop(also=self.watch.launcher_gone())
         step, every = self.state.step, self.recipe.checkpoint.every_steps
         if stop or step == self.recipe.train.steps or (every and step % every == 0):
-            record = {"step": step, "world_size": self.launch.world_size,
-                      "tensor_parallel": self.recipe.parallel.tensor_parallel, "recipe": to_plain(self.recipe)}
-            self.parts.checkpoints.save(self.parts.engine, step, self._stateful(), record)
+            record = RunRecord(step=step, world_size=self.launch.world_size,
+                               tensor_parallel=self.recipe.parallel.tensor_parallel, recipe=to_plain(self.recipe),
+                               model=self.model_config, versions=installed_versions())
+            self.parts.checkpoints.save(self.parts.engine, self._stateful(), record)
         return stop
 
     # -- around the loop -----------------------------------------------------------------------
