@@ -55,13 +55,13 @@ def overrides(row: str, data: Path) -> list[str]:
 def worker(root: str, data: str) -> None:
     """Every row in turn, in this one process (per rank): a fresh Trainer each, as train.py builds it."""
     from rwkvclip_dist.parallel.launch_env import detect_launch_env
-    from rwkvclip_dist.training.loop import Trainer
+    from rwkvclip_dist.training.loop import start_run
     from rwkvclip_dist.training.recipe import load_recipe
 
     launch = detect_launch_env()
     for row in ROWS:
         recipe = load_recipe(DEMO_RECIPE, overrides(row, Path(data)))
-        Trainer(recipe, Path(root) / row, launch).run()
+        start_run(recipe, Path(root) / row, launch).run()
 
 
 def _copy_mid_run_checkpoint(reference: Path, resumed: Path) -> None:

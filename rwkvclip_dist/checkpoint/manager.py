@@ -101,9 +101,16 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, directory: str | Path, keep_last: int = 3) -> None:
+    """Saves (when due), finds and loads a run's checkpoints in ``directory``.
+
+    ``every_steps``: a save every N steps (0: none on the way); ``last_step``: the run's last step,
+    always saved. The loop asks :meth:`save_if_due` after every step and decides nothing itself.
+    """
+
+    def __init__(self, directory: str | Path, keep_last: int = 3, every_steps: int = 0,
+                 last_step: int | None = None) -> None:
         self.directory = Path(directory)
-        self.keep_last = keep_last
+        self.keep_last, self.every_steps, self.last_step = keep_last, every_steps, last_step
         self.rank = collectives.rank()
 
     # -- discovery ---------------------------------------------------------------------------
@@ -152,6 +159,17 @@ class CheckpointManager:
                                   f"run directory (or checkpoint.dir), or delete them")
 
     # -- save ----------------------------------------------------------------------------------
+    def due(self, step: int, force: bool = False) -> bool:
+        """Whether step ``step`` is saved: the interval, the last step, or ``force`` (a stop)."""
+        return force or step == self.last_step or bool(self.every_steps and step % self.every_steps == 0)
+
+    def save_if_due(self, engine, states: Mapping[str, Stateful], record: RunRecord, force: bool = False) -> bool:
+        """Collective: :meth:`save` when step ``record.step`` is :meth:`due`; True when it saved."""
+        if not self.due(record.step, force):
+            return False
+        self.save(engine, states, record)
+        return True
+
     def save(self, engine, states: Mapping[str, Stateful], record: RunRecord) -> str:
         """Collective: save ``engine`` and every rank's ``states`` as step ``record.step``, then rank 0's
         manifest and ``record``.

@@ -10,35 +10,51 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
+from deepspeed import DeepSpeedEngine
+from streaming import StreamingDataLoader
 from torch import nn
 
 from rwkvclip_dist import ops
+from rwkvclip_dist.checkpoint.manager import CheckpointManager
+from rwkvclip_dist.data.dataset import ThreeTextDataset
+from rwkvclip_dist.data.loader import build_train_dataloader
+from rwkvclip_dist.loss import build_loss
+from rwkvclip_dist.model.config import ModelConfig
+from rwkvclip_dist.model.registry import create_model
+from rwkvclip_dist.parallel.engine import create_engine, deepspeed_config
+from rwkvclip_dist.parallel.groups import ParallelGroups, init_parallel_groups
 from rwkvclip_dist.parallel.launch_env import LaunchEnv
+from rwkvclip_dist.parallel.tensor_parallel import parallelize
 from rwkvclip_dist.training import rng
+from rwkvclip_dist.training.evals import ZeroShotTask
+from rwkvclip_dist.training.optim import build_optimizer
 from rwkvclip_dist.training.recipe import Recipe
+from rwkvclip_dist.training.schedule import Schedule, build_schedule
 
 
 @dataclass
 class Components:
-    engine: Any
+    engine: DeepSpeedEngine
     """The DeepSpeed engine: model, optimizer, ZeRO partitioning, precision."""
-    model_config: Any
+    model_config: ModelConfig
     base_lrs: list[float]
     """Peak lr of each optimizer parameter group; the schedule scales them."""
+    device: torch.device
+    """This rank's device, where its batches go."""
     dtype: torch.dtype
     """Dtype of the model's inputs (bf16 under bf16 training)."""
     loss_fn: nn.Module
-    loader: Any
-    dataset: Any
-    schedule: Any
-    checkpoints: Any
-    evals: list
+    loader: StreamingDataLoader
+    dataset: ThreeTextDataset
+    schedule: Schedule
+    checkpoints: CheckpointManager
+    """Saves when due (``checkpoint.every_steps`` and the last step) or when the loop stops."""
+    evals: list[ZeroShotTask]
     global_batch: int
-    groups: Any
-    """``parallel.groups.ParallelGroups``: tensor- and data-parallel rank, size and group."""
+    groups: ParallelGroups
+    """Tensor- and data-parallel rank, size and group."""
 
 
 def checkpoint_directory(recipe: Recipe, run_dir: Path) -> Path:
@@ -47,18 +63,8 @@ def checkpoint_directory(recipe: Recipe, run_dir: Path) -> Path:
 
 
 def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: torch.device,
-                     evals: list) -> Components:
+                     evals: list[ZeroShotTask]) -> Components:
     """``evals``: the opened in-loop evaluations (``training.evals.open_evaluations``)."""
-    from rwkvclip_dist.checkpoint.manager import CheckpointManager
-    from rwkvclip_dist.data.loader import build_train_dataloader
-    from rwkvclip_dist.loss import build_loss
-    from rwkvclip_dist.model.registry import create_model
-    from rwkvclip_dist.parallel.engine import create_engine, deepspeed_config
-    from rwkvclip_dist.parallel.groups import init_parallel_groups
-    from rwkvclip_dist.parallel.tensor_parallel import parallelize
-    from rwkvclip_dist.training.optim import build_optimizer
-    from rwkvclip_dist.training.schedule import build_schedule
-
     accum, section = recipe.train.accumulation_steps, recipe.parallel
     groups = init_parallel_groups(section.tensor_parallel, section.timeout_s)
     rng.seed_all(recipe.train.seed)  # identical initial weights on every rank
@@ -78,9 +84,10 @@ def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: t
     loader, dataset = build_train_dataloader(recipe.data, image_size, recipe.train.seed,
                                              replication=groups.tensor_parallel)
     return Components(
-        engine=engine, model_config=model.config, base_lrs=base_lrs,
+        engine=engine, model_config=model.config, base_lrs=base_lrs, device=device,
         dtype=torch.bfloat16 if recipe.parallel.precision == "bf16" else torch.float32,
         loss_fn=build_loss(recipe.loss, group=groups.dp_group), loader=loader, dataset=dataset,
         schedule=build_schedule(recipe.schedule, recipe.train.steps),
-        checkpoints=CheckpointManager(checkpoint_directory(recipe, run_dir), recipe.checkpoint.keep_last),
+        checkpoints=CheckpointManager(checkpoint_directory(recipe, run_dir), recipe.checkpoint.keep_last,
+                                      recipe.checkpoint.every_steps, last_step=recipe.train.steps),
         evals=evals, global_batch=recipe.data.batch_size * groups.dp_size, groups=groups)

@@ -1,31 +1,45 @@
-"""The training loop: a :class:`Trainer` owns one run, from process setup to ``metrics.json``.
+"""The training loop. :func:`start_run` checks, sets up and builds a run; :class:`Trainer` runs it to
+``metrics.json``.
 
-Each concern of a step is one short method: fetch a batch, train one step (forward, contrastive
-loss, backward and the optimizer step), record it (counters, the non-finite policy, logging),
-evaluate when due, checkpoint when due or asked to stop. What the run must remember across a restart
-lives in :class:`TrainState`; the checkpoint manager saves it beside the data loader's state.
+The loop is a short ``while``: fetch a batch, train one step (forward, contrastive loss, backward and
+the optimizer step), record it (``TrainState.advance``, the non-finite limit, logging), evaluate when
+due, vote on stopping, and hand the checkpoint manager the step (it decides whether to save: its
+interval, the last step, or a stop). It holds no run state of its own: what a restart must remember
+lives in :class:`TrainState`, which the manager saves beside the data loader's state.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from rwkvclip_dist import ops
+from rwkvclip_dist.checkpoint.manager import CheckpointManager
 from rwkvclip_dist.checkpoint.record import RunRecord, installed_versions
+from rwkvclip_dist.data.dataset import STAND_IN
+from rwkvclip_dist.eval.distributed import sharded_over
+from rwkvclip_dist.model.flops import forward_flops_per_sample
+from rwkvclip_dist.model.registry import get_model_config
 from rwkvclip_dist.parallel import collectives
+from rwkvclip_dist.parallel.engine import clamp_parameter_, init_distributed
+from rwkvclip_dist.parallel.groups import check_world_size
 from rwkvclip_dist.parallel.launch_env import LaunchEnv
+from rwkvclip_dist.training.accumulation import contrastive_step, split_micro_batches
+from rwkvclip_dist.training.components import Components, build_components, checkpoint_directory
+from rwkvclip_dist.training.evals import ZeroShotTask, open_evaluations
 from rwkvclip_dist.training.metrics import TrainLogger
-from rwkvclip_dist.training.ownership import LauncherWatch, lock_run_directories
+from rwkvclip_dist.training.ownership import LauncherWatch, run_directories_locked
 from rwkvclip_dist.training.preemption import PreemptionHandler
 from rwkvclip_dist.training.recipe import Recipe, save_recipe
+from rwkvclip_dist.training.schedule import set_lr
 from rwkvclip_dist.training.state import TrainState
 from rwkvclip_dist.typed_config import to_plain
 
@@ -62,71 +76,84 @@ def setup_process(launch: LaunchEnv) -> torch.device:
     return torch.device("cpu")
 
 
-class Trainer:
-    def __init__(self, recipe: Recipe, run_dir: Path, launch: LaunchEnv) -> None:
-        from rwkvclip_dist.parallel.engine import init_distributed
-        from rwkvclip_dist.parallel.groups import check_world_size
-        from rwkvclip_dist.checkpoint.manager import CheckpointManager
-        from rwkvclip_dist.model.registry import get_model_config
-        from rwkvclip_dist.training.components import build_components, checkpoint_directory
-        from rwkvclip_dist.training.evals import open_evaluations
-
-        # First: the parent that launched this rank, before it has any chance to die unnoticed.
-        self.watch = LauncherWatch(launch.launcher)
-        self.recipe, self.run_dir, self.launch = recipe, run_dir, launch
-        check_world_size(recipe.parallel.tensor_parallel, launch.world_size)
-        self.model_config = to_plain(get_model_config(recipe.model.name, **recipe.model.overrides))
-        if recipe.checkpoint.resume:  # before any engine: another model would be trained on these weights
-            CheckpointManager(checkpoint_directory(recipe, run_dir)).check_resumable(
-                recipe.parallel.tensor_parallel, self.model_config, recipe.model.name, recipe.model.overrides)
-        self.device = setup_process(launch)
-        # Evaluation data and class names are opened before any process group starts: a mistake there
-        # stops every rank at once with its message, not after the engine is built.
-        evals = open_evaluations(recipe.eval.zeroshot, recipe.model.name, recipe.model.overrides, self.device)
-        init_distributed(launch, recipe.parallel.backend, recipe.parallel.timeout_s)
-        self.is_main = launch.rank == 0
-        self.last_progress = time.monotonic()
-        """When this rank last finished a step (how long a survivor waited for a lost peer)."""
-        self.locks = lock_run_directories([run_dir, checkpoint_directory(recipe, run_dir)], self.is_main)
-        if self.is_main:
+def start_run(recipe: Recipe, run_dir: Path, launch: LaunchEnv) -> "Trainer":
+    """Check, set up and build everything a run needs, in an order where a mistake stops every rank
+    before anything is written: then lock the run's directories, save the recipe, build the parts."""
+    # First: the parent that launched this rank, before it has any chance to die unnoticed.
+    watch = LauncherWatch(launch.launcher)
+    check_world_size(recipe.parallel.tensor_parallel, launch.world_size)
+    model_config = to_plain(get_model_config(recipe.model.name, **recipe.model.overrides))
+    checkpoint_dir = checkpoint_directory(recipe, run_dir)
+    if recipe.checkpoint.resume:  # before any engine: another model would be trained on these weights
+        CheckpointManager(checkpoint_dir).check_resumable(recipe.parallel.tensor_parallel, model_config,
+                                                         recipe.model.name, recipe.model.overrides)
+    device = setup_process(launch)
+    # Evaluation data and class names are opened before any process group starts: a mistake there
+    # stops every rank at once with its message, not after the engine is built.
+    evals = open_evaluations(recipe.eval.zeroshot, recipe.model.name, recipe.model.overrides, device)
+    init_distributed(launch, recipe.parallel.backend, recipe.parallel.timeout_s)
+    held = contextlib.ExitStack()
+    try:
+        held.enter_context(run_directories_locked([run_dir, checkpoint_dir], launch.rank == 0))
+        if launch.rank == 0:
             save_recipe(recipe, run_dir / "recipe.yaml")
         collectives.barrier()
+        parts = build_components(recipe, run_dir, launch, device, evals)
+    except BaseException:
+        held.close()
+        raise
+    record = RunRecord(step=0, world_size=launch.world_size, tensor_parallel=recipe.parallel.tensor_parallel,
+                       recipe=to_plain(recipe), model=model_config, versions=installed_versions())
+    return Trainer(recipe, run_dir, launch, parts, record, watch, held)
+
+
+class Trainer:
+    """One run's loop over built parts; :meth:`run` releases what the run holds (``held``) as it ends."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, launch: LaunchEnv, parts: Components, record: RunRecord,
+                 watch: LauncherWatch, held: contextlib.ExitStack | None = None) -> None:
+        self.recipe, self.run_dir, self.launch, self.parts = recipe, run_dir, launch, parts
+        self.record, self.watch, self.held = record, watch, held or contextlib.ExitStack()
+        self.is_main = launch.rank == 0
         self.state = TrainState()
-        self.parts = build_components(recipe, run_dir, launch, self.device, evals)
+        self.last_progress = time.monotonic()
+        """When this rank last finished a step (how long a survivor waited for a lost peer)."""
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
-        self._resume()
-        start_step = self.state.step
-        logger = self._open_logger(start_step)
-        preemption = PreemptionHandler().install()
-        status, started = "completed", time.perf_counter()
-        try:
-            batches = self._batches()
-            while self.state.step < self.recipe.train.steps:
-                (images, tokens, text_ids), data_wait = next(batches)
-                result = self._train_step(images, tokens, text_ids)
-                self._record_step(result, data_wait, logger)
-                self._evaluate_if_due(logger)
-                self.last_progress = time.monotonic()
-                if self._checkpoint_if_due(preemption):
-                    if self.watch.launcher_gone():
-                        status = "launcher_lost"
-                        logger.message(f"the launcher of this rank (pid {self.watch.parent}) is gone: saved "
-                                       f"step {self.state.step}, stopping rather than training on as an orphan")
-                    else:
-                        status = "preempted"
-                        logger.message(f"stop signal received: saved step {self.state.step}, exiting")
-                    break
-            if status == "completed":
-                self._final_evaluation(logger)
-            metrics = self._write_metrics(status, start_step, time.perf_counter() - started)
-        finally:
-            preemption.uninstall()
-            logger.close()
-        for lock in self.locks:
-            lock.release()
+        with self.held:
+            self._resume()
+            start_step, steps = self.state.step, self.recipe.train.steps
+            logger = self._open_logger(start_step)
+            preemption = PreemptionHandler().install()
+            status, started, stop = "completed", time.perf_counter(), False
+            try:
+                batches = self._batches()
+                while self.state.step < steps and not stop:
+                    (images, tokens, text_ids), data_wait = next(batches)
+                    self._record_step(self._train_step(images, tokens, text_ids), data_wait, logger)
+                    self._evaluate_if_due(logger)
+                    self.last_progress = time.monotonic()
+                    stop = preemption.should_stop(also=self.watch.launcher_gone())
+                    self.parts.checkpoints.save_if_due(self.parts.engine, self._stateful(),
+                                                       replace(self.record, step=self.state.step), force=stop)
+                if stop:
+                    status = self._stop_reason(logger)
+                else:
+                    self._final_evaluation(logger)
+                metrics = self._write_metrics(status, start_step, time.perf_counter() - started)
+            finally:
+                preemption.uninstall()
+                logger.close()
         return metrics
+
+    def _stop_reason(self, logger: TrainLogger) -> str:
+        if self.watch.launcher_gone():
+            logger.message(f"the launcher of this rank (pid {self.watch.parent}) is gone: saved "
+                           f"step {self.state.step}, stopping rather than training on as an orphan")
+            return "launcher_lost"
+        logger.message(f"stop signal received: saved step {self.state.step}, exiting")
+        return "preempted"
 
     # -- its steps -----------------------------------------------------------------------------
     def _batches(self):
@@ -141,16 +168,11 @@ class Trainer:
                 yield batch[:3], time.perf_counter() - wait_start
 
     def _train_step(self, images: torch.Tensor, tokens: torch.Tensor, text_ids: torch.Tensor) -> StepResult:
-        from rwkvclip_dist.data.dataset import STAND_IN
-        from rwkvclip_dist.parallel.engine import clamp_parameter_
-        from rwkvclip_dist.training.accumulation import contrastive_step, split_micro_batches
-        from rwkvclip_dist.training.schedule import set_lr
-
         parts, engine = self.parts, self.parts.engine
-        micro = split_micro_batches(images.to(self.device, parts.dtype), tokens.to(self.device),
+        micro = split_micro_batches(images.to(parts.device, parts.dtype), tokens.to(parts.device),
                                     self.recipe.train.accumulation_steps)
         lr = set_lr(engine.optimizer, parts.base_lrs, parts.schedule.factor(self.state.step))
-        valid = (text_ids != STAND_IN).to(self.device)
+        valid = (text_ids != STAND_IN).to(parts.device)
         out = contrastive_step(engine, parts.loss_fn, self._backward_and_step, micro, valid)
         grad_norm = None
         if out.finite:
@@ -170,13 +192,8 @@ class Trainer:
 
     def _record_step(self, result: StepResult, data_wait: float, logger: TrainLogger) -> None:
         state, limit = self.state, self.recipe.train.max_nonfinite_steps
-        state.step += 1
-        state.samples += self.parts.global_batch
-        state.samples_masked += result.masked
-        if result.finite:
-            state.nonfinite_in_a_row, self.last_finite_loss = 0, result.loss
-        else:
-            state.nonfinite_in_a_row += 1
+        state.advance(result.loss, result.finite, self.parts.global_batch, result.masked)
+        if not result.finite:
             logger.message(f"step {state.step}: non-finite loss ({result.loss}), step skipped "
                            f"({state.nonfinite_in_a_row} in a row, limit {limit})")
         logger.log_step(state.step, loss=result.loss, lr=result.lr, logit_scale=result.logit_scale,
@@ -197,9 +214,7 @@ class Trainer:
         if self.recipe.eval.at_end and self.parts.evals and str(self.state.step) not in self.state.evals:
             self._evaluate(self.parts.evals, logger)
 
-    def _evaluate(self, tasks, logger: TrainLogger) -> None:
-        from rwkvclip_dist.eval.distributed import sharded_over
-
+    def _evaluate(self, tasks: list[ZeroShotTask], logger: TrainLogger) -> None:
         results: dict[str, float] = {}
         # The ranks of a tensor-parallel group run each forward together on the same images.
         with sharded_over(self.parts.groups.dp_group):
@@ -209,31 +224,17 @@ class Trainer:
         logger.write_scalars(self.state.step, {f"eval/{k}": v for k, v in results.items()})
         logger.message(f"eval at step {self.state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
 
-    def _checkpoint_if_due(self, preemption: PreemptionHandler) -> bool:
-        """Save when a save is due or a stop was asked for (collective); True means stop now."""
-        stop = preemption.should_stop(also=self.watch.launcher_gone())
-        step, every = self.state.step, self.recipe.checkpoint.every_steps
-        if stop or step == self.recipe.train.steps or (every and step % every == 0):
-            record = RunRecord(step=step, world_size=self.launch.world_size,
-                               tensor_parallel=self.recipe.parallel.tensor_parallel, recipe=to_plain(self.recipe),
-                               model=self.model_config, versions=installed_versions())
-            self.parts.checkpoints.save(self.parts.engine, self._stateful(), record)
-        return stop
-
     # -- around the loop -----------------------------------------------------------------------
     def _stateful(self) -> dict:
         return {"train_state": self.state, "loader": self.parts.loader}
 
     def _resume(self) -> None:
-        self.last_finite_loss = float("nan")
         if self.recipe.checkpoint.resume:
             self.parts.checkpoints.load(self.parts.engine, self._stateful())
         else:
             self.parts.checkpoints.refuse_to_overwrite()
 
     def _open_logger(self, start_step: int) -> TrainLogger:
-        from rwkvclip_dist.model.flops import forward_flops_per_sample
-
         recipe, cfg = self.recipe, self.parts.model_config
         logger = TrainLogger(recipe.logging, self.run_dir, is_main=self.is_main, total_steps=recipe.train.steps,
                              start_step=start_step, world_size=self.launch.world_size,
@@ -253,7 +254,7 @@ class Trainer:
         corrupt = (collectives.all_reduce_mean(self.parts.dataset.num_corrupt) * self.launch.world_size
                    / self.parts.groups.tensor_parallel)
         metrics = {
-            "status": status, "steps": state.step, "samples": state.samples, "final_loss": self.last_finite_loss,
+            "status": status, "steps": state.step, "samples": state.samples, "final_loss": state.last_finite_loss,
             "samples_per_s": (state.step - start_step) * global_batch / max(elapsed, 1e-9),
             "wall_time_s": elapsed, "resumed_from_step": start_step, "world_size": self.launch.world_size,
             "corrupt_samples_replaced": round(corrupt / self.launch.local_world_size),

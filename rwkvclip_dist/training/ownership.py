@@ -14,13 +14,17 @@ them into the same checkpoints. Two guards:
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from rwkvclip_dist.parallel import collectives
 
 log = logging.getLogger(__name__)
 LOCK_FILE = ".trainer.lock"
@@ -114,22 +118,24 @@ class LauncherWatch:
         return self.parent is not None and os.getppid() != self.parent
 
 
-def lock_run_directories(directories: list[Path], is_main: bool) -> list[RunLock]:
-    """Collective: rank 0 locks the run's directories; every rank raises :class:`RunDirectoryBusy`
-    when another live trainer holds one of them."""
-    from rwkvclip_dist.parallel import collectives
-
-    locks, refusal = [], None
-    if is_main:
-        try:
-            for directory in dict.fromkeys(d.resolve() for d in directories):
-                locks.append(RunLock(directory))
-                locks[-1].acquire()
-        except RunDirectoryBusy as err:
-            refusal = str(err)
-            for lock in locks:
-                lock.release()
-    refusal = collectives.broadcast_object(refusal)
-    if refusal is not None:
-        raise RunDirectoryBusy(refusal)
-    return locks
+@contextlib.contextmanager
+def run_directories_locked(directories: list[Path], is_main: bool) -> Iterator[None]:
+    """Collective: rank 0 holds locks on the run's directories for the ``with`` block, released however
+    it ends; every rank raises :class:`RunDirectoryBusy` when another live trainer holds one of them."""
+    locks: list[RunLock] = []
+    refusal = None
+    try:
+        if is_main:
+            try:
+                for directory in dict.fromkeys(d.resolve() for d in directories):
+                    locks.append(RunLock(directory))
+                    locks[-1].acquire()
+            except RunDirectoryBusy as err:
+                refusal = str(err)
+        refusal = collectives.broadcast_object(refusal)
+        if refusal is not None:
+            raise RunDirectoryBusy(refusal)
+        yield
+    finally:
+        for lock in locks:
+            lock.release()

@@ -1,4 +1,4 @@
-"""Runs a :class:`~rwkvclip_dist.training.loop.Trainer` and turns the ways a run ends into exit statuses.
+"""Starts a run (:func:`~rwkvclip_dist.training.loop.start_run`), runs its ``Trainer`` and turns the ways a run ends into exit statuses.
 
     0  completed, or pre-empted (SIGTERM/SIGUSR1) after saving: a requeue resumes
     1  a checkpoint could not be written or read safely (no space, damaged, refused), or a crash
@@ -32,12 +32,13 @@ EXIT_BUSY = 5
 def run_training(recipe: Recipe, run_dir: Path, launch: LaunchEnv, debug: bool = False) -> dict:
     """Train; on failure print one line and exit with the status above (``debug``: a mistake in the
     run's setup shows its traceback instead)."""
-    from rwkvclip_dist.training.loop import Trainer
+    # Here, not at the top: DeepSpeed, Streaming and the model load only once the recipe is known good.
+    from rwkvclip_dist.training.loop import start_run
 
     trainer = None
     try:
         with user_errors("train.py", debug):  # setup: evaluation data, checkpoint compatibility...
-            trainer = Trainer(recipe, run_dir, launch)
+            trainer = start_run(recipe, run_dir, launch)
         metrics = trainer.run()
     except RunDirectoryBusy as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

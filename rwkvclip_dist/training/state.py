@@ -7,6 +7,7 @@ for it to be checkpointed and resumed, with no key list kept in step elsewhere.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,11 +29,23 @@ class TrainState:
     """Stand-ins for undecodable samples that the loss left out, over all ranks."""
     evals: dict[str, dict[str, float]] = field(default_factory=dict)
     """In-loop evaluation results by step (the key is the step, as a string)."""
+    last_finite_loss: float = math.nan
+    """Loss of the newest step whose loss was finite (``final_loss`` in ``metrics.json``)."""
+
+    def advance(self, loss: float, finite: bool, samples: int, masked: int) -> None:
+        """Count one optimizer step that consumed ``samples`` (``masked`` of them stand-ins)."""
+        self.step += 1
+        self.samples += samples
+        self.samples_masked += masked
+        if finite:
+            self.nonfinite_in_a_row, self.last_finite_loss = 0, loss
+        else:
+            self.nonfinite_in_a_row += 1
 
     def state_dict(self) -> dict[str, Any]:
         """Counters plus this rank's random generators (each rank saves its own)."""
         return {"step": self.step, "samples": self.samples, "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                "samples_masked": self.samples_masked,
+                "samples_masked": self.samples_masked, "last_finite_loss": self.last_finite_loss,
                 "evals": {k: dict(v) for k, v in self.evals.items()}, "rank": collectives.rank(),
                 "rng": rng.capture()}
 
@@ -41,6 +54,9 @@ class TrainState:
         self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
         # Absent from checkpoints written before stand-ins were masked.
         self.samples_masked = int(state.get("samples_masked", 0))
+        # Absent from checkpoints written before it was run state (a resumed run then reports the loss
+        # of its own first finite step, as it did before).
+        self.last_finite_loss = float(state.get("last_finite_loss", math.nan))
         self.evals = {k: dict(v) for k, v in state["evals"].items()}
         if state["rank"] == collectives.rank():
             rng.restore(state["rng"])
