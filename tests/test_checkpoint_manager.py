@@ -10,6 +10,7 @@ import torch
 
 from rwkvclip_dist.checkpoint.integrity import CheckpointError
 from rwkvclip_dist.checkpoint.manager import CLIENT_FILE, CheckpointManager, rank_file
+from rwkvclip_dist.checkpoint.record import RunRecord, check_resumable, installed_versions
 
 
 class _Engine:
@@ -60,5 +61,39 @@ def test_a_checkpoint_without_a_states_part_is_a_checkpoint_error(tmp_path):
     state = _State()
     with pytest.raises(CheckpointError, match=r"holds no state for \['loader'\] \(it has \['train_state'\]\)"):
         CheckpointManager(tmp_path).load(_Engine(loads=True), {"train_state": state, "loader": _State()})
-    assert CheckpointManager(tmp_path).load(_Engine(loads=True), {"train_state": state})["step"] == 3
+    assert CheckpointManager(tmp_path).load(_Engine(loads=True), {"train_state": state}).step == 3
     assert state.loaded == {"x": 1}
+
+
+def test_the_manager_saves_at_its_interval_the_last_step_and_when_forced(tmp_path):
+    manager = CheckpointManager(tmp_path, every_steps=3, last_step=7)
+    saved = []
+    manager.save = lambda engine, states, record: saved.append(record.step)
+    for step in range(1, 8):
+        manager.save_if_due(None, {}, RunRecord(step=step, world_size=1), force=step == 4)
+    assert saved == [3, 4, 6, 7]
+
+
+def test_a_record_comes_back_as_written_and_an_older_one_without_model_and_versions_loads(tmp_path):
+    record = RunRecord(step=2, world_size=4, tensor_parallel=2, recipe={"model": {"name": "tiny", "overrides": {}}},
+                       model={"embed_dim": 64}, versions=installed_versions())
+    assert RunRecord.from_dict(record.to_dict(), "x") == record
+    older = RunRecord.from_dict({"step": 2, "world_size": 4, "recipe": record.recipe}, "x")
+    assert (older.model, older.versions, older.tensor_parallel, older.model_section()) == (None, {}, 1, ("tiny", {}))
+    with pytest.raises(CheckpointError, match="x is not a run record"):
+        RunRecord.from_dict({"world_size": 4}, "x")
+
+
+def test_a_resume_with_another_model_or_tensor_parallel_size_is_refused_naming_both():
+    from rwkvclip_dist.typed_config import ConfigError
+
+    record = RunRecord(step=2, world_size=1, recipe={"model": {"name": "tiny", "overrides": {"text.pool": "paper"}}},
+                       model={"text": {"pool": "paper", "depth": 2}})
+    check_resumable(record, "c/step_2", 1, {"text": {"pool": "paper", "depth": 2}}, "tiny", {"text.pool": "paper"})
+    with pytest.raises(ConfigError, match=r"differing: text.depth: checkpoint 2, this run 3\)"):
+        check_resumable(record, "c/step_2", 1, {"text": {"pool": "paper", "depth": 3}}, "tiny", {"text.depth": 3})
+    with pytest.raises(ConfigError, match="saved with parallel.tensor_parallel=1, this run has 2"):
+        check_resumable(record, "c/step_2", 2, record.model, "tiny", {})
+    record.model = None  # an older checkpoint: compared through its recipe's model section
+    with pytest.raises(ConfigError, match=r"differing: text.pool: checkpoint 'paper', this run \(absent\)\)"):
+        check_resumable(record, "c/step_2", 1, {}, "tiny", {})

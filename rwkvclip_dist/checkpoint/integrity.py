@@ -11,11 +11,13 @@ a torch file's zip records carry their own CRC-32.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 MANIFEST_FILE = "manifest.json"
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -76,6 +78,27 @@ def verify(tag_dir: Path) -> list[str]:
         elif (actual := _size(file)) != size:
             problems.append(f"{file} has {actual} bytes, the manifest says {size}")
     return problems
+
+
+def newest_intact(directory: Path, tags: list[str], write_text) -> tuple[str | None, str | None]:
+    """``(tag, None)``: the newest of the complete checkpoints ``tags`` whose files match its manifest;
+    ``(None, error)`` when none does; ``(None, None)`` without any. A damaged one is named in a
+    warning and renamed ``<tag>.broken`` (never loaded nor pruned); ``latest`` then moves back."""
+    broken = []
+    for tag in reversed(tags):
+        problems = verify(directory / tag)
+        if not problems:
+            if broken:
+                write_text(directory / "latest", tag + "\n")
+            return tag, None
+        log.warning("checkpoint %s is damaged, skipping it: %s", directory / tag, "; ".join(problems))
+        broken.append(f"{tag}: {'; '.join(problems)}")
+        (directory / tag).rename(directory / f"{tag}.broken")
+    if broken:
+        return None, (f"no intact checkpoint in {directory} to resume from (set aside as *.broken: "
+                      f"{' | '.join(broken)}); restore the files or start over with checkpoint.resume=false "
+                      f"in another directory")
+    return None, None
 
 
 def check_space(directory: Path, needed: int, margin: float = 1.1) -> None:

@@ -1,9 +1,7 @@
 """One checkpoint manager for everything with state: model and optimizer (through the DeepSpeed
 engine) and any number of Stateful objects (``state_dict()`` / ``load_state_dict()``: the run's
-``TrainState`` with its RNGs, the data loader), plus the run's record (``checkpoint.record.RunRecord``:
-step, world size, tensor-parallel size, resolved recipe and model configuration, versions). This
-package alone reads and writes that record and the ``latest`` file; before any engine is built,
-:meth:`CheckpointManager.check_resumable` refuses a resume with another model or tensor-parallel size.
+``TrainState`` with its RNGs, the data loader), plus the run's ``RunRecord`` (``record.py``). This
+package alone reads and writes that record and ``latest``.
 
 Layout of ``<dir>``::
 
@@ -33,8 +31,8 @@ from typing import Any, Protocol
 
 import torch
 
-from rwkvclip_dist.checkpoint.integrity import (CheckpointError, CheckpointSpaceError, check_space, list_files, manifest_bytes,
-                                                human_bytes, verify, write_manifest)
+from rwkvclip_dist.checkpoint.integrity import (CheckpointError, CheckpointSpaceError, check_space, human_bytes,
+                                                list_files, manifest_bytes, newest_intact, write_manifest)
 from rwkvclip_dist.checkpoint.record import RunRecord, check_resumable
 from rwkvclip_dist.checkpoint.safe_load import load_weights_only, make_engine_loads_safe
 from rwkvclip_dist.parallel import collectives
@@ -101,11 +99,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 class CheckpointManager:
-    """Saves (when due), finds and loads a run's checkpoints in ``directory``.
-
-    ``every_steps``: a save every N steps (0: none on the way); ``last_step``: the run's last step,
-    always saved. The loop asks :meth:`save_if_due` after every step and decides nothing itself.
-    """
+    """Saves (when due: every ``every_steps``, 0 for none on the way, and at ``last_step``), finds and
+    loads a run's checkpoints in ``directory``. The loop asks :meth:`save_if_due` after each step."""
 
     def __init__(self, directory: str | Path, keep_last: int = 3, every_steps: int = 0,
                  last_step: int | None = None) -> None:
@@ -136,10 +131,7 @@ class CheckpointManager:
     def read_record(self, tag: str) -> RunRecord:
         """The run's record saved with checkpoint ``tag``."""
         path = self.directory / tag / CLIENT_FILE
-        try:
-            return RunRecord.from_dict(_load_plain(path), str(path))
-        except ValueError as err:
-            raise CheckpointError(str(err)) from None
+        return RunRecord.from_dict(_load_plain(path), str(path))
 
     def check_resumable(self, tensor_parallel: int, model: dict[str, Any], model_name: str,
                         model_overrides: dict[str, Any]) -> None:
@@ -159,16 +151,13 @@ class CheckpointManager:
                                   f"run directory (or checkpoint.dir), or delete them")
 
     # -- save ----------------------------------------------------------------------------------
-    def due(self, step: int, force: bool = False) -> bool:
-        """Whether step ``step`` is saved: the interval, the last step, or ``force`` (a stop)."""
-        return force or step == self.last_step or bool(self.every_steps and step % self.every_steps == 0)
-
     def save_if_due(self, engine, states: Mapping[str, Stateful], record: RunRecord, force: bool = False) -> bool:
-        """Collective: :meth:`save` when step ``record.step`` is :meth:`due`; True when it saved."""
-        if not self.due(record.step, force):
-            return False
-        self.save(engine, states, record)
-        return True
+        """Collective: :meth:`save` at the interval, the last step or ``force`` (a stop); True if it saved."""
+        step = record.step
+        if force or step == self.last_step or (self.every_steps and step % self.every_steps == 0):
+            self.save(engine, states, record)
+            return True
+        return False
 
     def save(self, engine, states: Mapping[str, Stateful], record: RunRecord) -> str:
         """Collective: save ``engine`` and every rank's ``states`` as step ``record.step``, then rank 0's
@@ -269,29 +258,11 @@ class CheckpointManager:
         """
         decision: tuple[str | None, str | None] = (None, None)
         if self.rank == 0:
-            decision = self._verified_newest()
+            decision = newest_intact(self.directory, self.complete_tags(), _atomic_write_text)
         tag, error = collectives.broadcast_object(decision)
         if error is not None:
             raise CheckpointError(error)
         return tag
-
-    def _verified_newest(self) -> tuple[str | None, str | None]:
-        tags = self.complete_tags()
-        broken = []
-        for tag in reversed(tags):
-            problems = verify(self.directory / tag)
-            if not problems:
-                if broken:
-                    _atomic_write_text(self.directory / "latest", tag + "\n")
-                return tag, None
-            log.warning("checkpoint %s is damaged, skipping it: %s", self.directory / tag, "; ".join(problems))
-            broken.append(f"{tag}: {'; '.join(problems)}")
-            (self.directory / tag).rename(self.directory / f"{tag}.broken")
-        if broken:
-            return None, (f"no intact checkpoint in {self.directory} to resume from (set aside as *.broken: "
-                          f"{' | '.join(broken)}); restore the files or start over with checkpoint.resume=false "
-                          f"in another directory")
-        return None, None
 
     def load(self, engine, states: Mapping[str, Stateful], tag: str | None = None) -> RunRecord | None:
         """Load the newest intact complete checkpoint (or ``tag``) into ``engine`` and ``states``.

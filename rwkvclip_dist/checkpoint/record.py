@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any
 
+from rwkvclip_dist.checkpoint.integrity import CheckpointError
 from rwkvclip_dist.typed_config import ConfigError
 
 VERSIONED = ("rwkvclip_dist", "torch", "deepspeed", "mosaicml-streaming")
@@ -49,7 +50,7 @@ class RunRecord:
     @classmethod
     def from_dict(cls, data: Any, where: str) -> "RunRecord":
         if not isinstance(data, dict) or not isinstance(data.get("step"), int):
-            raise ValueError(f"{where} is not a run record (no step)")
+            raise CheckpointError(f"{where} is not a run record (no step)")
         return cls(step=data["step"], world_size=int(data.get("world_size", 1)),
                    tensor_parallel=int(data.get("tensor_parallel", 1)), recipe=dict(data.get("recipe") or {}),
                    model=data.get("model"), versions=dict(data.get("versions") or {}))
@@ -96,5 +97,9 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     saved, current = _flat(saved), _flat(current)
-    return [f"{key}: checkpoint {saved.get(key, '(absent)')!r}, this run {current.get(key, '(absent)')!r}"
+
+    def shown(config: dict[str, Any], key: str) -> str:
+        return repr(config[key]) if key in config else "(absent)"
+
+    return [f"{key}: checkpoint {shown(saved, key)}, this run {shown(current, key)}"
             for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
