@@ -68,6 +68,9 @@ class EvalSection:
 class ZeroShotTask:
     """One ``eval.zeroshot`` entry: its data set opened once, scored from the current weights."""
 
+    # The imports inside the methods are deliberate: loading a recipe imports this module for its
+    # sections, and must not pull in the tokenizer (open_clip) and the evaluation suite.
+
     def __init__(self, section: ZeroShotEvalSection, image_size: int, context_length: int,
                  device: torch.device) -> None:
         from rwkvclip_dist.data.tokenizer import tokenize
