@@ -67,7 +67,7 @@ def test_folder_labels_and_zeroshot_on_the_shards(folder, tmp_path):
     from_folder = {os.path.splitext(os.path.relpath(p, folder))[0]: i for i, (p, _) in enumerate(images.samples)}
     for i in range(len(shards)):
         image, label = shards[i]
-        want_image, want_label = images[from_folder[shards.data[i]["key"]]]
+        want_image, want_label = images[from_folder[shards.sample(i)["key"]]]
         assert label == want_label and torch.equal(image, want_image)
 
 
