@@ -1,0 +1,96 @@
+"""A user's mistake never loses data and never passes silently (docs/reliability.md, "User mistakes").
+
+Each test runs a command as a user would (the tool's ``main`` in-process, through the real argument
+parsing and ``cli.run_tool``; the trainer as a subprocess) and checks the exit status, the one error
+line, and that no file changed (the folder hashed before and after)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from rwkvclip_dist.pretrained import load_model, save_pretrained
+from tool_loader import tool_main
+
+pytestmark = pytest.mark.timeout(300)
+convert = tool_main("convert_checkpoint")
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """``{relative path: sha1}`` of every file under ``folder``."""
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line(capsys, tool: str) -> str:
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("INFO ")]
+    assert len(err) == 1 and err[0].startswith(f"{tool}: error: "), err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    save_pretrained(load_model("tiny"), root / "tiny.safetensors")
+    save_pretrained(load_model("tiny", **{"text.pool": "masked_mean"}), root / "masked.safetensors")
+    return root
+
+
+# -- never lose data: a tool never writes over its own input ----------------------------------------
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["to-authors", "{m}/tiny.safetensors", "{m}/tiny.safetensors"], "dst {m}/tiny.safetensors: is the input src"),
+    (["from-authors", "{m}/tiny.safetensors", "{m}/tiny.safetensors"], "dst {m}/tiny.safetensors: is the input src"),
+    (["from-zero", "{m}", "{m}/../m2/x.safetensors"], None),  # apart: refused for another reason (no checkpoint)
+    (["from-zero", "{m}/sub", "{m}"], "dst {m}: holds the input src {m}/sub"),
+])
+def test_an_output_that_is_the_input_is_refused_and_nothing_changes(models, capsys, argv, fragment):
+    before = snapshot(models)
+    assert convert([a.format(m=models) for a in argv]) == 2
+    line = one_line(capsys, "convert_checkpoint.py")
+    if fragment is not None:
+        assert fragment.format(m=models) in line, line
+    else:
+        assert "is the input" not in line and "holds the input" not in line, line
+    assert snapshot(models) == before
+
+
+def test_a_failed_verify_leaves_nothing_behind(models, tmp_path, capsys):
+    """to-authors --accept-loss of a masked_mean model writes a file the authors' code runs with its own
+    pooling: the verification fails (exit 1) and the unverified file is not left behind."""
+    dst = tmp_path / "model_31.pt"
+    assert convert(["to-authors", str(models / "masked.safetensors"), str(dst), "--accept-loss", "--verify"]) == 1
+    err = capsys.readouterr().err
+    assert "verify failed" in err and f"{dst} was not written" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- never pass silently: a conversion that cannot represent the model refuses ----------------------
+
+def test_to_authors_refuses_an_override_it_cannot_represent(models, tmp_path, capsys):
+    dst = tmp_path / "model_31.pt"
+    assert convert(["to-authors", str(models / "masked.safetensors"), str(dst)]) == 2
+    line = one_line(capsys, "convert_checkpoint.py")
+    assert "cannot represent text.pool='masked_mean'" in line and "--accept-loss" in line, line
+    assert not dst.exists()
+    assert convert(["to-authors", str(models / "tiny.safetensors"), str(dst)]) == 0  # the paper's settings pass
+    assert dst.is_file() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_from_zero_takes_a_run_directory(tmp_path, capsys):
+    """A run directory (recipe.yaml + checkpoints/) is read through its checkpoints/ folder."""
+    from rwkvclip_dist.convert.pipeline import checkpoint_folder
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "recipe.yaml").write_text("model: {name: tiny}\n")
+    assert convert(["from-zero", str(run), str(tmp_path / "x.safetensors")]) == 2
+    line = one_line(capsys, "convert_checkpoint.py")
+    assert f"{run} is a run directory without checkpoints/latest" in line, line
+    (run / "checkpoints" / "latest").write_text("step_00000002\n")
+    assert checkpoint_folder(run) == run / "checkpoints"
