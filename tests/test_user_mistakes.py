@@ -94,3 +94,54 @@ def test_from_zero_takes_a_run_directory(tmp_path, capsys):
     assert f"{run} is a run directory without checkpoints/latest" in line, line
     (run / "checkpoints" / "latest").write_text("step_00000002\n")
     assert checkpoint_folder(run) == run / "checkpoints"
+
+
+# -- never lose data: another job's output is not replaced silently ---------------------------------
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> Path:
+    """Two small ImageNet-style folders (class subfolders of JPEGs)."""
+    from conftest import jpeg
+
+    root = tmp_path_factory.mktemp("folders")
+    for name, classes in (("pets", ("cat", "dog")), ("colours", ("blue", "green", "red"))):
+        for k, c in enumerate(classes):
+            (root / name / c).mkdir(parents=True)
+            for i in range(2):
+                (root / name / c / f"{c}_{i}.jpg").write_bytes(jpeg(10 * k + i, size=(32, 32)))
+    return root
+
+
+def test_make_shards_refuses_to_replace_another_build(folders, tmp_path, capsys):
+    from conftest import make_shards
+
+    out = tmp_path / "out"
+    first = ["--input", str(folders / "pets"), "--out", str(out), "--workers", "1", "--labels", "folder"]
+    assert make_shards(first) == 0
+    before = snapshot(out)
+    assert make_shards(first) == 0  # the same build again: resumes (nothing to do), still allowed
+    other = ["--input", str(folders / "colours"), "--out", str(out), "--workers", "1", "--labels", "folder"]
+    capsys.readouterr()
+    assert make_shards(other) == 2
+    line = one_line(capsys, "make_shards")
+    assert f"--out {out}: holds another build" in line and "differs in inputs" in line and "--overwrite" in line
+    assert snapshot(out) == before
+    assert make_shards(other + ["--overwrite"]) == 0
+    units = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != ".build")
+    assert len(units) == 1 and "colours" in units[0], units  # the first build's shards are gone, not orphaned
+
+
+@pytest.mark.parametrize("where", ["inside the input", "a folder of other files"])
+def test_make_shards_refuses_an_output_folder_that_is_not_its_own(folders, tmp_path, capsys, where):
+    from conftest import make_shards
+
+    if where == "inside the input":
+        out, expected = folders / "pets" / "shards", "is inside the input --input"
+    else:
+        out, expected = tmp_path / "mine", "is not empty and holds no make_shards build record"
+        out.mkdir()
+        (out / "notes.txt").write_text("my notes\n")
+    before = snapshot(folders), snapshot(tmp_path)
+    assert make_shards(["--input", str(folders / "pets"), "--out", str(out), "--workers", "1", "--labels", "folder"]) == 2
+    assert expected in one_line(capsys, "make_shards")
+    assert (snapshot(folders), snapshot(tmp_path)) == before

@@ -30,14 +30,12 @@ from tqdm import tqdm
 from rwkvclip_dist.data.captions import CaptionLookup, CaptionTable, index_captions, index_path
 from rwkvclip_dist.data.columns import COMPRESSION, DEFAULT_SIZE_LIMIT, columns
 from rwkvclip_dist.data.dedup import later_duplicates
+from rwkvclip_dist.data.build_record import REJECTS, REPORT, STATE_DIR, claim_output
 from rwkvclip_dist.data.labels import Labeller, LabelOptions
 from rwkvclip_dist.data.sources import Unit, discover_units, read_unit
 from rwkvclip_dist.data.validate import REASONS, ImageOptions, Rejected, to_row
 
 log = logging.getLogger(__name__)
-STATE_DIR = ".build"
-REPORT = "build_report.json"
-REJECTS = "build_rejects.jsonl"
 
 
 @dataclass
@@ -53,6 +51,7 @@ class BuildOptions:
     jpeg_quality: int = 95
     labels: str | None = None     # "folder" or a table column: write a ``label`` column (labels.py)
     classes: str | None = None    # class-list file for ``labels``
+    overwrite: bool = False       # replace another build in ``out`` (build_record.py)
 
     def fingerprint(self) -> str:
         """Changes when a finished unit would come out differently (so it must be rebuilt)."""
@@ -85,8 +84,12 @@ def open_captions(opts: BuildOptions) -> CaptionTable:
     return CaptionTable(index_captions(opts.captions, db))
 
 
-def make_context(opts: BuildOptions, units: list[Unit], captions: CaptionLookup | None = None) -> Context:
+def make_context(opts: BuildOptions, units: list[Unit], captions: CaptionLookup | None = None,
+                 overwrite: bool = False) -> Context:
+    """Checks the label options, then claims ``opts.out`` for this build (build_record.py), before
+    anything is written there."""
     labeller = Labeller(opts.label_options(), units) if opts.labels else None  # checked before building
+    claim_output(opts, units, overwrite)
     return Context(opts, opts.fingerprint(), open_captions(opts) if captions is None else captions, labeller)
 
 
@@ -279,8 +282,7 @@ def build_shards(opts: BuildOptions, captions: CaptionLookup | None = None) -> d
     ``captions`` replaces the on-disk caption table (the benchmark's in-memory baseline).
     """
     units = discover_units(opts.inputs)
-    os.makedirs(os.path.join(opts.out, STATE_DIR), exist_ok=True)
-    ctx = make_context(opts, units, captions)
+    ctx = make_context(opts, units, captions, opts.overwrite)
     placed = [(u, opts.out) for u in units]
     build_units(ctx, placed)
     return finish(ctx, placed, unit_indexes(ctx, placed))
