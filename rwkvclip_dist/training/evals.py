@@ -80,7 +80,8 @@ class ZeroShotTask:
         try:
             self.dataset, folder_names = open_labelled_images(section.data, eval_transform(image_size))
             prompts = load_class_prompts(section.classes)
-            self.classnames = class_names(prompts, folder_names, section.classnames or None, section.data)
+            self.classnames = class_names(prompts, folder_names, section.classnames or None, section.data,
+                                          None if folder_names is not None else self.dataset.labels())
         except (FileNotFoundError, ValueError) as err:
             raise type(err)(f"{where}: {err}") from None
         self.templates = list(prompts["templates"])
