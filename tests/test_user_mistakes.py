@@ -145,3 +145,83 @@ def test_make_shards_refuses_an_output_folder_that_is_not_its_own(folders, tmp_p
     assert make_shards(["--input", str(folders / "pets"), "--out", str(out), "--workers", "1", "--labels", "folder"]) == 2
     assert expected in one_line(capsys, "make_shards")
     assert (snapshot(folders), snapshot(tmp_path)) == before
+
+
+# -- class lists must fit the data; one bad image does not end an evaluation ------------------------
+
+evaluate = tool_main("evaluate")
+
+
+@pytest.fixture(scope="module")
+def pets_mds(folders, tmp_path_factory) -> Path:
+    """A labelled MDS set of two classes (cat, dog), as make_shards --labels folder writes it."""
+    from conftest import make_shards
+
+    out = tmp_path_factory.mktemp("pets_mds") / "val"
+    assert make_shards(["--input", str(folders / "pets"), "--out", str(out), "--labels", "folder", "--workers", "1"]) == 0
+    return out
+
+
+def _zeroshot(models, data, tmp_path, *extra) -> int:
+    return evaluate(["--model", str(models / "tiny.safetensors"), "--task", "zeroshot", "--data", str(data),
+                     "--workers", "0", "--batch-size", "4", "--output", str(tmp_path / "r.json"), *extra])
+
+
+@pytest.mark.parametrize("lines, expected", [
+    ("cat\ncat\n", "class-names file {f}:2: class 'cat' repeats line 1"),
+    ("cat\n\ndog\n", "class-names file {f}:2: empty class name"),
+])
+def test_a_class_list_with_blank_or_repeated_lines_is_refused(models, folders, pets_mds, tmp_path, capsys,
+                                                              lines, expected):
+    names = tmp_path / "names.txt"
+    names.write_text(lines)
+    for data in (folders / "pets", pets_mds):
+        assert _zeroshot(models, data, tmp_path, "--classnames", str(names)) == 2
+        assert expected.format(f=names) in one_line(capsys, "evaluate.py")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["names.txt"]
+
+
+def test_a_labelled_set_scored_against_another_class_list_is_refused(models, pets_mds, tmp_path, capsys):
+    """The cat/dog set against CIFAR-10's ten names: in the tool and in the in-loop evaluation alike."""
+    from rwkvclip_dist.training.evals import ZeroShotEvalSection, open_evaluations
+
+    assert _zeroshot(models, pets_mds, tmp_path, "--templates", "cifar10") == 2
+    line = one_line(capsys, "evaluate.py")
+    assert "its labels run 0..1 (2 classes) but there are 10 class names" in line, line
+    with pytest.raises(ValueError, match=r"its labels run 0\.\.1 \(2 classes\) but there are 10 class names"):
+        open_evaluations([ZeroShotEvalSection(data=str(pets_mds), classes="cifar10")], "tiny", {}, torch.device("cpu"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unreadable_image_is_counted_and_left_out(models, folders, tmp_path):
+    import shutil
+
+    data = tmp_path / "pets"
+    shutil.copytree(folders / "pets", data)
+    (data / "cat" / "broken.jpg").write_bytes(b"not an image at all")
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "n.txt").write_text("cat\ndog\n")
+    assert _zeroshot(models, data, out, "--classnames", str(tmp_path / "n.txt")) == 0
+    result = json.loads((out / "r.json").read_text())["results"]["zeroshot"]
+    assert result["n"] == 4 and result["unreadable_images"] == 1
+
+
+# -- never lose data: evaluation results are not replaced silently ----------------------------------
+
+def test_evaluation_results_are_not_replaced_silently(models, folders, tmp_path, capsys):
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ndog\n")
+    (tmp_path / "r.json").write_text('{"an earlier": "evaluation"}\n')
+    before = snapshot(tmp_path)
+    assert _zeroshot(models, folders / "pets", tmp_path, "--classnames", str(names)) == 2
+    assert f"--output {tmp_path / 'r.json'}: exists (the results of an earlier evaluation)" in one_line(
+        capsys, "evaluate.py")
+    assert snapshot(tmp_path) == before
+    assert evaluate(["--model", str(models / "tiny.safetensors"), "--task", "zeroshot", "--data", str(folders / "pets"),
+                     "--classnames", str(names), "--output", str(names), "--overwrite"]) == 2
+    assert "is the input --classnames" in one_line(capsys, "evaluate.py")
+    assert snapshot(tmp_path) == before
+    assert _zeroshot(models, folders / "pets", tmp_path, "--classnames", str(names), "--overwrite") == 0
+    text = (tmp_path / "r.json").read_text()
+    assert json.loads(text)["results"]["zeroshot"]["n"] == 4 and "NaN" not in text
