@@ -225,3 +225,57 @@ def test_evaluation_results_are_not_replaced_silently(models, folders, tmp_path,
     assert _zeroshot(models, folders / "pets", tmp_path, "--classnames", str(names), "--overwrite") == 0
     text = (tmp_path / "r.json").read_text()
     assert json.loads(text)["results"]["zeroshot"]["n"] == 4 and "NaN" not in text
+
+
+# -- a refused or finished run changes nothing in its run directory; every JSON written is strict ---
+
+def _strict(text: str):
+    def refuse(constant):
+        raise AssertionError(f"not strict JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def finished_run(demo_data, tmp_path_factory):
+    """One finished single-process run of the demo recipe: 2 steps, the step line every 2 steps."""
+    from conftest import PYTHON, dist_env, run_checked, train_args
+
+    run = tmp_path_factory.mktemp("finished") / "run"
+    args = train_args(run, demo_data, "train.steps=2", "logging.every_steps=2", "checkpoint.every_steps=0")
+    proc = run_checked([PYTHON, *args], timeout=240, env=dist_env())
+    return run, args, proc.stdout + proc.stderr
+
+
+def test_a_run_says_what_its_loss_is_and_writes_strict_json(finished_run):
+    run, _, output = finished_run
+    assert "step 2/2 loss (mean of the last 2 steps) " in output, output[-2000:]
+    metrics = _strict((run / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and math.isfinite(metrics["final_loss"])
+    assert [_strict(line)["step"] for line in (run / "loss_log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.parametrize("extra, status, expected", [
+    ((), 0, "train.py: the run in {run} is complete at step 2"),
+    (("checkpoint.resume=false", "optimizer.lr=0.5"), 1, "checkpoint.resume is false but {run}/checkpoints holds"),
+])
+def test_a_refused_or_finished_run_changes_nothing(finished_run, extra, status, expected):
+    import subprocess
+
+    from conftest import PYTHON, dist_env
+
+    run, args, _ = finished_run
+    before = snapshot(run)
+    proc = subprocess.run([PYTHON, *args, *extra], capture_output=True, text=True, timeout=240, env=dist_env())
+    assert proc.returncode == status, proc.stderr[-3000:]
+    assert expected.format(run=run) in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert snapshot(run) == before
+
+
+def test_json_writers_are_strict(tmp_path):
+    from rwkvclip_dist.outputs import strict_json, write_json
+
+    write_json(tmp_path / "m.json", {"final_loss": float("nan"), "rates": [1.0, float("inf")]})
+    assert _strict((tmp_path / "m.json").read_text()) == {"final_loss": None, "rates": [1.0, None]}
+    assert strict_json({"loss": float("-inf")}) == '{"loss": null}'
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]

@@ -68,6 +68,29 @@ def check_resume_compatible(recipe: Recipe, run_dir: Path) -> None:
             f"merges its shards into one file of weights")
 
 
+class RunComplete(Exception):
+    """The run directory holds a finished run: nothing to do, nothing to write."""
+
+
+def check_run_directory(recipe: Recipe, run_dir: Path) -> None:
+    """Before anything is written to the run directory: a run that starts over
+    (``checkpoint.resume: false``) where an earlier run's checkpoints are is refused
+    (``CheckpointError``); a run started again after it finished (its newest checkpoint at
+    ``train.steps`` or past it, and its ``metrics.json`` written) raises :class:`RunComplete`."""
+    from rwkvclip_dist.checkpoint.manager import CheckpointManager
+
+    checkpoints = CheckpointManager(checkpoint_directory(recipe, run_dir))
+    if not recipe.checkpoint.resume:
+        checkpoints.refuse_to_overwrite()
+        return
+    tag = checkpoints.latest_tag()
+    step = checkpoints.read_record(tag).get("step") if tag is not None else None
+    if isinstance(step, int) and step >= recipe.train.steps and (run_dir / "metrics.json").is_file():
+        raise RunComplete(f"the run in {run_dir} is complete at step {step} (checkpoint "
+                          f"{checkpoints.directory / tag}, train.steps={recipe.train.steps}); nothing to do, "
+                          f"nothing changed (raise train.steps to train on)")
+
+
 def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: torch.device,
                      evals: list) -> Components:
     """``evals``: the opened in-loop evaluations (``training.evals.open_evaluations``)."""

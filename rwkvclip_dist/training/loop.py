@@ -7,7 +7,6 @@ lives in :class:`TrainState`; the checkpoint manager saves it beside the data lo
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from rwkvclip_dist import ops
+from rwkvclip_dist.outputs import write_json
 from rwkvclip_dist.parallel import collectives
 from rwkvclip_dist.parallel.launch_env import LaunchEnv
 from rwkvclip_dist.training.metrics import TrainLogger
@@ -65,7 +65,8 @@ class Trainer:
     def __init__(self, recipe: Recipe, run_dir: Path, launch: LaunchEnv) -> None:
         from rwkvclip_dist.parallel.engine import init_distributed
         from rwkvclip_dist.parallel.groups import check_world_size
-        from rwkvclip_dist.training.components import build_components, check_resume_compatible, checkpoint_directory
+        from rwkvclip_dist.training.components import (build_components, check_resume_compatible, check_run_directory,
+                                                       checkpoint_directory)
         from rwkvclip_dist.training.evals import open_evaluations
 
         # First: the parent that launched this rank, before it has any chance to die unnoticed.
@@ -73,6 +74,7 @@ class Trainer:
         self.recipe, self.run_dir, self.launch = recipe, run_dir, launch
         check_world_size(recipe.parallel.tensor_parallel, launch.world_size)
         check_resume_compatible(recipe, run_dir)
+        check_run_directory(recipe, run_dir)  # refused or finished: before anything is written
         self.device = setup_process(launch)
         # Evaluation data and class names are opened before any process group starts: a mistake there
         # stops every rank at once with its message, not after the engine is built.
@@ -255,6 +257,6 @@ class Trainer:
         if state.evals:
             metrics.update(state.evals[max(state.evals, key=int)])
         if self.is_main:
-            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            write_json(self.run_dir / "metrics.json", metrics)  # strict: a NaN final_loss is null
         collectives.barrier()
         return metrics
