@@ -279,3 +279,38 @@ def test_json_writers_are_strict(tmp_path):
     assert _strict((tmp_path / "m.json").read_text()) == {"final_loss": None, "rates": [1.0, None]}
     assert strict_json({"loss": float("-inf")}) == '{"loss": null}'
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+# -- a recipe mistake is never resolved by a guess ------------------------------------------------
+
+@pytest.mark.parametrize("body, expected", [
+    ("base: {demo}\noptimizer:\n  lr: 0.1\noptimizer:\n  lr: 0.2\n",
+     "line 4: optimizer: given twice (first on line 2)"),
+    ("base: {demo}\ncheckpoint:\n  resume: no\n", "line 3: checkpoint.resume: 'no' is read by YAML as the boolean False"),
+    ("base: {demo}\ntrain:\n  steps: 0100\n", "line 3: train.steps: '0100' is read by YAML as the octal number 64"),
+    ("base: {demo}\nschedule:\n  warmup_steps: 1:30\n", "line 3: schedule.warmup_steps: '1:30' is read by YAML as a base-60"),
+    ("base: {demo}\non: 1\n", "line 2: key 'on' is not read as a string by YAML"),
+    ("# nothing yet\n", "the file is empty (no keys, only comments)"),
+    ("", "the file is empty (no keys)"),
+])
+def test_a_recipe_mistake_is_an_error_naming_file_line_and_key(tmp_path, capsys, body, expected):
+    """train.py's main in-process (the recipe fails before any process starts): exit 2, the one
+    line, no run directory."""
+    from conftest import DEMO_RECIPE
+    from rwkvclip_dist.train import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(body.format(demo=DEMO_RECIPE))
+    with pytest.raises(SystemExit) as stop:
+        main(["--recipe", str(recipe), "--run-dir", str(tmp_path / "run")])
+    assert stop.value.code == 2
+    assert one_line(capsys, "train.py").startswith(f"train.py: error: recipe {recipe}: {expected}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+def test_a_recipe_that_is_a_folder_names_it(tmp_path):
+    from rwkvclip_dist.training.recipe import load_recipe
+    from rwkvclip_dist.typed_config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"recipe {tmp_path}: is a directory; --recipe"):
+        load_recipe(tmp_path)

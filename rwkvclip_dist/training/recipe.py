@@ -26,6 +26,7 @@ from rwkvclip_dist.parallel.engine import ParallelSection
 from rwkvclip_dist.training.evals import EvalSection, ZeroShotEvalSection
 from rwkvclip_dist.training.metrics import LoggingSection
 from rwkvclip_dist.training.optim import OptimizerSection
+from rwkvclip_dist.strict_yaml import load_strict
 from rwkvclip_dist.training.schedule import ScheduleSection
 from rwkvclip_dist.typed_config import (ConfigError, FieldError, FileOrigin, build_dataclass, parse_override,
                                         to_plain)
@@ -113,12 +114,14 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"recipe file {path} does not exist") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"recipe {path}: invalid YAML: {err}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"recipe {path}: is a directory; --recipe (and base:) name a YAML file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"recipe {path}: not UTF-8 text ({err.reason} at byte {err.start}); is it a recipe?") from None
+    data = load_strict(text, f"recipe {path}")  # a key given twice, yes/no, 010...: errors, not guesses
     if data is None:
-        return {}
+        raise ConfigError(f"recipe {path}: the file is empty (no keys{', only comments' if text.strip() else ''}); "
+                          f"write {{}} for a recipe given wholly on the command line")
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path}: the top level must be a mapping, got {type(data).__name__}")
     return data
