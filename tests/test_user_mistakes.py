@@ -314,3 +314,76 @@ def test_a_recipe_that_is_a_folder_names_it(tmp_path):
 
     with pytest.raises(ConfigError, match=rf"recipe {tmp_path}: is a directory; --recipe"):
         load_recipe(tmp_path)
+
+
+# -- the description, caption and tag tools ------------------------------------------------------
+
+def _samples(path: Path, n: int) -> Path:
+    rows = [{"key": f"s{i:03d}", "raw": f"IMG_{i}.jpg key=s{i:03d}", "synthetic": "two brown dogs running on a beach",
+             "tags": ["dog", "beach", "sand"]} for i in range(n)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_a_server_that_is_not_openai_compatible_fails_fast(tmp_path, capsys):
+    """Python's http.server: no /v1/models (404: the name cannot be checked), and 501 for every POST."""
+    import threading
+    import time
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from rwkvclip_dist.descriptions.cli import main
+
+    posts = []
+
+    class Handler(SimpleHTTPRequestHandler):
+        def do_POST(self):
+            posts.append(self.path)  # what http.server itself answers to a POST
+            self.send_error(501, f"Unsupported method ({self.command!r})")
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: Handler(*a, directory=str(tmp_path / "www")))
+    (tmp_path / "www").mkdir()
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    src = _samples(tmp_path / "in.jsonl", 300)
+    start = time.monotonic()
+    try:
+        status = main(["--input", str(src), "--out", str(tmp_path / "out.jsonl"), "--base-url",
+                       f"http://127.0.0.1:{httpd.server_address[1]}", "--model", "m", "--no-progress"])
+    finally:
+        httpd.shutdown()
+    elapsed = time.monotonic() - start
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "the first 16 requests all failed with http_501" in err and "OpenAI-compatible" in err, err
+    assert len(posts) < 100 and elapsed < 20, (len(posts), elapsed)
+
+
+def test_the_annotation_tools_keep_their_input_and_another_jobs_output(tmp_path, capsys):
+    """--out that is the --input, and --out holding another step's rows: refused, nothing changed;
+    --overwrite replaces the other job's rows."""
+    from chat_server import ChatServer
+    from rwkvclip_dist.descriptions.cli import main
+
+    src = _samples(tmp_path / "in.jsonl", 4)
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text(json.dumps({"key": "s000", "synthetic": "a dog", "model": "vlm", "prompt_version": "v1"}) + "\n")
+    server = ChatServer().start()
+    try:
+        def run(out, *extra):
+            return main(["--input", str(src), "--out", str(out), "--base-url", server.url, "--model", "test-model",
+                         "--no-progress", *extra])
+
+        before = snapshot(tmp_path)
+        assert run(src) == 2
+        assert f"--out {src}: is the input --input" in capsys.readouterr().err
+        assert run(captions) == 2
+        assert f"--out {captions}: holds the rows of another job" in capsys.readouterr().err
+        assert snapshot(tmp_path) == before
+        assert run(captions, "--overwrite") == 0
+        rows = [json.loads(line) for line in captions.read_text().splitlines()]
+        assert len(rows) == 4 and all("generated" in r and r["model"] == "test-model" for r in rows)
+        assert run(captions) == 0  # the same job again: resumes, nothing to do
+    finally:
+        server.stop()

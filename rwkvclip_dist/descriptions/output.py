@@ -52,6 +52,20 @@ def recover(path: str | Path) -> set[str]:
     return done
 
 
+def first_row(path: str | Path) -> dict | None:
+    """The first complete row of ``path`` (None if it has none): what job wrote the file."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with path.open("rb") as handle:
+        line = handle.readline()
+    try:
+        row = json.loads(line) if line.endswith(b"\n") else None
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
 def _add_key(done: set[str], line: bytes, where: str) -> None:
     if not line.strip():
         return
