@@ -387,3 +387,31 @@ def test_the_annotation_tools_keep_their_input_and_another_jobs_output(tmp_path,
         assert run(captions) == 0  # the same job again: resumes, nothing to do
     finally:
         server.stop()
+
+
+# -- s3:// streams are checked before anything is written -----------------------------------------
+
+@pytest.mark.parametrize("env, expected", [
+    ({"S3_ENDPOINT_URL": "http://127.0.0.1:9"}, "data.streams: s3://shards/train: cannot reach http://127.0.0.1:9"),
+    ({"AWS_ACCESS_KEY_ID": None}, "data.streams: s3://shards/train: no AWS credentials found in this environment"),
+])
+def test_s3_credentials_and_endpoint_are_checked_before_the_run_directory(tmp_path, monkeypatch, capsys, env,
+                                                                          expected):
+    """train.py's main in-process: exit 2, the one line, no run directory (nothing listens on port 9;
+    HOME points at an empty folder so no ~/.aws is read)."""
+    from conftest import DEMO_RECIPE
+    from rwkvclip_dist.data.local_s3 import CREDENTIALS
+    from rwkvclip_dist.train import main
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for key, value in {**CREDENTIALS, "S3_ENDPOINT_URL": "http://127.0.0.1:9", **env}.items():
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as stop:
+        main(["--recipe", DEMO_RECIPE, "--run-dir", str(tmp_path / "run"), "data.streams=[{remote: s3://shards/train}]",
+              "eval.zeroshot=[]"])
+    assert stop.value.code == 2
+    assert one_line(capsys, "train.py").startswith(f"train.py: error: {expected}")
+    assert not (tmp_path / "run").exists()

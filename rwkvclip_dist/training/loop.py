@@ -63,6 +63,7 @@ def setup_process(launch: LaunchEnv) -> torch.device:
 
 class Trainer:
     def __init__(self, recipe: Recipe, run_dir: Path, launch: LaunchEnv) -> None:
+        from rwkvclip_dist.data.remote_check import check_s3_streams
         from rwkvclip_dist.parallel.engine import init_distributed
         from rwkvclip_dist.parallel.groups import check_world_size
         from rwkvclip_dist.training.components import (build_components, check_resume_compatible, check_run_directory,
@@ -75,6 +76,7 @@ class Trainer:
         check_world_size(recipe.parallel.tensor_parallel, launch.world_size)
         check_resume_compatible(recipe, run_dir)
         check_run_directory(recipe, run_dir)  # refused or finished: before anything is written
+        check_s3_streams(recipe.data.streams)
         self.device = setup_process(launch)
         # Evaluation data and class names are opened before any process group starts: a mistake there
         # stops every rank at once with its message, not after the engine is built.
