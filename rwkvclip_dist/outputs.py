@@ -48,6 +48,25 @@ def check_apart(output: str | Path, output_option: str, inputs: dict[str, str | 
                               f"as a whole; choose an output path apart from the inputs")
 
 
+def check_file_path(path: str | Path, option: str) -> None:
+    """An output file's path is not a folder, and its folder is not a file (instead of a raw ``[Errno 21]``
+    or ``[Errno 20]`` once the work is done)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{option} {path}: is a directory; give the path of a file")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"{option} {path}: {parent} is a file, not a directory")
+            break
+
+
+def check_folder_path(path: str | Path, option: str) -> None:
+    """An output folder's path is not an existing file (instead of a raw ``[Errno 17]``)."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise OutputError(f"{option} {path}: is a file; give the path of a directory")
+
+
 def refuse_existing(path: str | Path, option: str, overwrite: bool, what: str = "an earlier run's output") -> None:
     """An existing ``path`` is replaced only with ``--overwrite``."""
     if not overwrite and os.path.lexists(path):

@@ -415,3 +415,47 @@ def test_s3_credentials_and_endpoint_are_checked_before_the_run_directory(tmp_pa
     assert stop.value.code == 2
     assert one_line(capsys, "train.py").startswith(f"train.py: error: {expected}")
     assert not (tmp_path / "run").exists()
+
+
+# -- small but visible: errors that named no option, a .pt for load_model ---------------------------
+
+@pytest.mark.parametrize("tool, argv, expected", [
+    ("evaluate", ["--model", "{m}/tiny.safetensors", "--task", "zeroshot", "--data", "{f}/pets", "--classnames",
+                  "{t}/names.txt", "--output", "{t}/adir"], "--output {t}/adir: is a directory"),
+    ("evaluate", ["--model", "{m}/tiny.safetensors", "--task", "zeroshot", "--data", "{f}/pets", "--classnames",
+                  "{t}/adir", "--output", "{t}/r.json"], "--classnames {t}/adir: is a directory"),
+    ("convert_checkpoint", ["to-authors", "{m}/tiny.safetensors", "{t}/adir"], "dst {t}/adir: is a directory"),
+    ("convert_checkpoint", ["to-authors", "{m}/tiny.safetensors", "{t}/names.txt/x.pt"],
+     "dst {t}/names.txt/x.pt: {t}/names.txt is a file, not a directory"),
+    ("make_shards", ["--input", "{f}/pets", "--out", "{t}/names.txt", "--labels", "folder", "--workers", "1"],
+     "--out {t}/names.txt: is a file"),
+])
+def test_a_path_of_the_wrong_kind_names_its_option(models, folders, tmp_path, capsys, tool, argv, expected):
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "names.txt").write_text("cat\ndog\n")
+    before = snapshot(tmp_path)
+    args = [a.format(m=models, f=folders, t=tmp_path) for a in argv]
+    assert tool_main(tool)(args) == 2
+    prog = "make_shards" if tool == "make_shards" else f"{tool}.py"
+    assert expected.format(t=tmp_path) in one_line(capsys, prog)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_run_directory_that_is_a_file_names_it(demo_data, tmp_path, capsys):
+    from conftest import DEMO_RECIPE
+    from rwkvclip_dist.train import main
+
+    (tmp_path / "run").write_text("not a folder\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["--recipe", DEMO_RECIPE, "--run-dir", str(tmp_path / "run"), "eval.zeroshot=[]",
+              f"data.streams=[{{remote: {demo_data / 'train'}}}]"])
+    assert stop.value.code == 2
+    assert f"--run-dir {tmp_path / 'run'}: is a file" in one_line(capsys, "train.py")
+    assert (tmp_path / "run").read_text() == "not a folder\n"
+
+
+def test_load_model_says_what_it_expects_of_a_pt(tmp_path):
+    torch.save({"a": torch.zeros(2)}, tmp_path / "model_31.pt")
+    with pytest.raises(ValueError, match=r"model_31\.pt: pretrained files are this project's \.safetensors.*"
+                                         r"convert_checkpoint\.py from-authors"):
+        load_model(None, tmp_path / "model_31.pt")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from rwkvclip_dist.cli import run_tool
 from rwkvclip_dist.convert import pipeline
-from rwkvclip_dist.outputs import Staged, check_apart
+from rwkvclip_dist.outputs import Staged, check_apart, check_file_path
 from rwkvclip_dist.pretrained_format import DTYPES, parse_dtype
 
 VERIFY_MIN_COSINE = 0.999  # bf16 rounding of a trained model stays above 0.9999; a wrong architecture is far below
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     check_apart(args.dst, "dst", {"src": args.src})
+    check_file_path(args.dst, "dst")
     if args.command != "to-authors" and args.dst.suffix != ".safetensors":
         raise ValueError(f"dst {args.dst}: a pretrained file must end in .safetensors")
     # Written under a temporary name, renamed into place only once converted (and verified).

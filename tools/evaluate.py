@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from rwkvclip_dist.cli import at_least, run_tool
-from rwkvclip_dist.outputs import check_apart, refuse_existing
+from rwkvclip_dist.outputs import check_apart, check_file_path, refuse_existing
 from rwkvclip_dist.eval.features import LoaderConfig
 from rwkvclip_dist.eval.linear_probe import LinearProbeConfig
 from rwkvclip_dist.eval.runner import TASKS, EvalConfig, Evaluator, format_table, write_results
@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
                                           "--annotations": args.annotations, "--image-root": args.image_root,
                                           "--classnames": args.classnames, "--templates": args.templates
                                           if os.path.exists(args.templates) else None})
+    check_file_path(args.output, "--output")
     refuse_existing(args.output, "--output", args.overwrite, "the results of an earlier evaluation")
     is_file = _pretrained_file(args.model)
     model, _, eval_tf = create_model_and_transforms(None if is_file else args.model,

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 
-from rwkvclip_dist.outputs import OutputError, check_apart, write_json
+from rwkvclip_dist.outputs import OutputError, check_apart, check_folder_path, write_json
 
 STATE_DIR = ".build"
 REPORT = "build_report.json"
@@ -41,6 +41,7 @@ def _built_by(out: str, record: dict) -> list[str]:
 def claim_output(opts, units, overwrite: bool = False) -> None:
     """Check ``opts.out`` may receive this build (see the module docstring) and record it there."""
     out = opts.out
+    check_folder_path(out, "--out")
     check_apart(out, "--out", {f"--input {u.path}": u.path for u in units}
                 | {"--captions": c for c in opts.captions} | {"--classes": opts.classes}, inputs_read_whole=True)
     mine = {**_identity(opts, units), "units": [u.name for u in units]}

@@ -17,6 +17,8 @@ def read_class_list(path: str, option: str = "class list") -> list[str]:
             names = [line.strip() for line in f.read().splitlines()]
     except FileNotFoundError:
         raise FileNotFoundError(f"{option} {path}: no such file") from None
+    except IsADirectoryError:
+        raise ClassListError(f"{option} {path}: is a directory; give a text file, one class name a line") from None
     except UnicodeDecodeError as err:
         raise ClassListError(f"{option} {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     while names and not names[-1]:

@@ -20,7 +20,7 @@ from rwkvclip_dist.descriptions.sources import (
     Sample, ShardSpec, SourceFields, apply_joins, count_samples, iter_samples, load_joins,
 )  # fmt: skip
 from rwkvclip_dist.descriptions.tasks import Task
-from rwkvclip_dist.outputs import OutputError, check_apart
+from rwkvclip_dist.outputs import OutputError, check_apart, check_file_path
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class Recorder:
         self.task = task
         self.model = model
         self.stats = RunStats()
+        check_file_path(cfg.out, "--out")
         check_apart(cfg.out, "--out", {"--input": cfg.input, **{f"--captions {p}": p for p in cfg.joins}})
         # Lock before recover(): the repair of a torn tail must not race another writer.
         self._out = JsonlAppender(cfg.out, cfg.fsync_interval_s, exclusive=True)

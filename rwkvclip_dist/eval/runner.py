@@ -67,6 +67,9 @@ class EvalConfig:
                     raise FileNotFoundError(f"{flag} {value}: no such file or directory")
         if "zeroshot" in self.tasks:
             load_class_prompts(self.templates)
+            if self.classnames and Path(self.classnames).is_dir():
+                raise IsADirectoryError(f"--classnames {self.classnames}: is a directory; give a text file, one "
+                                        f"class name a line")
             if self.classnames and not Path(self.classnames).is_file():
                 raise FileNotFoundError(f"--classnames {self.classnames}: no such file")
 

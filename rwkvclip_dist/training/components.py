@@ -79,6 +79,9 @@ def check_run_directory(recipe: Recipe, run_dir: Path) -> None:
     ``train.steps`` or past it, and its ``metrics.json`` written) raises :class:`RunComplete`."""
     from rwkvclip_dist.checkpoint.manager import CheckpointManager
 
+    for what, folder in (("--run-dir", run_dir), ("checkpoint.dir", checkpoint_directory(recipe, run_dir))):
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"{what} {folder}: is a file; a run's {what.strip('-')} is a folder")
     checkpoints = CheckpointManager(checkpoint_directory(recipe, run_dir))
     if not recipe.checkpoint.resume:
         checkpoints.refuse_to_overwrite()
