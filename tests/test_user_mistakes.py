@@ -459,3 +459,20 @@ def test_load_model_says_what_it_expects_of_a_pt(tmp_path):
     with pytest.raises(ValueError, match=r"model_31\.pt: pretrained files are this project's \.safetensors.*"
                                          r"convert_checkpoint\.py from-authors"):
         load_model(None, tmp_path / "model_31.pt")
+
+
+def test_every_json_the_project_writes_is_strict():
+    """Every ``json.dump``/``json.dumps`` of the package and the tools refuses NaN (``allow_nan=False``)
+    or goes through ``outputs.strict_json`` (NaN written as null): ``NaN`` is not JSON."""
+    import ast
+
+    from conftest import REPO
+
+    loose = []
+    for path in [*(REPO / "rwkvclip_dist").rglob("*.py"), *(REPO / "tools").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("dump", "dumps")
+                    and getattr(node.func.value, "id", None) == "json"
+                    and not any(k.arg == "allow_nan" for k in node.keywords)):
+                loose.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not loose, "json.dump(s) without allow_nan=False (use rwkvclip_dist.outputs.strict_json):\n" + "\n".join(loose)

@@ -78,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         opts.size_limit = args.size_limit
     try:
         if args.prepare:
-            print(json.dumps({"units": prepare(opts)}))
+            print(json.dumps({"units": prepare(opts)}, allow_nan=False))
             return 0
         if args.shard is not None:
             summary = build_part(opts, *parse_shard(args.shard))
-            print(json.dumps({k: summary[k] for k in ("part", "parts", "written", "rejected")}))
+            print(json.dumps({k: summary[k] for k in ("part", "parts", "written", "rejected")}, allow_nan=False))
             return 0
         report = merge_parts(args.out, args.workers, opts if args.input else None) if args.merge else build_shards(opts)
     except IncompleteBuild as e:
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: report[k] for k in ("written", "rejected_total", "rejected",
-                                             "unknown_caption_keys")}))
+                                             "unknown_caption_keys")}, allow_nan=False))
     if report["written"] == 0:
         print(f"make_shards: error: no usable sample was written; see {os.path.join(args.out, REPORT)}",
               file=sys.stderr)

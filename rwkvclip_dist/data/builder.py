@@ -57,7 +57,7 @@ class BuildOptions:
         """Changes when a finished unit would come out differently (so it must be rebuilt)."""
         caps = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in self.captions]
         labels = self.label_options().fingerprint() if self.labels else None
-        key = json.dumps([self.resize_max_side, self.size_limit, self.jpeg_quality, caps, labels])
+        key = json.dumps([self.resize_max_side, self.size_limit, self.jpeg_quality, caps, labels], allow_nan=False)
         return hashlib.sha1(key.encode()).hexdigest()
 
     def label_options(self) -> LabelOptions | None:
@@ -147,25 +147,25 @@ def build_unit(unit: Unit, root: str, exclude: frozenset[str] = frozenset()) -> 
                 # A truncated or damaged container: keep what was read, report the rest as lost.
                 counts["unreadable_input"] += 1
                 rej.write(json.dumps({"input": unit.path, "key": None, "reason": "unreadable_input",
-                                      "detail": f"{type(e).__name__}: {e}"}) + "\n")
+                                      "detail": f"{type(e).__name__}: {e}"}, allow_nan=False) + "\n")
                 break
             if s is None:
                 break
             caption = ctx.captions.get(s.key)
             if caption is not None:
-                hits_out.write(json.dumps(s.key) + "\n")
+                hits_out.write(json.dumps(s.key, allow_nan=False) + "\n")
             label = ctx.labeller.label(unit, s) if ctx.labeller is not None else None
             try:
                 if s.key in seen or s.key in exclude:
                     raise Rejected("duplicate_key", "key already used by an earlier sample")
                 seen.add(s.key)
                 w.write(to_row(s, caption, img_opts, label))
-                keys_out.write(json.dumps(s.key) + "\n")
+                keys_out.write(json.dumps(s.key, allow_nan=False) + "\n")
                 written += 1
             except Rejected as r:
                 counts[r.reason] += 1
                 rej.write(json.dumps({"input": s.source, "key": s.key, "reason": r.reason,
-                                      "detail": r.detail}) + "\n")
+                                      "detail": r.detail}, allow_nan=False) + "\n")
             pending += 1
             if pending >= 256:
                 _tick(pending)
@@ -175,7 +175,7 @@ def build_unit(unit: Unit, root: str, exclude: frozenset[str] = frozenset()) -> 
                "fingerprint": ctx.fingerprint, "exclude": sorted(exclude)}
     tmp = _state(root, unit, ".done.tmp")
     with open(tmp, "w") as f:
-        json.dump(summary, f)
+        json.dump(summary, f, allow_nan=False)
     os.replace(tmp, _state(root, unit, ".done"))  # atomic: a unit is done or it is not
     return summary
 
@@ -266,7 +266,7 @@ def finish(ctx: Context, placed: list[tuple[Unit, str]], indexes: list[str]) -> 
               "unknown_caption_keys": unknown, "unknown_caption_keys_sample": sample,
               "rejects_file": REJECTS}
     with open(os.path.join(out, REPORT), "w") as f:
-        json.dump(report, f, indent=2)
+        json.dump(report, f, indent=2, allow_nan=False)
     return report
 
 

@@ -89,7 +89,7 @@ def build_part(opts: BuildOptions, i: int, n: int) -> dict:
                "fingerprint": ctx.fingerprint, "captions_db": ctx.captions.db, "options": options,
                "all_units": [u.name for u in units], "units": [asdict(u) for u, _ in placed]}
     with open(manifest + ".tmp", "w") as f:
-        json.dump(summary, f)
+        json.dump(summary, f, allow_nan=False)
     os.replace(manifest + ".tmp", manifest)
     return summary
 

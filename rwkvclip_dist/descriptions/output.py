@@ -107,7 +107,7 @@ class JsonlAppender:
             log.warning("%s: cannot lock (%s); make sure no other run writes this file", self.path, err.strerror)
 
     def write(self, row: dict[str, Any]) -> None:
-        line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+        line = (json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
         written = os.write(self._fd, line)
         if written != len(line):
             raise OSError(f"{self.path}: short write ({written} of {len(line)} bytes); is the disk full?")

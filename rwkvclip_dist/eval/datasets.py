@@ -61,7 +61,7 @@ def _decompressed_copy(src: Path, dst: Path) -> str:
         else:
             (dst / raw).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src / raw, dst / raw)
-    (dst / "index.json").write_text(json.dumps(index))
+    (dst / "index.json").write_text(json.dumps(index, allow_nan=False))
     return str(dst)
 
 
