@@ -60,13 +60,14 @@ def test_an_output_that_is_the_input_is_refused_and_nothing_changes(models, caps
     assert snapshot(models) == before
 
 
-def test_a_failed_verify_leaves_nothing_behind(models, tmp_path, capsys):
+def test_a_failed_verify_leaves_nothing_behind(models, tmp_path, capsys, caplog):
     """to-authors --accept-loss of a masked_mean model writes a file the authors' code runs with its own
     pooling: the verification fails (exit 1) and the unverified file is not left behind."""
     dst = tmp_path / "model_31.pt"
     assert convert(["to-authors", str(models / "masked.safetensors"), str(dst), "--accept-loss", "--verify"]) == 1
     err = capsys.readouterr().err
     assert "verify failed" in err and f"{dst} was not written" in err
+    assert "from-authors of the converted file cannot bring them back" in caplog.text
     assert list(tmp_path.iterdir()) == []
 
 

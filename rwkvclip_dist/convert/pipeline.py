@@ -8,6 +8,8 @@ Every path checks the complete key set and shapes against the target model befor
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from rwkvclip_dist.model.registry import get_model_config, list_models
 from rwkvclip_dist.parallel.tensor_parallel import split_dims
 from rwkvclip_dist.pretrained import load_model
 
+log = logging.getLogger(__name__)
 VERIFY_CAPTIONS = ["a photo of a cat sitting on a red sofa", "a diagram of an electronic circuit"]
 
 
@@ -141,6 +144,9 @@ def ours_to_authors(src: str | Path, dst: str | Path, released_dtypes: bool = Fa
         raise ValueError(f"{src}: the authors' layout cannot represent {settings} (their code fixes "
                          f"{', '.join(f'{k}={layout.AUTHORS_FIXED[k]!r}' for k in lost)}), so the converted file "
                          f"would compute other embeddings; pass --accept-loss to write it anyway")
+    if lost:
+        log.warning("%s: the authors' layout drops %s; from-authors of the converted file cannot bring them back "
+                    "(give --overrides '%s' to it)", src, lost, json.dumps(lost, allow_nan=False))
     state = load_state_dict_file(src)
     check_state_dict(expected_shapes(config), state, str(src))
     theirs = layout.to_authors(state, config.image.depth, config.text.depth, released_dtypes)
