@@ -313,7 +313,7 @@ def test_a_recipe_that_is_a_folder_names_it(tmp_path):
     from rwkvclip_dist.training.recipe import load_recipe
     from rwkvclip_dist.typed_config import ConfigError
 
-    with pytest.raises(ConfigError, match=rf"recipe {tmp_path}: is a directory; --recipe"):
+    with pytest.raises(ConfigError, match=rf"recipe {tmp_path}: is a directory; give the path of a text file"):
         load_recipe(tmp_path)
 
 

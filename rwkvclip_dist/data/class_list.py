@@ -4,6 +4,8 @@
 line shifts every label after it; a repeated name splits its class's score in two)."""
 from __future__ import annotations
 
+from rwkvclip_dist.cli import read_text_file
+
 
 class ClassListError(ValueError):
     """A class-list file that cannot give one name per label; the message names the file and line."""
@@ -12,15 +14,7 @@ class ClassListError(ValueError):
 def read_class_list(path: str, option: str = "class list") -> list[str]:
     """The class names of ``path``, in label order (trailing blank lines allowed); ``option`` names
     where the path was given (``--classes``) in the error."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            names = [line.strip() for line in f.read().splitlines()]
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{option} {path}: no such file") from None
-    except IsADirectoryError:
-        raise ClassListError(f"{option} {path}: is a directory; give a text file, one class name a line") from None
-    except UnicodeDecodeError as err:
-        raise ClassListError(f"{option} {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    names = [line.strip() for line in read_text_file(path, option, ClassListError).splitlines()]
     while names and not names[-1]:
         names.pop()
     first: dict[str, int] = {}

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from rwkvclip_dist.checkpoint.manager import CheckpointSection
+from rwkvclip_dist.cli import read_text_file
 from rwkvclip_dist.data.config import DataConfig
 from rwkvclip_dist.loss import LossSection
 from rwkvclip_dist.parallel.engine import ParallelSection
@@ -111,13 +112,9 @@ class Recipe:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = read_text_file(path, "recipe", ConfigError)
     except FileNotFoundError:
         raise ConfigError(f"recipe file {path} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"recipe {path}: is a directory; --recipe (and base:) name a YAML file") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"recipe {path}: not UTF-8 text ({err.reason} at byte {err.start}); is it a recipe?") from None
     data = load_strict(text, f"recipe {path}")  # a key given twice, yes/no, 010...: errors, not guesses
     if data is None:
         raise ConfigError(f"recipe {path}: the file is empty (no keys{', only comments' if text.strip() else ''}); "
