@@ -65,6 +65,21 @@ def run_tool(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace
         return 2
 
 
+def read_text_file(path: str | os.PathLike, what: str, error: type[Exception] = ValueError) -> str:
+    """The text of a file the user named; a missing file, a folder or bytes that are not UTF-8 become
+    one line naming ``what`` (``recipe``, ``--classes``), as ``error`` (``FileNotFoundError`` for a
+    missing one), instead of a raw ``[Errno 21]`` or a ``UnicodeDecodeError``."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise error(f"{what} {path}: is a directory; give the path of a text file") from None
+    except UnicodeDecodeError as err:
+        raise error(f"{what} {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
 def at_least(low: int) -> Callable[[str], int]:
     """An argparse ``type``: an integer >= ``low``."""
 

@@ -53,6 +53,10 @@ def _resolve_config(name: str | None, pretrained: str | Path | None, overrides: 
         if name is None:
             raise ValueError("create_model_and_transforms needs a model name or a pretrained file")
         return get_model_config(name, **overrides)
+    if Path(pretrained).suffix != ".safetensors":
+        raise ValueError(f"{pretrained}: pretrained files are this project's .safetensors (with their JSON config); "
+                         f"convert the authors' .pt with tools/convert_checkpoint.py from-authors, a training "
+                         f"checkpoint with from-zero")
     config = read_config(pretrained)
     if name is not None and name != config.name:
         raise ValueError(f"{pretrained} holds a {config.name!r} model, not {name!r}")

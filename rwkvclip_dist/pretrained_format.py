@@ -89,8 +89,8 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path, reco
         raise ValueError(f"{path}: a pretrained file must end in .safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
-    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(record)})
-    path.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(record, allow_nan=False)})
+    path.with_suffix(".json").write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
     return path
 
 

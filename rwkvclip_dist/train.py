@@ -14,7 +14,6 @@ The loop itself lives in ``rwkvclip_dist.training``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from rwkvclip_dist.cli import add_debug_flag, debug_requested, user_errors  # noqa: E402
+from rwkvclip_dist.outputs import strict_json  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
         recipe = load_recipe(args.recipe, args.overrides)
     metrics = run_training(recipe, Path(args.run_dir or Path("runs") / Path(args.recipe).stem), launch, debug)
     if launch.rank == 0:
-        print(json.dumps({k: v for k, v in metrics.items() if k != "evals"}), flush=True)
+        print(strict_json({k: v for k, v in metrics.items() if k != "evals"}), flush=True)
     return metrics
 
 

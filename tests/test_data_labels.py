@@ -66,9 +66,9 @@ def test_folder_labels_and_zeroshot_on_the_shards(folder, tmp_path):
     images = ImageFolder(str(folder), transform=tf)
     from_folder = {os.path.splitext(os.path.relpath(p, folder))[0]: i for i, (p, _) in enumerate(images.samples)}
     for i in range(len(shards)):
-        image, label = shards[i]
-        want_image, want_label = images[from_folder[shards.sample(i)["key"]]]
-        assert label == want_label and torch.equal(image, want_image)
+        image, label, readable = shards[i]
+        want_image, want_label = images[from_folder[shards.dataset.sample(i)["key"]]]
+        assert readable == 1 and label == want_label and torch.equal(image, want_image)
 
 
 def test_class_list_orders_labels_and_names_bad_folders(folder, tmp_path, capsys):

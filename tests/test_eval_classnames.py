@@ -84,7 +84,7 @@ def test_evaluate_tool_on_a_wordnet_tree_and_its_refusal(tmp_path, model_file, c
     assert json.loads(out.read_text())["results"]["zeroshot"]["n"] == 6
     odd = _image_tree(tmp_path / "odd", ["n01440764", "n09999999"], per_class=1)
     assert main(["--model", str(model_file), "--task", "zeroshot", "--data", str(odd), "--templates", "imagenet",
-                 "--workers", "0", "--output", str(out)]) == 2
+                 "--workers", "0", "--output", str(tmp_path / "r2.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("evaluate.py: error: ") and "look like identifiers" in err[0]
 

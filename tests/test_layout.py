@@ -12,7 +12,7 @@ PACKAGE = REPO / "rwkvclip_dist"
 # Lower layers may not import higher ones. Imports inside functions count too: a hidden cycle is
 # still a cycle.
 LAYERS = [
-    {"typed_config", "cli"},
+    {"typed_config", "cli", "outputs", "strict_yaml"},
     {"model", "ops"},
     {"data", "descriptions"},
     {"parallel", "loss", "pretrained_format"},

@@ -88,7 +88,7 @@ def test_error_names_the_base_file_that_holds_the_bad_key(tmp_path):
 
 
 def test_command_line_errors(tmp_path):
-    path = write(tmp_path / "r.yaml", "")
+    path = write(tmp_path / "r.yaml", "{}\n")  # explicitly empty: all on the command line
     with pytest.raises(ConfigError, match="command line: optimizer.lrr"):
         load_recipe(path, ["optimizer.lrr=1"])
     with pytest.raises(ConfigError, match="train.steps.*expected an int"):

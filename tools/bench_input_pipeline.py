@@ -62,7 +62,7 @@ def _write_samples(tar, rng, sides, ids) -> None:
         Image.fromarray(img).save(buf, format="JPEG", quality=90)
         text = f"a synthetic gradient picture number {i} with colours {a:.2f} {b:.2f} {c:.2f}"
         for ext, data in (("jpg", buf.getvalue()), ("txt", text.encode()),
-                          ("json", json.dumps({"key": f"{i:06d}"}).encode())):
+                          ("json", json.dumps({"key": f"{i:06d}"}, allow_nan=False).encode())):
             info = tarfile.TarInfo(f"{i:06d}.{ext}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))

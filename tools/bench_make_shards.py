@@ -108,7 +108,7 @@ def child(args: argparse.Namespace) -> int:
     print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "imported_rss_mib": imported,
                       "load_s": loaded - start, "build_s": done - loaded, "written": report["written"],
-                      "unknown": report["unknown_caption_keys"]}))
+                      "unknown": report["unknown_caption_keys"]}, allow_nan=False))
     return 0
 
 
@@ -169,7 +169,7 @@ def parts_bench(args: argparse.Namespace, work: str) -> None:
             write_tar(path, [f"t{t}-{i:05d}" for i in range(args.samples_per_tar)], args.image_side, t)
     caps = os.path.join(work, "captions.jsonl")
     with open(caps, "w") as f:
-        f.write("".join(json.dumps({"key": f"t{t}-{i:05d}", "synthetic": f"caption {t} {i}"}) + "\n"
+        f.write("".join(json.dumps({"key": f"t{t}-{i:05d}", "synthetic": f"caption {t} {i}"}, allow_nan=False) + "\n"
                         for t in range(args.tars) for i in range(0, args.samples_per_tar, 2)))
     tool = [sys.executable, os.path.join(TOOLS, "make_shards.py")]
     common = ["--captions", caps, "--workers", "1"] + [a for t in tars for a in ("--input", t)]

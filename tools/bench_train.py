@@ -23,7 +23,6 @@ A case that runs out of GPU memory is recorded as OOM; any other error fails the
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,7 @@ import torch
 from rwkvclip_dist import create_model, ops
 from rwkvclip_dist.loss import ClipLoss
 from rwkvclip_dist.model.flops import forward_flops_per_sample
+from rwkvclip_dist.outputs import strict_json
 
 # Dense bf16 tensor-core peaks (datasheets, SXM parts); MFU is against these.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     print(table(results, title))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"device": gpu, "precision": precision, "peak_flops": peak, "steps": args.steps,
+        args.out.write_text(strict_json({"device": gpu, "precision": precision, "peak_flops": peak, "steps": args.steps,
                                         "results": [asdict(r) for r in results]}, indent=2) + "\n")
         print(f"written to {args.out}")
     if args.require_fused:

@@ -9,7 +9,14 @@
     # ours -> the authors' layout, to compare with their code
     python tools/convert_checkpoint.py to-authors b32.safetensors model_31.pt --verify
 
-``--verify`` exits with status 1 when the two sides' embeddings disagree (cosine below 0.999).
+``--verify`` exits with status 1 when the two sides' embeddings disagree (cosine below 0.999). The output
+is written under a temporary name and renamed into place only once converted (and verified): a failed
+conversion leaves nothing behind, and an output path that is the input is refused.
+
+``to-authors`` refuses a model with settings the authors' layout cannot carry (their code fixes the
+pooling and the norms' epsilons: ``text.pool: masked_mean``, say) unless ``--accept-loss``; such a
+file, converted back with ``from-authors``, has the authors' settings, not the dropped ones (give
+them again with ``--overrides``).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from pathlib import Path
 
 from rwkvclip_dist.cli import run_tool
 from rwkvclip_dist.convert import pipeline
+from rwkvclip_dist.outputs import Staged, check_apart, check_file_path
 from rwkvclip_dist.pretrained_format import DTYPES, parse_dtype
 
 VERIFY_MIN_COSINE = 0.999  # bf16 rounding of a trained model stays above 0.9999; a wrong architecture is far below
@@ -59,32 +67,50 @@ def build_parser() -> argparse.ArgumentParser:
         if command == "to-authors":
             p.add_argument("--released-dtypes", action="store_true",
                            help="bf16 text decays and fp32 lerps as in the released files (rounds; not bit-exact)")
+            p.add_argument("--accept-loss", action="store_true",
+                           help="write a model whose settings the authors' layout cannot carry (e.g. text.pool "
+                                "masked_mean): their code will run it with its own fixed values")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    check_apart(args.dst, "dst", {"src": args.src})
+    check_file_path(args.dst, "dst")
+    if args.command != "to-authors" and args.dst.suffix != ".safetensors":
+        raise ValueError(f"dst {args.dst}: a pretrained file must end in .safetensors")
+    # Written under a temporary name, renamed into place only once converted (and verified).
+    with Staged(args.dst, sidecars=(".json",) if args.command != "to-authors" else ()) as staged:
+        status, what = _convert(args, staged.path)
+        if status == 0:
+            staged.commit()
+            print(f"wrote {args.dst} ({what})")
+    return status
+
+
+def _convert(args: argparse.Namespace, dst: Path) -> tuple[int, str]:
+    """Convert into ``dst``; ``(exit status, description of the file)``."""
     if args.command == "from-authors":
-        config, theirs = pipeline.authors_to_ours(args.src, args.dst, args.model, parse_dtype(args.dtype), args.overrides)
-        print(f"wrote {args.dst} ({config.name}, {args.dtype})")
-        report = pipeline.verify_authors(args.dst, theirs) if args.verify else None
+        config, theirs = pipeline.authors_to_ours(args.src, dst, args.model, parse_dtype(args.dtype), args.overrides)
+        what = f"{config.name}, {args.dtype}"
+        report = pipeline.verify_authors(dst, theirs) if args.verify else None
     elif args.command == "from-zero":
-        config, state = pipeline.zero_to_ours(args.src, args.dst, args.model, parse_dtype(args.dtype),
+        config, state = pipeline.zero_to_ours(args.src, dst, args.model, parse_dtype(args.dtype),
                                               args.overrides, args.tag)
-        print(f"wrote {args.dst} ({config.name}, {args.dtype})")
-        report = pipeline.verify_state(args.dst, state, config) if args.verify else None
+        what = f"{config.name}, {args.dtype}"
+        report = pipeline.verify_state(dst, state, config) if args.verify else None
     else:
-        theirs = pipeline.ours_to_authors(args.src, args.dst, args.released_dtypes)
-        print(f"wrote {args.dst} (authors' layout, {len(theirs)} tensors)")
+        theirs = pipeline.ours_to_authors(args.src, dst, args.released_dtypes, args.accept_loss)
+        what = f"authors' layout, {len(theirs)} tensors"
         report = pipeline.verify_authors(args.src, theirs) if args.verify else None
     if report is None:
-        return 0
+        return 0, what
     print(report.line())
     if min(report.image_cosine, report.text_cosine) < VERIFY_MIN_COSINE:
-        print(f"convert_checkpoint.py: error: verify failed: {args.dst} does not compute what its source does "
-              f"(cosine below {VERIFY_MIN_COSINE})", file=sys.stderr)
-        return 1
-    return 0
+        print(f"convert_checkpoint.py: error: verify failed: the conversion of {args.src} does not compute what "
+              f"its source does (cosine below {VERIFY_MIN_COSINE}); {args.dst} was not written", file=sys.stderr)
+        return 1, what
+    return 0, what
 
 
 def main(argv: list[str] | None = None) -> int:

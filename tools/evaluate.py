@@ -8,7 +8,9 @@
     torchrun --nproc_per_node 8 tools/evaluate.py ...   # every rank encodes a shard; rank 0 writes
 
 ``--model`` is a pretrained .safetensors file (its JSON config gives the architecture) or a registry
-name (random init, for smoke tests). Results go to ``--output`` (JSON) and a table on stdout.
+name (random init, for smoke tests). Results go to ``--output`` (JSON; an existing file is replaced only
+with ``--overwrite``) and a table on stdout. An image that cannot be decoded is left out and counted
+(``unreadable_images`` in the results), not the end of the evaluation.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from rwkvclip_dist.cli import at_least, run_tool
+from rwkvclip_dist.outputs import check_apart, check_file_path, refuse_existing
 from rwkvclip_dist.eval.features import LoaderConfig
 from rwkvclip_dist.eval.linear_probe import LinearProbeConfig
 from rwkvclip_dist.eval.runner import TASKS, EvalConfig, Evaluator, format_table, write_results
@@ -46,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=at_least(1), default=64)
     p.add_argument("--workers", type=at_least(0), default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--output", default="eval_results.json")
+    p.add_argument("--output", default="eval_results.json", help="results JSON (an existing one needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     return p
 
 
@@ -83,6 +87,13 @@ def run(args: argparse.Namespace) -> int:
                         loader=LoaderConfig(args.batch_size, args.workers),
                         probe=LinearProbeConfig(backend=args.probe_backend, max_iter=args.probe_max_iter))
     config.check()  # a wrong path or template set fails now, not after the model has encoded the images
+    check_apart(args.output, "--output", {"--model": args.model if os.path.exists(args.model) else None,
+                                          "--data": args.data, "--train-data": args.train_data,
+                                          "--annotations": args.annotations, "--image-root": args.image_root,
+                                          "--classnames": args.classnames, "--templates": args.templates
+                                          if os.path.exists(args.templates) else None})
+    check_file_path(args.output, "--output")
+    refuse_existing(args.output, "--output", args.overwrite, "the results of an earlier evaluation")
     is_file = _pretrained_file(args.model)
     model, _, eval_tf = create_model_and_transforms(None if is_file else args.model,
                                                     pretrained=args.model if is_file else None, device=device)

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from rwkvclip_dist.outputs import strict_json
+
 
 def read_json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
         "failed_logs": {name: (out / "logs" / f"{name}.log").read_text(errors="replace").splitlines()[-60:]
                         for name in failed if (out / "logs" / f"{name}.log").is_file()},
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.json").write_text(strict_json(results, indent=2) + "\n")
 
     lines = ["", f"gpu_check ({mode} mode): {results['total_seconds']} s in all", "",
              "| step | result | seconds |", "|---|---|---:|"]

@@ -17,7 +17,8 @@ Labelled evaluation sets: ``--labels folder`` (ImageNet-style class subfolders) 
 Bad samples are skipped and counted per reason (OUT/build_report.json, OUT/build_rejects.jsonl).
 Exit status: 0 when samples were written (or a part/prepare step finished), 1 when nothing usable was
 written or parts are missing at merge, 2 for bad arguments. Re-running the same command resumes an
-interrupted build or part. Column contract and details: docs/data.md.
+interrupted build or part; another build into a folder that holds one is refused unless --overwrite.
+Column contract and details: docs/data.md.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None,
                    help="write a label column: 'folder' (class subfolders) or a CSV/parquet column name")
     p.add_argument("--classes", default=None, help="class list for --labels, one name a line in label order")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace another build found in --out (by default it is refused; the same build resumes)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--shard", default=None, metavar="I/N", help="build only part I of N into OUT/part-I-of-N")
     mode.add_argument("--merge", action="store_true", help="merge the N parts under OUT into one index")
@@ -70,16 +73,16 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{flag} {path!r}: no such file")
     opts = BuildOptions(inputs=args.input, out=args.out, captions=args.captions,
                         resize_max_side=args.resize_max_side, workers=args.workers,
-                        labels=args.labels, classes=args.classes)
+                        labels=args.labels, classes=args.classes, overwrite=args.overwrite)
     if args.size_limit is not None:
         opts.size_limit = args.size_limit
     try:
         if args.prepare:
-            print(json.dumps({"units": prepare(opts)}))
+            print(json.dumps({"units": prepare(opts)}, allow_nan=False))
             return 0
         if args.shard is not None:
             summary = build_part(opts, *parse_shard(args.shard))
-            print(json.dumps({k: summary[k] for k in ("part", "parts", "written", "rejected")}))
+            print(json.dumps({k: summary[k] for k in ("part", "parts", "written", "rejected")}, allow_nan=False))
             return 0
         report = merge_parts(args.out, args.workers, opts if args.input else None) if args.merge else build_shards(opts)
     except IncompleteBuild as e:
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: report[k] for k in ("written", "rejected_total", "rejected",
-                                             "unknown_caption_keys")}))
+                                             "unknown_caption_keys")}, allow_nan=False))
     if report["written"] == 0:
         print(f"make_shards: error: no usable sample was written; see {os.path.join(args.out, REPORT)}",
               file=sys.stderr)

@@ -45,7 +45,7 @@ def list_files(tag_dir: Path, marker: str) -> dict[str, int]:
 
 
 def write_manifest(tag_dir: Path, files: dict[str, int], write_text) -> None:
-    write_text(tag_dir / MANIFEST_FILE, json.dumps({"files": files, "bytes": sum(files.values())}, indent=1))
+    write_text(tag_dir / MANIFEST_FILE, json.dumps({"files": files, "bytes": sum(files.values())}, indent=1, allow_nan=False))
 
 
 def manifest_bytes(tag_dir: Path) -> int | None:

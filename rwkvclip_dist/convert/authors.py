@@ -39,6 +39,23 @@ _TOWERS = {
              [("emb.weight", "token_embed.weight")]),
 }
 _TEXT_BF16 = re.compile(r"^text_model\.blocks\.\d+\.att\.(time_decay|time_faaaa)$")
+# What the authors' code fixes rather than reads from the weights (reference_forward.py computes the
+# same): a model of ours that sets another value computes something their code does not.
+AUTHORS_FIXED = {"image.pool": "mean", "image.layer_norm_eps": 1e-5, "image.group_norm_eps": 1e-5,
+                 "text.pool": "paper", "text.layer_norm_eps": 1e-5, "text.group_norm_eps": 1e-5 * 8**2,
+                 "text.end_token_id": 49407}
+
+
+def unrepresentable(config) -> dict[str, object]:
+    """``{dotted key: value}`` of the settings of ``config`` (a ModelConfig) that the authors' layout
+    cannot carry: loading the converted file with their code would silently use their fixed value."""
+    found = {}
+    for dotted, theirs in AUTHORS_FIXED.items():
+        tower, name = dotted.split(".")
+        ours = getattr(getattr(config, tower), name)
+        if ours != theirs and not (isinstance(theirs, float) and abs(ours - theirs) <= 1e-12):
+            found[dotted] = ours
+    return found
 
 
 def key_map(image_depth: int, text_depth: int) -> list[tuple[str, str, bool]]:

@@ -8,6 +8,8 @@ Every path checks the complete key set and shapes against the target model befor
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from rwkvclip_dist.model.registry import get_model_config, list_models
 from rwkvclip_dist.parallel.tensor_parallel import split_dims
 from rwkvclip_dist.pretrained import load_model
 
+log = logging.getLogger(__name__)
 VERIFY_CAPTIONS = ["a photo of a cat sitting on a red sofa", "a diagram of an electronic circuit"]
 
 
@@ -100,6 +103,7 @@ def zero_to_ours(checkpoint_dir: str | Path, dst: str | Path, name: str | None =
     with it. Other ZeRO checkpoints take ``name`` or the registered model their shapes match."""
     from rwkvclip_dist.convert.zero import load_zero_checkpoint, trained_model
 
+    checkpoint_dir = checkpoint_folder(Path(checkpoint_dir))
     trained = trained_model(checkpoint_dir, tag)
     if trained is not None:
         given = (name or trained[0], overrides if overrides else trained[1])
@@ -117,9 +121,32 @@ def zero_to_ours(checkpoint_dir: str | Path, dst: str | Path, name: str | None =
     return config, state
 
 
-def ours_to_authors(src: str | Path, dst: str | Path, released_dtypes: bool = False) -> dict[str, torch.Tensor]:
-    """Writes our pretrained file in the authors' layout as a plain tensor dict (``torch.save``)."""
+def checkpoint_folder(path: Path) -> Path:
+    """The checkpoint folder of ``path``: itself, or the ``checkpoints/`` folder of a run directory
+    (the trainer's default place for them); a run directory whose checkpoints are elsewhere says so."""
+    if (path / "latest").exists() or not (path / "recipe.yaml").is_file():
+        return path
+    if (path / "checkpoints" / "latest").is_file():
+        return path / "checkpoints"
+    raise FileNotFoundError(f"{path} is a run directory without checkpoints/latest; pass the folder its recipe's "
+                            f"checkpoint.dir names")
+
+
+def ours_to_authors(src: str | Path, dst: str | Path, released_dtypes: bool = False,
+                    accept_loss: bool = False) -> dict[str, torch.Tensor]:
+    """Writes our pretrained file in the authors' layout as a plain tensor dict (``torch.save``).
+    A model with settings the layout cannot carry (:func:`authors.unrepresentable`) is refused unless
+    ``accept_loss``: their code would run it with its own fixed values and compute something else."""
     config = read_config(src)
+    lost = layout.unrepresentable(config)
+    if lost and not accept_loss:
+        settings = ", ".join(f"{k}={v!r}" for k, v in lost.items())
+        raise ValueError(f"{src}: the authors' layout cannot represent {settings} (their code fixes "
+                         f"{', '.join(f'{k}={layout.AUTHORS_FIXED[k]!r}' for k in lost)}), so the converted file "
+                         f"would compute other embeddings; pass --accept-loss to write it anyway")
+    if lost:
+        log.warning("%s: the authors' layout drops %s; from-authors of the converted file cannot bring them back "
+                    "(give --overrides '%s' to it)", src, lost, json.dumps(lost, allow_nan=False))
     state = load_state_dict_file(src)
     check_state_dict(expected_shapes(config), state, str(src))
     theirs = layout.to_authors(state, config.image.depth, config.text.depth, released_dtypes)

@@ -30,14 +30,12 @@ from tqdm import tqdm
 from rwkvclip_dist.data.captions import CaptionLookup, CaptionTable, index_captions, index_path
 from rwkvclip_dist.data.columns import COMPRESSION, DEFAULT_SIZE_LIMIT, columns
 from rwkvclip_dist.data.dedup import later_duplicates
+from rwkvclip_dist.data.build_record import REJECTS, REPORT, STATE_DIR, claim_output
 from rwkvclip_dist.data.labels import Labeller, LabelOptions
 from rwkvclip_dist.data.sources import Unit, discover_units, read_unit
 from rwkvclip_dist.data.validate import REASONS, ImageOptions, Rejected, to_row
 
 log = logging.getLogger(__name__)
-STATE_DIR = ".build"
-REPORT = "build_report.json"
-REJECTS = "build_rejects.jsonl"
 
 
 @dataclass
@@ -53,12 +51,13 @@ class BuildOptions:
     jpeg_quality: int = 95
     labels: str | None = None     # "folder" or a table column: write a ``label`` column (labels.py)
     classes: str | None = None    # class-list file for ``labels``
+    overwrite: bool = False       # replace another build in ``out`` (build_record.py)
 
     def fingerprint(self) -> str:
         """Changes when a finished unit would come out differently (so it must be rebuilt)."""
         caps = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in self.captions]
         labels = self.label_options().fingerprint() if self.labels else None
-        key = json.dumps([self.resize_max_side, self.size_limit, self.jpeg_quality, caps, labels])
+        key = json.dumps([self.resize_max_side, self.size_limit, self.jpeg_quality, caps, labels], allow_nan=False)
         return hashlib.sha1(key.encode()).hexdigest()
 
     def label_options(self) -> LabelOptions | None:
@@ -85,8 +84,12 @@ def open_captions(opts: BuildOptions) -> CaptionTable:
     return CaptionTable(index_captions(opts.captions, db))
 
 
-def make_context(opts: BuildOptions, units: list[Unit], captions: CaptionLookup | None = None) -> Context:
+def make_context(opts: BuildOptions, units: list[Unit], captions: CaptionLookup | None = None,
+                 overwrite: bool = False) -> Context:
+    """Checks the label options, then claims ``opts.out`` for this build (build_record.py), before
+    anything is written there."""
     labeller = Labeller(opts.label_options(), units) if opts.labels else None  # checked before building
+    claim_output(opts, units, overwrite)
     return Context(opts, opts.fingerprint(), open_captions(opts) if captions is None else captions, labeller)
 
 
@@ -144,25 +147,25 @@ def build_unit(unit: Unit, root: str, exclude: frozenset[str] = frozenset()) -> 
                 # A truncated or damaged container: keep what was read, report the rest as lost.
                 counts["unreadable_input"] += 1
                 rej.write(json.dumps({"input": unit.path, "key": None, "reason": "unreadable_input",
-                                      "detail": f"{type(e).__name__}: {e}"}) + "\n")
+                                      "detail": f"{type(e).__name__}: {e}"}, allow_nan=False) + "\n")
                 break
             if s is None:
                 break
             caption = ctx.captions.get(s.key)
             if caption is not None:
-                hits_out.write(json.dumps(s.key) + "\n")
+                hits_out.write(json.dumps(s.key, allow_nan=False) + "\n")
             label = ctx.labeller.label(unit, s) if ctx.labeller is not None else None
             try:
                 if s.key in seen or s.key in exclude:
                     raise Rejected("duplicate_key", "key already used by an earlier sample")
                 seen.add(s.key)
                 w.write(to_row(s, caption, img_opts, label))
-                keys_out.write(json.dumps(s.key) + "\n")
+                keys_out.write(json.dumps(s.key, allow_nan=False) + "\n")
                 written += 1
             except Rejected as r:
                 counts[r.reason] += 1
                 rej.write(json.dumps({"input": s.source, "key": s.key, "reason": r.reason,
-                                      "detail": r.detail}) + "\n")
+                                      "detail": r.detail}, allow_nan=False) + "\n")
             pending += 1
             if pending >= 256:
                 _tick(pending)
@@ -172,7 +175,7 @@ def build_unit(unit: Unit, root: str, exclude: frozenset[str] = frozenset()) -> 
                "fingerprint": ctx.fingerprint, "exclude": sorted(exclude)}
     tmp = _state(root, unit, ".done.tmp")
     with open(tmp, "w") as f:
-        json.dump(summary, f)
+        json.dump(summary, f, allow_nan=False)
     os.replace(tmp, _state(root, unit, ".done"))  # atomic: a unit is done or it is not
     return summary
 
@@ -263,7 +266,7 @@ def finish(ctx: Context, placed: list[tuple[Unit, str]], indexes: list[str]) -> 
               "unknown_caption_keys": unknown, "unknown_caption_keys_sample": sample,
               "rejects_file": REJECTS}
     with open(os.path.join(out, REPORT), "w") as f:
-        json.dump(report, f, indent=2)
+        json.dump(report, f, indent=2, allow_nan=False)
     return report
 
 
@@ -279,8 +282,7 @@ def build_shards(opts: BuildOptions, captions: CaptionLookup | None = None) -> d
     ``captions`` replaces the on-disk caption table (the benchmark's in-memory baseline).
     """
     units = discover_units(opts.inputs)
-    os.makedirs(os.path.join(opts.out, STATE_DIR), exist_ok=True)
-    ctx = make_context(opts, units, captions)
+    ctx = make_context(opts, units, captions, opts.overwrite)
     placed = [(u, opts.out) for u in units]
     build_units(ctx, placed)
     return finish(ctx, placed, unit_indexes(ctx, placed))

@@ -36,7 +36,7 @@ class CaptionLookup(Protocol):
 
 def index_path(out: str, paths: list[str]) -> str:
     """Where the index of these caption files lives under ``out`` (named by their paths, sizes, mtimes)."""
-    ident = json.dumps([(os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)) for p in paths])
+    ident = json.dumps([(os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)) for p in paths], allow_nan=False)
     return os.path.join(out, f"captions-{hashlib.sha1(ident.encode()).hexdigest()[:16]}.sqlite")
 
 
@@ -85,7 +85,7 @@ def _lines(paths: list[str]) -> Iterable[tuple]:
                     raise ValueError(f"{path}:{n}: each line needs a string 'key'")
                 _check_field_types(obj, f"{path}:{n}")
                 seq += 1
-                yield (seq, obj["key"], *(json.dumps(obj[k]) if k in obj else None for k in FIELDS))
+                yield (seq, obj["key"], *(json.dumps(obj[k], allow_nan=False) if k in obj else None for k in FIELDS))
 
 
 def index_captions(paths: list[str], db: str) -> str:

@@ -92,7 +92,7 @@ def build_demo_data(out_dir: str) -> str:
             for row in _rows(split):
                 w.write(row)
     with open(os.path.join(out_dir, "zeroshot.json"), "w") as f:
-        json.dump({"classnames": CLASSNAMES, "templates": TEMPLATES}, f, indent=2)
+        json.dump({"classnames": CLASSNAMES, "templates": TEMPLATES}, f, indent=2, allow_nan=False)
     return out_dir
 
 

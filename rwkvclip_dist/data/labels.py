@@ -19,6 +19,7 @@ import numbers
 import os
 from dataclasses import dataclass
 
+from rwkvclip_dist.data.class_list import read_class_list
 from rwkvclip_dist.data.sources import RawSample, Unit
 
 
@@ -42,21 +43,8 @@ class LabelOptions:
 
 
 def read_classes(path: str) -> list[str]:
-    """One class name a line (trailing blank lines allowed); line N (from 1) is label N-1."""
-    with open(path, encoding="utf-8") as f:
-        names = [line.strip() for line in f.read().splitlines()]
-    while names and not names[-1]:
-        names.pop()
-    first: dict[str, int] = {}
-    for n, name in enumerate(names, 1):
-        if not name:
-            raise LabelError(f"--classes {path}:{n}: empty class name")
-        if name in first:
-            raise LabelError(f"--classes {path}:{n}: class {name!r} repeats line {first[name]}")
-        first[name] = n
-    if not names:
-        raise LabelError(f"--classes {path}: no class names")
-    return names
+    """The ``--classes`` file, read by the one class-list reader (data/class_list.py)."""
+    return read_class_list(path, "--classes")
 
 
 class Labeller:

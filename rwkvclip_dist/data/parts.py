@@ -48,8 +48,7 @@ def parse_shard(spec: str) -> tuple[int, int]:
 def prepare(opts: BuildOptions) -> int:
     """Check inputs and label options and index the captions; returns the number of input units."""
     units = discover_units(opts.inputs)
-    os.makedirs(os.path.join(opts.out, STATE_DIR), exist_ok=True)
-    make_context(opts, units)
+    make_context(opts, units, overwrite=opts.overwrite)
     return len(units)
 
 
@@ -85,12 +84,12 @@ def build_part(opts: BuildOptions, i: int, n: int) -> dict:
     build_units(ctx, placed)
     _write_part_index(ctx, root, placed)
     written, rejected = _tally(ctx, placed)
-    options = {f.name: getattr(opts, f.name) for f in fields(opts) if f.name not in ("out", "workers")}
+    options = {f.name: getattr(opts, f.name) for f in fields(opts) if f.name not in ("out", "workers", "overwrite")}
     summary = {"part": i, "parts": n, "written": written, "rejected": rejected,
                "fingerprint": ctx.fingerprint, "captions_db": ctx.captions.db, "options": options,
                "all_units": [u.name for u in units], "units": [asdict(u) for u, _ in placed]}
     with open(manifest + ".tmp", "w") as f:
-        json.dump(summary, f)
+        json.dump(summary, f, allow_nan=False)
     os.replace(manifest + ".tmp", manifest)
     return summary
 

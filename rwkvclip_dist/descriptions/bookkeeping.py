@@ -6,6 +6,7 @@ follow the same rules."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -14,11 +15,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from rwkvclip_dist.descriptions.output import JsonlAppender, recover
+from rwkvclip_dist.descriptions.output import JsonlAppender, first_row, recover
 from rwkvclip_dist.descriptions.sources import (
     Sample, ShardSpec, SourceFields, apply_joins, count_samples, iter_samples, load_joins,
 )  # fmt: skip
 from rwkvclip_dist.descriptions.tasks import Task
+from rwkvclip_dist.outputs import OutputError, check_apart, check_file_path
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ class RunConfig:
     killed process loses nothing; only a machine crash can lose the last interval, whose keys a
     rerun then simply generates again (per-row fsync caps a worker near 150 rows/s on a plain disk)."""
     progress: bool = True
+    overwrite: bool = False
+    """Replace an output written by another job (another step, model or prompt) instead of refusing."""
 
     @property
     def failures_path(self) -> Path:
@@ -78,9 +82,12 @@ class Recorder:
         self.task = task
         self.model = model
         self.stats = RunStats()
+        check_file_path(cfg.out, "--out")
+        check_apart(cfg.out, "--out", {"--input": cfg.input, **{f"--captions {p}": p for p in cfg.joins}})
         # Lock before recover(): the repair of a torn tail must not race another writer.
         self._out = JsonlAppender(cfg.out, cfg.fsync_interval_s, exclusive=True)
         try:
+            self._claim_output(model)
             self._done = recover(cfg.out)
         except ValueError:
             self._out.close()
@@ -93,6 +100,25 @@ class Recorder:
         )
         self._started = time.monotonic()
         self._last_postfix = 0.0
+
+    def _claim_output(self, model: str) -> None:
+        """Resume an output of this job (same step, model and prompt); another job's is refused unless
+        ``overwrite``, which empties it and its failures file."""
+        row = first_row(self.cfg.out)
+        mine = {"field": self.task.field, "model": model, "prompt_version": self.task.version}
+        if row is None or (self.task.field in row and row.get("model") == model
+                           and row.get("prompt_version") == self.task.version):
+            return
+        theirs = {"field": next((k for k in row if k not in ("key", "model", "prompt_version")), None),
+                  "model": row.get("model"), "prompt_version": row.get("prompt_version")}
+        if not self.cfg.overwrite:
+            raise OutputError(f"--out {self.cfg.out}: holds the rows of another job ({theirs}); this run writes "
+                              f"{mine}: run with that job's options to resume it, choose another --out, or pass "
+                              f"--overwrite to replace it")
+        log.warning("--overwrite: replacing %s (rows of %s)", self.cfg.out, theirs)
+        os.truncate(self.cfg.out, 0)
+        if self.cfg.failures_path.exists():
+            os.truncate(self.cfg.failures_path, 0)
 
     def pending(self) -> Iterator[Sample]:
         """Samples of this shard not yet written, each key once; the bar counts every input sample."""

@@ -45,6 +45,8 @@ def add_run_args(p: argparse.ArgumentParser, out_help: str, parts: str) -> None:
     p.add_argument("--offline-vllm", action="store_true", help="run vllm.LLM in-process instead of a server")
     p.add_argument("--batch-size", type=int, default=1024, help="prompts per vllm.LLM call (--offline-vllm)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per model (--offline-vllm)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --out written by another job (other step, model or prompt); the same job resumes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true")
 
@@ -90,7 +92,7 @@ def execute(args: argparse.Namespace, task: Task, joins: tuple[Path, ...] = ()) 
             raise ValueError(f"{flag} must be at least 1, got {value}")
     cfg = RunConfig(
         input=args.input, out=args.out, fields=parse_fields(args.field), shard=args.shard, joins=joins,
-        fsync_interval_s=args.fsync_interval, progress=not args.no_progress,
+        fsync_interval_s=args.fsync_interval, progress=not args.no_progress, overwrite=args.overwrite,
     )  # fmt: skip
     if args.offline_vllm:
         from rwkvclip_dist.descriptions.offline import OfflineConfig, run_offline

@@ -12,12 +12,16 @@ import json
 import logging
 import os
 import random
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 log = logging.getLogger(__name__)
+
+EARLY_FAILURES = 16
+"""Failed attempts, all of one kind and before any success, that stop a run (see ``_note_early_failure``)."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,8 @@ class ChatClient:
                 raise ServerError(f"--api-key-env {cfg.api_key_env}: that environment variable is empty or unset")
             headers["Authorization"] = f"Bearer {key}"
         self._headers = headers
+        self._answered = False
+        self._early_failures: Counter[str] = Counter()
 
     async def __aenter__(self) -> ChatClient:
         connector = aiohttp.TCPConnector(limit=self.cfg.concurrency)
@@ -153,12 +159,31 @@ class ChatClient:
         for attempt in range(self.cfg.max_retries + 1):
             try:
                 text, finish = await self._post(payload)
-                return ChatResult(text=text, finish_reason=finish, retries=attempt)
             except _Retryable as err:
+                self._note_early_failure(err.reason, err.detail)
                 if attempt == self.cfg.max_retries:
                     raise RequestFailed(err.reason, err.detail, attempts=attempt + 1) from err
                 await asyncio.sleep(self._backoff(attempt, err.retry_after))
+                continue
+            except RequestFailed as err:
+                self._note_early_failure(err.reason, err.detail)
+                raise
+            self._answered = True
+            return ChatResult(text=text, finish_reason=finish, retries=attempt)
         raise AssertionError("unreachable: the loop returns or raises")
+
+    def _note_early_failure(self, reason: str, detail: str) -> None:
+        """Before any request has succeeded, :data:`EARLY_FAILURES` attempts failing the same way mean
+        the server answers but cannot serve this run (not an OpenAI-compatible endpoint, a model that
+        rejects the requests): stop now, not after retrying every sample."""
+        if self._answered:
+            return
+        self._early_failures[reason] += 1
+        if len(self._early_failures) == 1 and self._early_failures[reason] >= EARLY_FAILURES:
+            raise ServerError(
+                f"{self.cfg.api_root}: the first {EARLY_FAILURES} requests all failed with {reason} ({detail[:120]}) "
+                f"and none succeeded; is it an OpenAI-compatible chat-completions server, and is --base-url right?"
+            )
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         cap = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2**attempt)

@@ -80,11 +80,11 @@ def export_instruct(
             if answer is None:
                 continue
             handle.write(",\n" if count else "")
-            handle.write(json.dumps(_record(fmt, prompt, prompt.render_input(sample), answer), ensure_ascii=False))
+            handle.write(json.dumps(_record(fmt, prompt, prompt.render_input(sample), answer), ensure_ascii=False, allow_nan=False))
             count += 1
         handle.write("\n]\n")
     info_path = directory / "dataset_info.json"
     info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.exists() else {}
     info[name] = _dataset_info(fmt, data_path.name)
-    info_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    info_path.write_text(json.dumps(info, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return data_path, count

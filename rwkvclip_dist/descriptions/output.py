@@ -52,6 +52,20 @@ def recover(path: str | Path) -> set[str]:
     return done
 
 
+def first_row(path: str | Path) -> dict | None:
+    """The first complete row of ``path`` (None if it has none): what job wrote the file."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with path.open("rb") as handle:
+        line = handle.readline()
+    try:
+        row = json.loads(line) if line.endswith(b"\n") else None
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
 def _add_key(done: set[str], line: bytes, where: str) -> None:
     if not line.strip():
         return
@@ -93,7 +107,7 @@ class JsonlAppender:
             log.warning("%s: cannot lock (%s); make sure no other run writes this file", self.path, err.strerror)
 
     def write(self, row: dict[str, Any]) -> None:
-        line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+        line = (json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
         written = os.write(self._fd, line)
         if written != len(line):
             raise OSError(f"{self.path}: short write ({written} of {len(line)} bytes); is the disk full?")

@@ -20,6 +20,8 @@ import json
 import re
 from pathlib import Path
 
+from rwkvclip_dist.data.class_list import read_class_list
+
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 WORDNET_ID = re.compile(r"n\d{8}")
 # WordNet ids, codes with a long digit run, "class_7"-style labels and bare numbers of two digits or
@@ -79,14 +81,17 @@ def load_class_prompts(spec: str | Path) -> dict:
     return data
 
 
-def class_names(prompts: dict, folder_names: list[str] | None, classnames_file: str | None, data: str) -> list[str]:
+def class_names(prompts: dict, folder_names: list[str] | None, classnames_file: str | None, data: str,
+                labels: list[int] | None = None) -> list[str]:
     """The class names of a zero-shot evaluation on ``data``, in label order: a text file (one per
-    line) if given; else the template set's ``classnames`` (picked by WordNet id for a WordNet-id
-    folder tree when the set carries the ids); else the image folder's sub-folder names, with
-    ImageNet-1k names for WordNet ids. Names that look like identifiers are refused."""
+    line, read by the one class-list reader) if given; else the template set's ``classnames`` (picked
+    by WordNet id for a WordNet-id folder tree when the set carries the ids); else the image folder's
+    sub-folder names, with ImageNet-1k names for WordNet ids. Names that look like identifiers, a file
+    with blank or repeated lines, and a count that differs from the set's classes (its folders, or ``labels`` 0..N-1 of a
+    labelled MDS set) are refused."""
     wordnet_folders = folder_names is not None and any(WORDNET_ID.fullmatch(n) for n in folder_names)
     if classnames_file:
-        names = [line.strip() for line in Path(classnames_file).read_text().splitlines() if line.strip()]
+        names = read_class_list(classnames_file, "class-names file")
         source = f"class-names file {classnames_file}"
     elif prompts.get("classnames") and not (wordnet_folders and prompts.get("wordnet_ids")):
         names, source = list(prompts["classnames"]), f"template set {prompts.get('path', '?')}"
@@ -100,6 +105,10 @@ def class_names(prompts: dict, folder_names: list[str] | None, classnames_file: 
         raise ValueError(f"{data}: no class names (give a class-names file or a template set with 'classnames')")
     if folder_names is not None and len(names) != len(folder_names):
         raise ValueError(f"{len(names)} class names ({source}) for {len(folder_names)} class folders in {data}")
+    if labels is not None and labels:
+        if min(labels) < 0 or max(labels) + 1 != len(names):
+            raise ValueError(f"{data}: its labels run {min(labels)}..{max(labels)} ({max(labels) + 1} classes) but "
+                             f"there are {len(names)} class names ({source}); give the class list of this set")
     odd = [n for n in names if _IDENTIFIER.fullmatch(n.strip())]
     if odd:
         raise ValueError(f"{data}: {len(odd)} of {len(names)} class names ({source}) look like identifiers, not "

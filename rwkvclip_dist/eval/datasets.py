@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import io
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ from streaming.base.compression import decompress
 from streaming.base.format import reader_from_json
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
+
+log = logging.getLogger(__name__)
 
 
 class MDSLabelledImages(Dataset):
@@ -76,12 +79,40 @@ class MDSLabelledImages(Dataset):
         return self.transform(image), int(sample["label"])
 
 
-def open_labelled_images(path: str | Path, transform) -> tuple[Dataset, list[str] | None]:
+class SkipUnreadable(Dataset):
+    """``(image, label, readable)`` of ``dataset``: an image that cannot be decoded (a corrupt or
+    non-image file among good ones) becomes a blank stand-in with ``readable`` 0, which
+    :func:`~rwkvclip_dist.eval.features.image_features` leaves out and counts, instead of one bad file
+    ending the evaluation."""
+
+    def __init__(self, dataset: Dataset, transform, name: str) -> None:
+        self.dataset, self.transform, self.name = dataset, transform, name
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def labels(self) -> list[int]:
+        """Every sample's label, without decoding an image."""
+        if isinstance(self.dataset, ImageFolder):
+            return list(self.dataset.targets)
+        return [int(self.dataset.sample(i)["label"]) for i in range(len(self.dataset))]
+
+    def __getitem__(self, index: int):
+        try:
+            image, label = self.dataset[index]
+            return image, label, 1
+        except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+            label = self.dataset.targets[index] if isinstance(self.dataset, ImageFolder) else -1
+            log.warning("%s: sample %d: unreadable image, left out (%s)", self.name, index, err)
+            return self.transform(Image.new("RGB", (32, 32))), label, 0
+
+
+def open_labelled_images(path: str | Path, transform) -> tuple[SkipUnreadable, list[str] | None]:
     """``(dataset, folder class names or None)``; MDS shards carry no class names."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"evaluation data {path} is not a directory")
     if (path / "index.json").is_file():
-        return MDSLabelledImages(path, transform), None
+        return SkipUnreadable(MDSLabelledImages(path, transform), transform, str(path)), None
     folder = ImageFolder(str(path), transform=transform)
-    return folder, [c.replace("_", " ") for c in folder.classes]
+    return SkipUnreadable(folder, transform, str(path)), [c.replace("_", " ") for c in folder.classes]

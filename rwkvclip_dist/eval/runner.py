@@ -6,7 +6,6 @@ reads that data set (zero-shot and the linear probe's test split). All ranks com
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from rwkvclip_dist.eval.linear_probe import LinearProbeConfig, linear_probe
 from rwkvclip_dist.eval.retrieval import retrieval_recall
 from rwkvclip_dist.eval.retrieval_data import ImageListDataset, load_retrieval_annotations
 from rwkvclip_dist.eval.zeroshot import encode_texts, zeroshot_scores
+from rwkvclip_dist.outputs import write_json
 
 TASKS = ("zeroshot", "retrieval", "linear_probe")
 
@@ -67,6 +67,9 @@ class EvalConfig:
                     raise FileNotFoundError(f"{flag} {value}: no such file or directory")
         if "zeroshot" in self.tasks:
             load_class_prompts(self.templates)
+            if self.classnames and Path(self.classnames).is_dir():
+                raise IsADirectoryError(f"--classnames {self.classnames}: is a directory; give a text file, one "
+                                        f"class name a line")
             if self.classnames and not Path(self.classnames).is_file():
                 raise FileNotFoundError(f"--classnames {self.classnames}: no such file")
 
@@ -78,9 +81,13 @@ class Evaluator:
         self.config, self.device = config, device
         self._datasets: dict[str, tuple[torch.utils.data.Dataset, list[str] | None]] = {}
         self._features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.unreadable: dict[str, int] = {}
+        """Images of each data set that could not be decoded and were left out (reported in the results)."""
         if "zeroshot" in config.tasks:  # class names are settled before any image is encoded
             self.prompts = load_class_prompts(config.templates)
-            self.classnames = class_names(self.prompts, self._open(config.data)[1], config.classnames, str(config.data))
+            dataset, folder_names = self._open(config.data)
+            self.classnames = class_names(self.prompts, folder_names, config.classnames, str(config.data),
+                                          None if folder_names is not None else dataset.labels())
 
     def _open(self, path: str):
         if path not in self._datasets:
@@ -92,7 +99,8 @@ class Evaluator:
             raise ValueError(f"{what} needs a data directory")
         if path not in self._features:
             self._features[path] = image_features(self.model, self._open(path)[0], self.config.loader, self.device,
-                                                  desc=f"features {Path(path).name}")
+                                                  desc=f"features {Path(path).name}",
+                                                  on_unreadable=lambda n: self.unreadable.__setitem__(path, n))
         return self._features[path]
 
     def zeroshot(self) -> dict:
@@ -101,12 +109,14 @@ class Evaluator:
         result = zeroshot_scores(self.model, feats, labels, self.classnames, templates, self.tokenizer,
                                  self.device, self.config.text_batch_size)
         metric = self.prompts.get("metric", "top1")
-        return {"metric": metric, "score": result[metric], **result, "n_templates": len(templates)}
+        return {"metric": metric, "score": result[metric], **result, "n_templates": len(templates),
+                "unreadable_images": self.unreadable.get(self.config.data, 0)}
 
     def linear_probe(self) -> dict:
         train_feats, train_labels = self.labelled_features(self.config.train_data, "linear_probe (train)")
         test_feats, test_labels = self.labelled_features(self.config.data, "linear_probe (test)")
-        return linear_probe(train_feats, train_labels, test_feats, test_labels, self.config.probe)
+        return {**linear_probe(train_feats, train_labels, test_feats, test_labels, self.config.probe),
+                "unreadable_images": sum(self.unreadable.get(p, 0) for p in {self.config.train_data, self.config.data})}
 
     def retrieval(self) -> dict:
         if not self.config.annotations or not self.config.image_root:
@@ -150,4 +160,4 @@ def write_results(results: dict, config: EvalConfig, path: str | Path, model_nam
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"model": model_name, "config": asdict(config), "results": results}, indent=1) + "\n")
+    write_json(path, {"model": model_name, "config": asdict(config), "results": results}, indent=1)

@@ -62,6 +62,30 @@ def checkpoint_directory(recipe: Recipe, run_dir: Path) -> Path:
     return Path(recipe.checkpoint.dir) if recipe.checkpoint.dir else run_dir / "checkpoints"
 
 
+class RunComplete(Exception):
+    """The run directory holds a finished run: nothing to do, nothing to write."""
+
+
+def check_run_directory(recipe: Recipe, run_dir: Path) -> None:
+    """Before anything is written to the run directory: a run that starts over
+    (``checkpoint.resume: false``) where an earlier run's checkpoints are is refused
+    (``CheckpointError``); a run started again after it finished (its newest checkpoint at
+    ``train.steps`` or past it, and its ``metrics.json`` written) raises :class:`RunComplete`."""
+    for what, folder in (("--run-dir", run_dir), ("checkpoint.dir", checkpoint_directory(recipe, run_dir))):
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"{what} {folder}: is a file; a run's {what.strip('-')} is a folder")
+    checkpoints = CheckpointManager(checkpoint_directory(recipe, run_dir))
+    if not recipe.checkpoint.resume:
+        checkpoints.refuse_to_overwrite()
+        return
+    tag = checkpoints.latest_tag()
+    step = checkpoints.read_record(tag).step if tag is not None else None
+    if step is not None and step >= recipe.train.steps and (run_dir / "metrics.json").is_file():
+        raise RunComplete(f"the run in {run_dir} is complete at step {step} (checkpoint "
+                          f"{checkpoints.directory / tag}, train.steps={recipe.train.steps}); nothing to do, "
+                          f"nothing changed (raise train.steps to train on)")
+
+
 def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: torch.device,
                      evals: list[ZeroShotTask]) -> Components:
     """``evals``: the opened in-loop evaluations (``training.evals.open_evaluations``)."""

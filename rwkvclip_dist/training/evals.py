@@ -83,7 +83,8 @@ class ZeroShotTask:
         try:
             self.dataset, folder_names = open_labelled_images(section.data, eval_transform(image_size))
             prompts = load_class_prompts(section.classes)
-            self.classnames = class_names(prompts, folder_names, section.classnames or None, section.data)
+            self.classnames = class_names(prompts, folder_names, section.classnames or None, section.data,
+                                          None if folder_names is not None else self.dataset.labels())
         except (OSError, ValueError) as err:
             # Not type(err)(...): UnicodeDecodeError's or FieldError's constructors take other arguments.
             raise ConfigError(f"{where}: {err}") from err

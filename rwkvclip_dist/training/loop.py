@@ -24,16 +24,19 @@ import torch
 from rwkvclip_dist import ops
 from rwkvclip_dist.checkpoint.manager import CheckpointManager
 from rwkvclip_dist.checkpoint.record import RunRecord, installed_versions
+from rwkvclip_dist.data.remote_check import check_s3_streams
 from rwkvclip_dist.data.dataset import STAND_IN
 from rwkvclip_dist.eval.distributed import sharded_over
 from rwkvclip_dist.model.flops import forward_flops_per_sample
 from rwkvclip_dist.model.registry import get_model_config
+from rwkvclip_dist.outputs import write_json
 from rwkvclip_dist.parallel import collectives
 from rwkvclip_dist.parallel.engine import clamp_parameter_, init_distributed
 from rwkvclip_dist.parallel.groups import check_world_size
 from rwkvclip_dist.parallel.launch_env import LaunchEnv
 from rwkvclip_dist.training.accumulation import contrastive_step, split_micro_batches
-from rwkvclip_dist.training.components import Components, build_components, checkpoint_directory
+from rwkvclip_dist.training.components import (Components, build_components, check_run_directory,
+                                               checkpoint_directory)
 from rwkvclip_dist.training.evals import ZeroShotTask, open_evaluations
 from rwkvclip_dist.training.metrics import TrainLogger
 from rwkvclip_dist.training.ownership import LauncherWatch, run_directories_locked
@@ -87,6 +90,8 @@ def start_run(recipe: Recipe, run_dir: Path, launch: LaunchEnv) -> "Trainer":
     if recipe.checkpoint.resume:  # before any engine: another model would be trained on these weights
         CheckpointManager(checkpoint_dir).check_resumable(recipe.parallel.tensor_parallel, model_config,
                                                          recipe.model.name, recipe.model.overrides)
+    check_run_directory(recipe, run_dir)  # refused or finished: before anything is written
+    check_s3_streams(recipe.data.streams)
     device = setup_process(launch)
     # Evaluation data and class names are opened before any process group starts: a mistake there
     # stops every rank at once with its message, not after the engine is built.
@@ -263,6 +268,6 @@ class Trainer:
         if state.evals:
             metrics.update(state.evals[max(state.evals, key=int)])
         if self.is_main:
-            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            write_json(self.run_dir / "metrics.json", metrics)  # strict: a NaN final_loss is null
         collectives.barrier()
         return metrics

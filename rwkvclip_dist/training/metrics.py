@@ -6,7 +6,6 @@ Throughput figures are averaged over the window since the previous summary line.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -14,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rwkvclip_dist.outputs import strict_json
 from rwkvclip_dist.typed_config import FieldError
 
 log = logging.getLogger("rwkvclip_dist.training")
@@ -103,7 +103,7 @@ class TrainLogger:
                   "skipped": skipped}
         if masked:
             record["masked"] = masked  # stand-ins for undecodable samples, left out of the loss
-        self.loss_log.write(json.dumps(record) + "\n")
+        self.loss_log.write(strict_json(record) + "\n")  # a non-finite loss is null: still JSON
         self.loss_log.flush()
         if self.bar is not None:
             self.bar.update(1)
@@ -127,7 +127,10 @@ class TrainLogger:
         self.write_scalars(step, scalars)
         mfu = f" mfu {scalars['perf/mfu']:.1%}" if "perf/mfu" in scalars else ""
         gnorm = f" gnorm {grad_norm:.3f}" if grad_norm is not None else ""
-        self.message(f"step {step}/{self.total_steps} loss {scalars['train/loss']:.4f} lr {lr:.3g} "
+        # The line's loss is the window's mean; loss_log.jsonl has each step's own, so the line says which.
+        n = len(self._window_losses)
+        what = "loss" if n == 1 else f"loss (mean of the last {n} steps)" if n else "loss (no finite step)"
+        self.message(f"step {step}/{self.total_steps} {what} {scalars['train/loss']:.4f} lr {lr:.3g} "
                      f"scale {logit_scale:.2f}{gnorm} | {samples_per_s:.1f} samples/s "
                      f"data wait {scalars['perf/data_wait_fraction']:.0%}{mfu}")
         self._reset_window()

@@ -20,12 +20,14 @@ from typing import Any
 import yaml
 
 from rwkvclip_dist.checkpoint.manager import CheckpointSection
+from rwkvclip_dist.cli import read_text_file
 from rwkvclip_dist.data.config import DataConfig
 from rwkvclip_dist.loss import LossSection
 from rwkvclip_dist.parallel.engine import ParallelSection
 from rwkvclip_dist.training.evals import EvalSection, ZeroShotEvalSection
 from rwkvclip_dist.training.metrics import LoggingSection
 from rwkvclip_dist.training.optim import OptimizerSection
+from rwkvclip_dist.strict_yaml import load_strict
 from rwkvclip_dist.training.schedule import ScheduleSection
 from rwkvclip_dist.typed_config import (ConfigError, FieldError, FileOrigin, build_dataclass, parse_override,
                                         to_plain)
@@ -110,15 +112,13 @@ class Recipe:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = read_text_file(path, "recipe", ConfigError)
     except FileNotFoundError:
         raise ConfigError(f"recipe file {path} does not exist") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"recipe {path}: invalid YAML: {err}") from None
+    data = load_strict(text, f"recipe {path}")  # a key given twice, yes/no, 010...: errors, not guesses
     if data is None:
-        return {}
+        raise ConfigError(f"recipe {path}: the file is empty (no keys{', only comments' if text.strip() else ''}); "
+                          f"write {{}} for a recipe given wholly on the command line")
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path}: the top level must be a mapping, got {type(data).__name__}")
     return data

@@ -12,6 +12,7 @@ DeepSpeed's) may wait on the dead rank forever.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -22,6 +23,7 @@ from rwkvclip_dist.checkpoint.integrity import CheckpointError
 from rwkvclip_dist.cli import user_errors
 from rwkvclip_dist.parallel.failures import EXIT_PEER_LOST, is_peer_loss, peer_loss_message
 from rwkvclip_dist.parallel.launch_env import LaunchEnv
+from rwkvclip_dist.training.components import RunComplete
 from rwkvclip_dist.training.ownership import RunDirectoryBusy
 from rwkvclip_dist.training.recipe import Recipe
 
@@ -40,6 +42,10 @@ def run_training(recipe: Recipe, run_dir: Path, launch: LaunchEnv, debug: bool =
         with user_errors("train.py", debug):  # setup: evaluation data, checkpoint compatibility...
             trainer = start_run(recipe, run_dir, launch)
         metrics = trainer.run()
+    except RunComplete as done:
+        if launch.rank == 0:
+            print(f"train.py: {done}", file=sys.stderr, flush=True)
+        return json.loads((run_dir / "metrics.json").read_text())
     except RunDirectoryBusy as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BUSY)
