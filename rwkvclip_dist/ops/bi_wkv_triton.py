@@ -6,8 +6,9 @@ Returns [B, T, H, N] in the input dtype; state and sums are fp32. Differentiable
 with a fake implementation, so torch.compile and activation checkpointing trace it.
 
 It runs on GPUs (NVIDIA, and AMD under ROCm) and, under Triton's interpreter (``TRITON_INTERPRET=1``),
-on CPU tensors: CI executes the very kernels a GPU runs. The interpreter is chosen when a kernel is
-first launched, so setting the variable before the first call is enough.
+on CPU tensors: CI executes the very kernels a GPU runs. Triton reads the variable when it is
+imported (its own library functions are compiled or interpreted from then on), so it must be set
+before the process starts; ``unavailable_reason`` says so when it was set later.
 
 Form (the chunked linear-attention form of flash-linear-attention's RWKV-6 kernels, with exact
 exponents): one program per (batch * head, direction, key block, value block) sweeps chunks of
@@ -53,11 +54,19 @@ def unavailable_reason(device: torch.device | None = None) -> str:
         return "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)"
     if _mode and _mode[0] != interpreted():
         return "TRITON_INTERPRET changed after the kernels were first launched in this process"
+    if interpreted() and not _library_interpreted():
+        return "TRITON_INTERPRET=1 was set after triton was imported; set it before the process starts"
     if device.type == "cuda" and interpreted():
         return "TRITON_INTERPRET=1 is set: the interpreter runs CPU tensors only"
     if device.type not in ("cpu", "cuda"):
         return f"no Triton backend for {device.type} tensors"
     return ""
+
+
+def _library_interpreted() -> bool:
+    import triton.language as tl
+
+    return type(tl.zeros).__name__ == "InterpretedFunction"
 
 
 def is_available(device: torch.device | None = None) -> bool:

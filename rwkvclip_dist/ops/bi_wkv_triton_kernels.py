@@ -59,7 +59,7 @@ def forward_kernel(r, k, v, w, out, B, T, H: tl.constexpr, N: tl.constexpr, BT: 
     ok, ov = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
     slot = out + (direction * NB + i_k) * B * T * H * N
     state = tl.zeros([BK, BV], dtype=tl.float32)
-    for c in range(0, tl.cdiv(T, BT)):
+    for c in range(0, (T + BT - 1) // BT):
         tok, valid, rc, kc, vc, before, after, total, decay = _chunk(
             r, k, v, w, base, c, direction, T, H, N, BT, BK, ok, ov)
         scores = tl.sum(rc[:, None, :] * kc[None, :, :] * decay, axis=2)
@@ -93,7 +93,7 @@ def backward_kernel(r, k, v, w, grad, states, d_r, d_k, d_v, d_ld, B, T, H: tl.c
     slot_k = d_k + (direction * NB + i_v) * size
     slot_w = d_ld + (direction * NB + i_v) * size
     slot_v = d_v + (direction * NB + i_k) * size
-    n_chunks = tl.cdiv(T, BT)
+    n_chunks = (T + BT - 1) // BT
     program = (i_bh * 2 + direction) * NB * NB + i_kv
     at_state = states + program * n_chunks * BK * BV + tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
     # Forwards over the chunks: keep the state before each one.
