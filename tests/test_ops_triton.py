@@ -4,7 +4,8 @@ Forward and all five gradients against float64 (the direct formula for the outpu
 chunked path, itself checked against the formula and gradcheck in test_ops_bi_wkv.py, for the
 gradients), at small sizes because the interpreter is slow. Triton reads TRITON_INTERPRET when it is
 imported, which this test session has long done: the tests run in one child pytest process started
-with the variable set (``test_under_the_interpreter``), and are skipped in the parent.
+with the variable set (``test_under_the_interpreter``), and are skipped in the parent. On a GPU
+(tools/gpu_check.sh), ``test_on_the_gpu`` runs the compiled kernels against the same references.
 """
 from __future__ import annotations
 
@@ -128,3 +129,18 @@ def test_registered_path_under_compile_and_checkpointing(forced_triton):
         for a, b in zip(got, eager):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert ops.dispatch_counts()["triton"] >= 4 and ops.dispatch_counts()["chunked"] == 0
+
+
+@pytest.mark.skipif(CHILD or (not torch.cuda.is_available() and os.environ.get("RWKVCLIP_REQUIRE_GPU") != "1"),
+                    reason="needs a CUDA GPU (tools/gpu_check.sh sets RWKVCLIP_REQUIRE_GPU=1)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 16), (3, 197, 2, 64), (2, 77, 3, 80), (1, 600, 2, 128)])
+def test_on_the_gpu(shape, dtype):
+    inputs = [x.cuda() for x in random_inputs(*shape, dtype=dtype, seed=sum(shape))]
+    inputs[4] = inputs[4].float()
+    rounded = [x.double() for x in inputs]
+    grad = torch.randn(shape, device="cuda", dtype=torch.float64)
+    got = run(bi_wkv_triton, inputs, grad.to(dtype))
+    expected = run(bi_wkv_chunked, rounded, grad.to(dtype).double())
+    for name, a, b in zip(("y", "d r", "d k", "d v", "d w", "d u"), got, expected):
+        assert relative_error(a, b) <= TOLERANCE[dtype], name
