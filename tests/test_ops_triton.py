@@ -21,7 +21,7 @@ from rwkvclip_dist import ops
 from rwkvclip_dist.ops.bi_wkv_chunked import bi_wkv_chunked
 from rwkvclip_dist.ops.bi_wkv_reference import bi_wkv_float64
 from rwkvclip_dist.ops.bi_wkv_triton import bi_wkv_triton
-from test_ops_bi_wkv import random_inputs, relative_error
+from wkv_inputs import random_inputs, relative_error
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 5e-3}
 CHILD = os.environ.get("TRITON_INTERPRET") == "1"
@@ -36,7 +36,7 @@ def test_under_the_interpreter():
     env.pop("RWKVCLIP_BI_WKV", None)
     proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-x",
                            "--durations=5"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and " 10 passed" in proc.stdout, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 and " 9 passed" in proc.stdout, proc.stdout[-6000:] + proc.stderr[-3000:]
 
 
 @pytest.fixture
