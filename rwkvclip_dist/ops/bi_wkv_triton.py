@@ -81,6 +81,12 @@ def _jitted():
     return source.forward_kernel, source.backward_kernel
 
 
+def _precision() -> str:
+    """tl.dot's fp32 mode: three TF32 products (fp32 accuracy on the tensor cores) on NVIDIA GPUs;
+    plain fp32 under the interpreter and on AMD GPUs, whose Triton has no tf32x3."""
+    return "ieee" if interpreted() or torch.version.hip else "tf32x3"
+
+
 def _blocks(size: int) -> tuple[int, int]:
     block = min(MAX_BLOCK, max(16, 1 << (size - 1).bit_length()))
     return block, -(-size // block)
@@ -93,7 +99,7 @@ def _scan_forward(r, k, v, w):
     partial = r.new_zeros((2 * n_blocks, batch, tokens, heads, size), dtype=torch.float32)
     forward, _ = _jitted()
     forward[(n_blocks * n_blocks, 2, batch * heads)](
-        r, k, v, w, partial, batch, tokens, heads, size, CHUNK, block, block, n_blocks)
+        r, k, v, w, partial, batch, tokens, heads, size, CHUNK, block, block, n_blocks, _precision())
     return partial.view(2, n_blocks, batch, tokens, heads, size).sum(1)
 
 
@@ -107,7 +113,8 @@ def _scan_backward(r, k, v, w, grad):
     _, backward = _jitted()
     d_r, d_k, d_v, d_ld = parts
     backward[(n_blocks * n_blocks, 2, batch * heads)](
-        r, k, v, w, grad, states, d_r, d_k, d_v, d_ld, batch, tokens, heads, size, CHUNK, block, block, n_blocks)
+        r, k, v, w, grad, states, d_r, d_k, d_v, d_ld, batch, tokens, heads, size, CHUNK, block, block, n_blocks,
+        _precision())
     return [p.sum(0) for p in parts]
 
 

@@ -51,22 +51,23 @@ def _chunk(r, k, v, w, base, c, direction, T, H: tl.constexpr, N: tl.constexpr,
 
 @triton.jit
 def forward_kernel(r, k, v, w, out, B, T, H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, NB: tl.constexpr):
+                   BK: tl.constexpr, BV: tl.constexpr, NB: tl.constexpr,
+                   PRECISION: tl.constexpr):
     i_kv, direction, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_k, i_v = i_kv // NB, i_kv % NB
-    batch, head = i_bh // H, i_bh % H
+    batch, head = (i_bh // H).to(tl.int64), i_bh % H  # 64-bit offsets: tensors may pass 2^31 elements
     base = batch * T * H * N + head * N
     ok, ov = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
-    slot = out + (direction * NB + i_k) * B * T * H * N
+    slot = out + (direction * NB + i_k).to(tl.int64) * B * T * H * N
     state = tl.zeros([BK, BV], dtype=tl.float32)
     for c in range(0, (T + BT - 1) // BT):
         tok, valid, rc, kc, vc, before, after, total, decay = _chunk(
             r, k, v, w, base, c, direction, T, H, N, BT, BK, ok, ov)
         scores = tl.sum(rc[:, None, :] * kc[None, :, :] * decay, axis=2)
-        o = tl.dot(scores, vc, input_precision="ieee")
-        o += tl.dot(rc * tl.exp(before), state, input_precision="ieee")
+        o = tl.dot(scores, vc, input_precision=PRECISION)
+        o += tl.dot(rc * tl.exp(before), state, input_precision=PRECISION)
         tl.store(slot + base + tok[:, None] * H * N + ov[None, :], o, mask=valid[:, None] & (ov < N)[None, :])
-        state = state * tl.exp(total)[:, None] + tl.dot(tl.trans(kc * tl.exp(after)), vc, input_precision="ieee")
+        state = state * tl.exp(total)[:, None] + tl.dot(tl.trans(kc * tl.exp(after)), vc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -78,23 +79,24 @@ def _shift(x, rows, by: tl.constexpr):
 
 @triton.jit
 def backward_kernel(r, k, v, w, grad, states, d_r, d_k, d_v, d_ld, B, T, H: tl.constexpr, N: tl.constexpr,
-                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NB: tl.constexpr):
+                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NB: tl.constexpr,
+                    PRECISION: tl.constexpr):
     """d r, d k, d v and d(log decay), each summed over the pairs of one (direction, key block,
     value block); ``states`` is scratch for the state before each chunk, [programs, chunks, BK, BV]."""
     i_kv, direction, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_k, i_v = i_kv // NB, i_kv % NB
-    batch, head = i_bh // H, i_bh % H
+    batch, head = (i_bh // H).to(tl.int64), i_bh % H  # 64-bit offsets: tensors may pass 2^31 elements
     base = batch * T * H * N + head * N
     rows = tl.arange(0, BT)
     ok, ov = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
     mk, mv = ok < N, ov < N
-    size = B * T * H * N
+    size = (batch * 0 + B) * T * H * N  # in 64 bits, as batch is (B may arrive as a constant)
     slot_r = d_r + (direction * NB + i_v) * size
     slot_k = d_k + (direction * NB + i_v) * size
     slot_w = d_ld + (direction * NB + i_v) * size
     slot_v = d_v + (direction * NB + i_k) * size
     n_chunks = (T + BT - 1) // BT
-    program = (i_bh * 2 + direction) * NB * NB + i_kv
+    program = ((i_bh * 2 + direction) * NB * NB + i_kv).to(tl.int64)
     at_state = states + program * n_chunks * BK * BV + tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
     # Forwards over the chunks: keep the state before each one.
     state = tl.zeros([BK, BV], dtype=tl.float32)
@@ -102,7 +104,7 @@ def backward_kernel(r, k, v, w, grad, states, d_r, d_k, d_v, d_ld, B, T, H: tl.c
         tok, valid, rc, kc, vc, before, after, total, decay = _chunk(
             r, k, v, w, base, c, direction, T, H, N, BT, BK, ok, ov)
         tl.store(at_state + c * BK * BV, state)
-        state = state * tl.exp(total)[:, None] + tl.dot(tl.trans(kc * tl.exp(after)), vc, input_precision="ieee")
+        state = state * tl.exp(total)[:, None] + tl.dot(tl.trans(kc * tl.exp(after)), vc, input_precision=PRECISION)
     # Backwards over the chunks, with the gradient arriving from the future.
     future = tl.zeros([BK, BV], dtype=tl.float32)
     for i in range(0, n_chunks):
@@ -112,15 +114,15 @@ def backward_kernel(r, k, v, w, grad, states, d_r, d_k, d_v, d_ld, B, T, H: tl.c
         state = tl.load(at_state + c * BK * BV)
         gc = tl.load(grad + base + tok[:, None] * H * N + ov[None, :], mask=valid[:, None] & mv[None, :],
                      other=0.0).to(tl.float32)
-        gv = tl.dot(gc, tl.trans(vc), input_precision="ieee")  # [t, s]: do[t] . v[s]
+        gv = tl.dot(gc, tl.trans(vc), input_precision=PRECISION)  # [t, s]: do[t] . v[s]
         pairs = gv[:, :, None] * rc[:, None, :] * kc[None, :, :] * decay  # [t, s, j]
-        dr_past = tl.exp(before) * tl.dot(gc, tl.trans(state), input_precision="ieee")
-        dk_future = tl.exp(after) * tl.dot(vc, tl.trans(future), input_precision="ieee")
+        dr_past = tl.exp(before) * tl.dot(gc, tl.trans(state), input_precision=PRECISION)
+        dk_future = tl.exp(after) * tl.dot(vc, tl.trans(future), input_precision=PRECISION)
         dr = tl.sum(gv[:, :, None] * kc[None, :, :] * decay, axis=1) + dr_past
         dk = tl.sum(gv[:, :, None] * rc[:, None, :] * decay, axis=0) + dk_future
         scores = tl.sum(rc[:, None, :] * kc[None, :, :] * decay, axis=2)  # [t, s]
-        dv = tl.dot(tl.trans(scores), gc, input_precision="ieee")
-        dv += tl.dot(kc * tl.exp(after), future, input_precision="ieee")
+        dv = tl.dot(tl.trans(scores), gc, input_precision=PRECISION)
+        dv += tl.dot(kc * tl.exp(after), future, input_precision=PRECISION)
         # d ld[p] = sum over the pairs s < p < t, in four sets, each a sum of terms that all carry
         # the decay of p (no difference of large sums): both in the chunk; s in the chunk and t
         # later; s earlier and t in the chunk; s earlier and t later (the same for every p).
@@ -135,4 +137,4 @@ def backward_kernel(r, k, v, w, grad, states, d_r, d_k, d_v, d_ld, B, T, H: tl.c
         tl.store(slot_w + at_k, dld, mask=valid[:, None] & mk[None, :])
         tl.store(slot_v + base + tok[:, None] * H * N + ov[None, :], dv, mask=valid[:, None] & mv[None, :])
         future = future * tl.exp(total)[:, None] + tl.dot(tl.trans(rc * tl.exp(before)), gc,
-                                                          input_precision="ieee")
+                                                          input_precision=PRECISION)
