@@ -153,20 +153,13 @@ def _bi_wkv_backward_op(
 
 @_bi_wkv_backward_op.register_fake
 def _bi_wkv_backward_fake(grad, r, k, v, w, u):
-    return (torch.empty_like(r), torch.empty_like(k), torch.empty_like(v), torch.empty_like(w),
-            torch.empty_like(u))
+    return tuple(torch.empty_like(x) for x in (r, k, v, w, u))
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _backward(ctx, grad):
-    r, k, v, w, u = ctx.saved_tensors
-    return torch.ops.rwkvclip.bi_wkv_triton_backward(grad.contiguous(), r, k, v, w, u)
-
-
-_bi_wkv_op.register_autograd(_backward, setup_context=_setup_context)
+# The backward recomputes everything from the five inputs: they are all it saves.
+_bi_wkv_op.register_autograd(
+    lambda ctx, grad: torch.ops.rwkvclip.bi_wkv_triton_backward(grad.contiguous(), *ctx.saved_tensors),
+    setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
 
 
 def check_arguments(r, k, v, w, u) -> None:
