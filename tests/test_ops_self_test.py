@@ -91,6 +91,23 @@ def test_forced_paths_make_a_failure_an_error(fresh_rule):
         ops.prepare("cpu", torch.float32, (32,))
 
 
+def test_gpu_order_is_cuda_then_triton_then_chunked(fresh_rule):
+    """Stand-ins for both GPU paths and for their self-tests' verdicts (no GPU here): each path is
+    tried in order and a refused one hands over to the next."""
+    from rwkvclip_dist.ops import self_test
+
+    verdicts = {}
+    fresh_rule.setitem(ops._CANDIDATES, "cuda", lambda device, dtype, size: (wrong_bi_wkv, ""))
+    fresh_rule.setitem(ops._CANDIDATES, "triton", lambda device, dtype, size: (bi_wkv_chunked, ""))
+    fresh_rule.setattr(self_test, "run_self_test", lambda fn, path, *a: {
+        "path": path, "passed": verdicts[path], "worst_error": 0.5, "worst": "y", "shape": [1, 53, 2, 64],
+        "tolerance": 1e-2})
+    for cuda, triton, chosen in ((True, True, "cuda"), (False, True, "triton"), (False, False, "chunked")):
+        verdicts.update(cuda=cuda, triton=triton)
+        fresh_rule.setattr(ops, "_choices", {})
+        assert ops.prepare("cuda:0", torch.bfloat16, (64,)) == {64: chosen}
+
+
 SITECUSTOMIZE = '''
 """Registers a wrong stand-in for a GPU kernel as the fused Triton path (tests/test_ops_self_test.py)."""
 from rwkvclip_dist.ops import bi_wkv_chunked, bi_wkv_triton
