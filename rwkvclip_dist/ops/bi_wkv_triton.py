@@ -96,7 +96,7 @@ def _scan_forward(r, k, v, w):
     """Both strictly-past scans: [2 directions, B, T, H, N] fp32 (summed over key blocks)."""
     batch, tokens, heads, size = r.shape
     block, n_blocks = _blocks(size)
-    partial = r.new_zeros((2 * n_blocks, batch, tokens, heads, size), dtype=torch.float32)
+    partial = r.new_empty((2 * n_blocks, batch, tokens, heads, size), dtype=torch.float32)  # all written
     forward, _ = _jitted()
     forward[(n_blocks * n_blocks, 2, batch * heads)](
         r, k, v, w, partial, batch, tokens, heads, size, CHUNK, block, block, n_blocks, _precision())
@@ -107,7 +107,7 @@ def _scan_backward(r, k, v, w, grad):
     """The scan terms' d r, d k, d v and d(log decay), each [B, T, H, N] fp32, both directions summed."""
     batch, tokens, heads, size = r.shape
     block, n_blocks = _blocks(size)
-    parts = [r.new_zeros((2 * n_blocks, batch, tokens, heads, size), dtype=torch.float32) for _ in range(4)]
+    parts = [r.new_empty((2 * n_blocks, batch, tokens, heads, size), dtype=torch.float32) for _ in range(4)]
     programs, chunks = n_blocks * n_blocks * 2 * batch * heads, -(-tokens // CHUNK)
     states = r.new_empty((programs, chunks, block, block), dtype=torch.float32)
     _, backward = _jitted()
