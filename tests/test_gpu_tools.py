@@ -35,7 +35,7 @@ def test_bench_train_tiny_on_cpu(tmp_path, capsys):
     assert rwkv["status"] == vit["status"] == "ok" and rwkv["images_per_s"] > 0 and vit["images_per_s"] > 0
     assert rwkv["train_flops_per_image"] == 4 * forward_flops_per_sample(get_model_config("tiny"))
     # 2 image + 2 text blocks, run again in the backward (checkpointing), in the timed and the profiled step
-    assert rwkv["bi_wkv_calls"] == {"cuda": 0, "chunked": 2 * 4 * 2}
+    assert rwkv["bi_wkv_calls"] == {"cuda": 0, "triton": 0, "chunked": 2 * 4 * 2}
     assert vit["bi_wkv_calls"] is None and vit["train_flops_per_image"] > 0
     assert len(rwkv["profile"]) == 3 and all(p["self_ms"] > 0 for p in rwkv["profile"])
     assert "| rwkv-tiny:32:ckpt | 2 |" in capsys.readouterr().out

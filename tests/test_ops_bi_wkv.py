@@ -5,19 +5,7 @@ import torch
 from rwkvclip_dist.ops import bi_wkv
 from rwkvclip_dist.ops.bi_wkv_chunked import bi_wkv_chunked
 from rwkvclip_dist.ops.bi_wkv_reference import bi_wkv_float64, bi_wkv_scan
-
-
-def random_inputs(batch, tokens, heads, size, dtype=torch.float64, decay_scale=1.0, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    r, k, v = (torch.randn(batch, tokens, heads, size, generator=gen, dtype=dtype) for _ in range(3))
-    # Raw decays spread over [-5, 5] * scale: exp(-exp(5)) ~ 1e-64 is a very strong decay.
-    w = (torch.rand(batch, tokens, heads, size, generator=gen, dtype=dtype) * 10 - 5) * decay_scale
-    u = torch.randn(heads, size, generator=gen, dtype=dtype)
-    return r, k, v, w, u
-
-
-def relative_error(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+from wkv_inputs import random_inputs, relative_error
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 3, 7, 64, 65, 257])

@@ -1,8 +1,9 @@
 """The dispatch rule of rwkvclip_dist.ops.bi_wkv, on CPU.
 
 The rule's CUDA branch is exercised with a stand-in for the GPU's device properties (this machine
-has no GPU) and a kernel reported available: what is checked is the decision, the warnings and the
-counts, not the kernel (tests/test_cuda_bi_wkv.py runs that on a GPU).
+has no GPU), a kernel reported available and a self-test reported passed (no GPU can run it here;
+tests/test_ops_self_test.py runs the self-test itself on CPU): what is checked is the decision, the
+warnings and the counts, not the kernel (tests/test_cuda_bi_wkv.py runs that on a GPU).
 """
 from __future__ import annotations
 
@@ -20,11 +21,17 @@ KIB = 1024
 
 @pytest.fixture
 def fresh_rule(monkeypatch):
-    """Forget earlier choices and warnings; the kernel counts as built."""
+    """Forget earlier choices and warnings; the kernel counts as built and passes its self-test."""
+    from rwkvclip_dist.ops import self_test
+
+    monkeypatch.delenv("RWKVCLIP_BI_WKV", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(ops, "_choices", {})
+    monkeypatch.setattr(ops, "_self_tests", {})
     monkeypatch.setattr(ops, "_warned", set())
-    monkeypatch.setattr(ops, "_fused", None)
+    monkeypatch.setattr(ops, "_fused", {})
     monkeypatch.setattr(bi_wkv_cuda, "is_available", lambda: True)
+    monkeypatch.setattr(self_test, "run_self_test", lambda fn, path, *a: {"path": path, "passed": True})
     ops.reset_dispatch_counts()
     yield
     ops.reset_dispatch_counts()
@@ -44,9 +51,9 @@ def test_counts_calls_per_implementation(fresh_rule):
     r, k, v, w, u = _inputs()
     ops.bi_wkv(r, k, v, w, u)
     ops.bi_wkv(r, k, v, w, u)
-    assert ops.dispatch_counts() == {"cuda": 0, "chunked": 2}
+    assert ops.dispatch_counts() == {"cuda": 0, "triton": 0, "chunked": 2}
     ops.reset_dispatch_counts()
-    assert ops.dispatch_counts() == {"cuda": 0, "chunked": 0}
+    assert ops.dispatch_counts() == {"cuda": 0, "triton": 0, "chunked": 0}
 
 
 def test_shared_memory_beyond_the_device_limit_takes_the_chunked_path(fresh_rule, monkeypatch, caplog):
@@ -58,7 +65,8 @@ def test_shared_memory_beyond_the_device_limit_takes_the_chunked_path(fresh_rule
     with caplog.at_level(logging.WARNING, logger="rwkvclip_dist.ops"):
         assert ops.prepare("cuda:0", torch.bfloat16, (128, 80, 128)) == {128: "chunked", 80: "cuda"}
         assert ops.prepare("cuda:0", torch.float32, (128,)) == {128: "chunked"}
-    warnings = [rec.getMessage() for rec in caplog.records]
+    # (the Triton path, tried next, finds no CUDA device here and says so in a warning of its own)
+    warnings = [rec.getMessage() for rec in caplog.records if "cuda path" in rec.getMessage()]
     assert len(warnings) == 1 and f"needs {need} bytes" in warnings[0] and f"allows {99 * KIB}" in warnings[0]
     _gpu(monkeypatch, name="NVIDIA H100", major=9, minor=0, shared_memory_per_block_optin=227 * KIB)
     assert ops.prepare("cuda:1", torch.bfloat16, (128, 80)) == {128: "cuda", 80: "cuda"}
@@ -104,19 +112,19 @@ def test_decision_is_made_once_and_never_traced(fresh_rule, monkeypatch):
     traced, no graph break), made once per (device, dtype, head size); the counts still advance per
     call of the compiled function."""
     made = []
-    monkeypatch.setattr(ops, "_choose", lambda index, dtype, size: made.append((index, dtype, size)) or "chunked")
+    monkeypatch.setattr(ops, "_choose", lambda device, dtype, size: made.append((device, dtype, size)) or "chunked")
 
     def uses_rule(x):
-        return x * (2 if ops._implementation(0, torch.float32, 64) == "cuda" else 3)
+        return x * (2 if ops._implementation("cuda:0", torch.float32, 64) == "cuda" else 3)
 
     compiled = torch.compile(uses_rule, fullgraph=True, backend="eager")
     assert compiled(torch.ones(2)).tolist() == [3.0, 3.0] and compiled(torch.ones(3)).sum() == 9
-    assert made == [(0, torch.float32, 64)]
+    assert made[0] == ("cuda:0", torch.float32, 64)
     r, k, v, w, u = _inputs(shape=(1, 8, 2, 16))
     op = torch.compile(lambda r: ops.bi_wkv(r, k, v, w, u), fullgraph=True, backend="eager")
     torch.testing.assert_close(op(r), ops.bi_wkv(r, k, v, w, u))
     op(r)
-    assert ops.dispatch_counts() == {"cuda": 0, "chunked": 3}
+    assert ops.dispatch_counts() == {"cuda": 0, "triton": 0, "chunked": 3}
 
 
 def test_cuda_tensors_reach_the_fused_op(fresh_rule, monkeypatch):
@@ -130,4 +138,4 @@ def test_cuda_tensors_reach_the_fused_op(fresh_rule, monkeypatch):
         w, u = torch.randn(2, 9, 2, 64, device="cuda"), torch.randn(2, 64, device="cuda")
         y = ops.bi_wkv(r, k, v, w, u)
         assert (y.shape, y.dtype, y.device.type) == (r.shape, torch.bfloat16, "cuda")
-    assert ops.dispatch_counts() == {"cuda": 1, "chunked": 0}
+    assert ops.dispatch_counts() == {"cuda": 1, "triton": 0, "chunked": 0}

@@ -222,10 +222,10 @@ def table(results: list[Result], title: str) -> str:
     def fmt(value, pattern):
         return "n/a" if value is None else pattern.format(value)
 
-    lines = [title, "", "| case | batch | images/s | step ms | peak GiB | MFU | Bi-WKV calls (cuda/chunked) |",
+    lines = [title, "", "| case | batch | images/s | step ms | peak GiB | MFU | Bi-WKV calls (cuda/triton/chunked) |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for r in results:
-        calls = "-" if r.bi_wkv_calls is None else f"{r.bi_wkv_calls['cuda']}/{r.bi_wkv_calls['chunked']}"
+        calls = "-" if r.bi_wkv_calls is None else "/".join(str(r.bi_wkv_calls[p]) for p in ops.IMPLEMENTATIONS)
         lines.append(f"| {r.case} | {r.batch} | {fmt(r.images_per_s, '{:.1f}')} | {fmt(r.step_ms, '{:.1f}')} | "
                      f"{fmt(r.peak_memory_gib, '{:.1f}')} | {fmt(r.mfu, '{:.1%}')} | {calls} |"
                      + ("" if r.status == "ok" else f" {r.status}"))

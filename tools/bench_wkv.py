@@ -5,6 +5,8 @@
 
 Rows per T (B*H fills the GPU, N=64):
   ours bf16 / ours fp32  rwkvclip::bi_wkv (csrc/bi_wkv)
+  triton bf16 / fp32     rwkvclip::bi_wkv_triton (rwkvclip_dist/ops/bi_wkv_triton.py), the second
+                         fused path
   two-scan fp32          the reference RWKV-CLIP's algorithm: a per-token scan per thread, run
                          forwards and backwards (csrc/bench/two_scan_baseline.cu, built here)
   fla x2 bf16            flash-linear-attention's chunk_rwkv6 on the sequence and on its flipped
@@ -18,8 +20,8 @@ this is, the speed-up of ours (same dtype) over the row, and the output's relati
 ours (fp32), which guards against timing something that computes a different thing.
 
 ``--device cpu`` runs the same table at whatever size is asked for on the CPU, where "ours" is the
-dispatching op (the chunked path) and only SDPA is beside it: it checks this script, not the kernel
-(tools/gpu_check.sh --cpu).
+chunked path and only SDPA is beside it (and the Triton kernel, under
+TRITON_INTERPRET=1 set before the run): it checks this script, not the kernels (tools/gpu_check.sh --cpu).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 
 from rwkvclip_dist import ops
 from rwkvclip_dist.ops import bi_wkv_cuda as ours
+from rwkvclip_dist.ops import bi_wkv_triton
 from rwkvclip_dist.ops.build import (BuildConfig, REPO_ROOT, extensions_dir, pinned_arch_list, use_toolkit,
                                      wheel_cuda_includes)
 
@@ -150,7 +153,9 @@ def main() -> None:
         if not args.out:
             raise SystemExit("bench_wkv --device cpu: pass --out (CPU timings do not belong in benchmarks/)")
         gpu, peak, batch, fla = "CPU", float("nan"), 1, None
-        methods = [("ours", dtype, ops.bi_wkv) for dtype in (torch.bfloat16, torch.float32)]
+        methods = [("ours", dtype, ops.bi_wkv_chunked) for dtype in (torch.bfloat16, torch.float32)]
+        if bi_wkv_triton.is_available(device):
+            methods += [("triton", dtype, bi_wkv_triton.bi_wkv_triton) for dtype in (torch.bfloat16, torch.float32)]
         methods += [("SDPA", torch.bfloat16, sdpa)]
     else:
         if not torch.cuda.is_available():
@@ -163,6 +168,10 @@ def main() -> None:
         batch = max(1, -(-2 * sms // args.heads))  # two (batch, head) pairs per SM at least
         methods = [("ours", torch.bfloat16, ours.bi_wkv_cuda), ("ours", torch.float32, ours.bi_wkv_cuda),
                    ("two-scan", torch.float32, two_scan_baseline())]
+        if bi_wkv_triton.is_available(device):
+            methods += [("triton", dtype, bi_wkv_triton.bi_wkv_triton) for dtype in (torch.bfloat16, torch.float32)]
+        else:
+            print(f"bench_wkv: no Triton row: {bi_wkv_triton.unavailable_reason(device)}")
         fla = fla_twice()
         methods += [("fla x2", torch.bfloat16, fla)] if fla else []
         methods += [("SDPA", torch.bfloat16, sdpa)]

@@ -109,7 +109,7 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {props.name}, sm_{
       f"opt-in shared memory {ops.shared_memory_optin(props)} bytes")
 EOF
   step build 300 "$python" tools/build_ops.py --report --jobs "$(nproc)"
-  step kernel_tests 420 env RWKVCLIP_REQUIRE_GPU=1 "$python" -m pytest "${pytest_opts[@]}" tests/test_cuda_bi_wkv.py tests/test_ops_dispatch.py
+  step kernel_tests 420 env RWKVCLIP_REQUIRE_GPU=1 "$python" -m pytest "${pytest_opts[@]}" tests/test_cuda_bi_wkv.py tests/test_ops_dispatch.py tests/test_ops_triton.py
   train_args=(parallel.precision=bf16 parallel.zero_stage=2 checkpoint.every_steps=50 logging.tensorboard=false)
   steps=100 more=5 expect_fused=1
   bench_args=(--steps 3 --warmup 2 --profile rwkv-b16:224 --require-fused)

@@ -250,6 +250,7 @@ class Trainer:
                        f"{groups.tensor_parallel} x data parallel {groups.dp_size}), global batch "
                        f"{self.parts.global_batch}, steps {start_step} -> {recipe.train.steps}, "
                        f"ZeRO-{recipe.parallel.zero_stage} {recipe.parallel.precision}")
+        logger.record_bi_wkv(start_step, ops.report())
         return logger
 
     def _write_metrics(self, status: str, start_step: int, elapsed: float) -> dict:
@@ -263,7 +264,7 @@ class Trainer:
             "samples_per_s": (state.step - start_step) * global_batch / max(elapsed, 1e-9),
             "wall_time_s": elapsed, "resumed_from_step": start_step, "world_size": self.launch.world_size,
             "corrupt_samples_replaced": round(corrupt / self.launch.local_world_size),
-            "bi_wkv_calls": ops.dispatch_counts(), "samples_masked": state.samples_masked, "evals": state.evals,
+            "bi_wkv_calls": ops.dispatch_counts(), "bi_wkv": ops.report(), "samples_masked": state.samples_masked, "evals": state.evals,
         }
         if state.evals:
             metrics.update(state.evals[max(state.evals, key=int)])

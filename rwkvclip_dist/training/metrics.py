@@ -143,6 +143,16 @@ class TrainLogger:
                     self.writer.add_scalar(key, value, step)
             self.writer.flush()
 
+    def record_bi_wkv(self, step: int, report: dict) -> None:
+        """The Bi-WKV path chosen and its self-tests (``ops.report()``), as text and one scalar per
+        self-test (1 passed, 0 refused), so that a run on a refused kernel says so in TensorBoard."""
+        if self.writer is None:
+            return
+        self.writer.add_text("bi_wkv", json.dumps(report, indent=1), step)
+        for key, outcome in report["self_test"].items():
+            self.writer.add_scalar(f"bi_wkv/self_test_passed/{key.replace(' ', '_')}", float(outcome["passed"]), step)
+        self.writer.flush()
+
     def message(self, text: str) -> None:
         """A line on the console (rank 0), above the progress bar when there is one."""
         if not self.is_main:
