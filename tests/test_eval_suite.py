@@ -248,3 +248,53 @@ def test_paper_suite_linear_probe_and_subset(tmp_path, model_file):
     probe = record["tasks"][1]["metrics"]
     assert probe["n"] == 16 and probe["n_train"] == 30 and 0 <= probe["main_metric"] <= 1
     assert record["aggregates"]["Zero-shot (11)"]["of"] == 1 and record["complete"]
+
+
+SUBSET = "cifar10,vtab/pets,fairness/geode"
+
+
+@pytest.fixture(scope="module")
+def subset_run(tmp_path_factory, model_file, data_dir):
+    """One uninterrupted single-process run of three tasks: what the resumed and the 2-rank runs must give."""
+    prefix = tmp_path_factory.mktemp("subset") / "r"
+    assert _run_suite(model_file, data_dir, prefix, "--tasks", SUBSET) == 0
+    return json.loads(prefix.with_suffix(".json").read_text())
+
+
+def _metrics(record):
+    return {r["key"]: {k: v for k, v in r["metrics"].items()} for r in record["tasks"]}
+
+
+@pytest.mark.slow
+def test_killed_evaluation_resumes_only_unfinished_tasks(tmp_path, model_file, data_dir, subset_run):
+    from conftest import PYTHON, REPO, kill_once_written
+
+    prefix = tmp_path / "r"
+    cmd = [PYTHON, str(REPO / "tools" / "evaluate.py"), "--model", str(model_file), "--suite", "datacomp",
+           "--data-dir", str(data_dir), "--output-prefix", str(prefix), "--workers", "0", "--batch-size", "8",
+           "--tasks", SUBSET]
+    log = prefix.with_suffix(".jsonl")
+    kill_once_written(cmd, log, lines=2, timeout_s=120)  # the header and the first task
+    before = [json.loads(line) for line in log.read_text().splitlines()[1:]]
+    assert 1 <= len(before) < 3 and not prefix.with_suffix(".json").exists()
+    assert _run_suite(model_file, data_dir, prefix, "--tasks", SUBSET) == 0
+    rows = [json.loads(line) for line in log.read_text().splitlines()[1:]]
+    assert [r["key"] for r in rows] == ["cifar10", "vtab/pets", "fairness/geode"]  # each task once
+    assert rows[: len(before)] == before  # finished tasks were not scored again (same timing record)
+    assert _metrics(json.loads(prefix.with_suffix(".json").read_text())) == _metrics(subset_run)
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process(tmp_path, model_file, data_dir, subset_run):
+    """2 gloo ranks: each encodes its shard of every set (24 and 22 images split unevenly)."""
+    from conftest import REPO, dist_env, run_checked, torchrun_cmd
+
+    prefix = tmp_path / "r2"
+    run_checked(torchrun_cmd(2, str(REPO / "tools" / "evaluate.py"), "--model", str(model_file), "--suite", "datacomp",
+                             "--data-dir", str(data_dir), "--output-prefix", str(prefix), "--workers", "0",
+                             "--batch-size", "8", "--tasks", SUBSET), timeout=240, env=dist_env())
+    two = _metrics(json.loads(prefix.with_suffix(".json").read_text()))
+    one = _metrics(subset_run)
+    for key in one:
+        for name, value in one[key].items():
+            assert two[key][name] == (pytest.approx(value, abs=1e-6) if isinstance(value, float) else value), (key, name)
