@@ -29,6 +29,22 @@ def picture(seed: int, size: int = 40) -> Image.Image:
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
+def natural_picture(seed: int, size: int = 192) -> Image.Image:
+    """A photo-like picture: smooth colour waves and a few discs (the low-frequency structure a
+    perceptual hash reads); pictures of different seeds are unrelated."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    img = np.zeros((size, size, 3))
+    for _ in range(6):
+        fx, fy = rng.uniform(0.5, 6, 2)
+        img += np.sin(2 * np.pi * (fx * x + fy * y) + rng.uniform(0, 6.3))[..., None] * rng.uniform(-1, 1, 3)
+    for _ in range(4):
+        cx, cy, radius = rng.uniform(0, 1, 3)
+        img[(x - cx) ** 2 + (y - cy) ** 2 < (0.3 * radius) ** 2] += rng.uniform(-1.5, 1.5, 3)
+    img = (img - img.min()) / (img.max() - img.min() + 1e-9) * 255
+    return Image.fromarray(img.astype(np.uint8))
+
+
 def webp(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, format="webp", lossless=True)
@@ -46,14 +62,15 @@ def _write_split(root: Path, split: str, samples: list[dict], nshards: int) -> N
 
 
 def classification_set(root: Path, n: int, n_classes: int, seed: int = 0, split: str = "test", nshards: int = 2,
-                       metadata: np.ndarray | None = None, corrupt: tuple[int, ...] = (), templates=True) -> Path:
+                       metadata: np.ndarray | None = None, corrupt: tuple[int, ...] = (), templates=True,
+                       draw=picture) -> Path:
     """``n`` images of ``n_classes`` classes; ``metadata`` [n, fields] adds ``npy`` members;
     samples listed in ``corrupt`` get image bytes that no decoder reads."""
     rng = np.random.default_rng(seed)
     samples = []
     for i in range(n):
         label = int(rng.integers(0, n_classes))
-        image = b"RIFF\x10\x00\x00\x00WEBPVP8 broken" if i in corrupt else webp(picture(seed * 1000 + i))
+        image = b"RIFF\x10\x00\x00\x00WEBPVP8 broken" if i in corrupt else webp(draw(seed * 1000 + i))
         sample = {"__key__": f"s{i:07d}", "webp": image, "cls": label}
         if metadata is not None:
             sample["npy"] = metadata[i]
@@ -65,10 +82,11 @@ def classification_set(root: Path, n: int, n_classes: int, seed: int = 0, split:
     return root
 
 
-def retrieval_set(root: Path, n: int, captions_per_image: int = 5, seed: int = 0, corrupt: tuple[int, ...] = ()) -> Path:
+def retrieval_set(root: Path, n: int, captions_per_image: int = 5, seed: int = 0, corrupt: tuple[int, ...] = (),
+                  draw=picture) -> Path:
     samples = []
     for i in range(n):
-        image = b"not an image" if i in corrupt else webp(picture(seed * 1000 + i))
+        image = b"not an image" if i in corrupt else webp(draw(seed * 1000 + i))
         words = [WORDS[(i + j) % len(WORDS)] for j in range(captions_per_image)]
         samples.append({"__key__": f"s{i:07d}", "webp": image,
                         "txt": "\n".join(f"a {w} next to picture {i}" for w in words)})

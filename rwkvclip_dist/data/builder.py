@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from rwkvclip_dist.data.captions import CaptionLookup, CaptionTable, index_captions, index_path
 from rwkvclip_dist.data.columns import COMPRESSION, DEFAULT_SIZE_LIMIT, columns
+from rwkvclip_dist.data.decontam import Decontaminator
 from rwkvclip_dist.data.dedup import later_duplicates
 from rwkvclip_dist.data.labels import Labeller, LabelOptions
 from rwkvclip_dist.data.sources import Unit, discover_units, read_unit
@@ -53,16 +54,23 @@ class BuildOptions:
     jpeg_quality: int = 95
     labels: str | None = None     # "folder" or a table column: write a ``label`` column (labels.py)
     classes: str | None = None    # class-list file for ``labels``
+    decontam_index: str | None = None  # evaluation-image index (decontam.py): matching samples are rejected
+    decontam_max_distance: int = 6     # perceptual-hash bits within which an image matches
 
     def fingerprint(self) -> str:
         """Changes when a finished unit would come out differently (so it must be rebuilt)."""
         caps = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in self.captions]
         labels = self.label_options().fingerprint() if self.labels else None
-        key = json.dumps([self.resize_max_side, self.size_limit, self.jpeg_quality, caps, labels])
+        decontam = self.decontaminator().fingerprint() if self.decontam_index else None
+        key = json.dumps([self.resize_max_side, self.size_limit, self.jpeg_quality, caps, labels]
+                         + ([decontam] if decontam else []))
         return hashlib.sha1(key.encode()).hexdigest()
 
     def label_options(self) -> LabelOptions | None:
         return LabelOptions(self.labels, self.classes) if self.labels else None
+
+    def decontaminator(self) -> Decontaminator | None:
+        return Decontaminator(self.decontam_index, self.decontam_max_distance) if self.decontam_index else None
 
 
 @dataclass
@@ -73,6 +81,7 @@ class Context:
     fingerprint: str
     captions: CaptionLookup
     labeller: Labeller | None = None
+    decontam: Decontaminator | None = None
 
 
 def open_captions(opts: BuildOptions) -> CaptionTable:
@@ -87,7 +96,8 @@ def open_captions(opts: BuildOptions) -> CaptionTable:
 
 def make_context(opts: BuildOptions, units: list[Unit], captions: CaptionLookup | None = None) -> Context:
     labeller = Labeller(opts.label_options(), units) if opts.labels else None  # checked before building
-    return Context(opts, opts.fingerprint(), open_captions(opts) if captions is None else captions, labeller)
+    return Context(opts, opts.fingerprint(), open_captions(opts) if captions is None else captions, labeller,
+                   opts.decontaminator())
 
 
 _CTX: Context | None = None
@@ -156,13 +166,16 @@ def build_unit(unit: Unit, root: str, exclude: frozenset[str] = frozenset()) -> 
                 if s.key in seen or s.key in exclude:
                     raise Rejected("duplicate_key", "key already used by an earlier sample")
                 seen.add(s.key)
-                w.write(to_row(s, caption, img_opts, label))
+                row = to_row(s, caption, img_opts, label)
+                if ctx.decontam is not None:
+                    _check_contamination(ctx.decontam, row)
+                w.write(row)
                 keys_out.write(json.dumps(s.key) + "\n")
                 written += 1
             except Rejected as r:
                 counts[r.reason] += 1
                 rej.write(json.dumps({"input": s.source, "key": s.key, "reason": r.reason,
-                                      "detail": r.detail}) + "\n")
+                                      "detail": r.detail, **getattr(r, "match", {})}) + "\n")
             pending += 1
             if pending >= 256:
                 _tick(pending)
@@ -175,6 +188,16 @@ def build_unit(unit: Unit, root: str, exclude: frozenset[str] = frozenset()) -> 
         json.dump(summary, f)
     os.replace(tmp, _state(root, unit, ".done"))  # atomic: a unit is done or it is not
     return summary
+
+
+def _check_contamination(decontam: Decontaminator, row: dict) -> None:
+    texts = [row[name] for name in ("raw", "synthetic", "generated") if row.get(name)]
+    match = decontam.check(row["jpg"], texts)
+    if match is not None:
+        rejected = Rejected("eval_contamination", match.detail())
+        rejected.match = {"eval_task": match.task, "eval_item": match.item, "match": match.what,
+                          "distance": match.distance}
+        raise rejected
 
 
 def done_summary(root: str, unit: Unit, fingerprint: str) -> dict | None:
