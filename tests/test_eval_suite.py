@@ -298,3 +298,15 @@ def test_two_ranks_equal_one_process(tmp_path, model_file, data_dir, subset_run)
     for key in one:
         for name, value in one[key].items():
             assert two[key][name] == (pytest.approx(value, abs=1e-6) if isinstance(value, float) else value), (key, name)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--suite", "datacomp"], "--suite needs --data-dir"),
+    (["--suite", "datacomp", "--task", "zeroshot", "--data-dir", "{root}"], "give either --task"),
+    (["--suite", "datacomp", "--data-dir", "{root}/nowhere"], "--data-dir {root}/nowhere: no such directory"),
+    (["--suite", "paper", "--data-dir", "{root}", "--tasks", "cifar10,mnist"], "['mnist'] are not tasks of suite 'paper'"),
+])
+def test_suite_argument_errors(tmp_path, capsys, argv, message):
+    argv = [a.replace("{root}", str(tmp_path)) for a in argv]
+    assert tool_main("evaluate")(["--model", "tiny", *argv]) == 2
+    assert message.replace("{root}", str(tmp_path)) in capsys.readouterr().err

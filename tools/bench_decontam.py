@@ -8,7 +8,11 @@ Builds an index (rwkvclip_dist/data/decontam.py) of ``--eval-images`` x VARIANTS
 and search work depend on the count, and uniform bands are the best case for it; real hashes
 cluster somewhat, so read the query time as a lower bound), then measures per training image:
 hashing a JPEG (decode + perceptual hash) at two sizes, the index search, and as the baseline in
-the same run a brute-force scan over every evaluation hash. Prints a Markdown table.
+the same run a brute-force scan over every evaluation hash. With ``--recall-images N`` it also
+measures what the thresholds catch: N photo-like pictures are hashed as evaluation images, four
+kinds of copies of each are hashed as training images (resized; JPEG quality 60; 0-5% cropped off
+each side; all three with a squash), and N other pictures stand for distinct training images.
+Prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from rwkvclip_dist.data.decontam import VARIANTS, HashIndex, phash_bytes, write_index
+from rwkvclip_dist.data.decontam import VARIANTS, HashIndex, eval_hashes, phash_bytes, write_index
 
 
 def _rss_mb() -> float:
@@ -33,15 +37,53 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _jpeg(size: int, seed: int) -> bytes:
+def _photo(size: int, seed: int) -> Image.Image:
+    """Smooth colour waves and a few bright or dark patches: a photo's low-frequency structure."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:size, 0:size] / size
     img = sum(np.sin(2 * np.pi * (rng.uniform(0.5, 6) * x + rng.uniform(0.5, 6) * y))[..., None] * rng.uniform(-1, 1, 3)
               for _ in range(6))
-    img = ((img - img.min()) / (img.max() - img.min()) * 255).astype(np.uint8)
+    for _ in range(3):
+        x0, y0 = rng.integers(0, size * 3 // 4, 2)
+        img[y0 : y0 + size // 4, x0 : x0 + size // 5] += rng.uniform(-1.5, 1.5, 3)
+    return Image.fromarray(((img - img.min()) / (img.max() - img.min()) * 255).astype(np.uint8))
+
+
+def _encode(image: Image.Image, quality: int = 90, fmt: str = "JPEG") -> bytes:
     out = io.BytesIO()
-    Image.fromarray(img).save(out, format="JPEG", quality=90)
+    image.save(out, format=fmt, quality=quality)
     return out.getvalue()
+
+
+def _jpeg(size: int, seed: int) -> bytes:
+    return _encode(_photo(size, seed))
+
+
+def _copy(image: Image.Image, kind: str, rng: np.random.Generator) -> bytes:
+    w, h = image.size
+    if kind in ("cropped", "all three"):
+        left, top, right, bottom = (rng.uniform(0, 0.05, 4) * [w, h, w, h]).astype(int)
+        image = image.crop((left, top, w - right, h - bottom))
+    if kind in ("resized", "all three"):
+        image = image.resize((int(image.width * rng.uniform(0.4, 0.8)), int(image.height * rng.uniform(0.4, 0.8))))
+    return _encode(image, 60 if kind in ("re-encoded", "all three") else 95)
+
+
+def recall_table(n: int, max_distance: int) -> list[tuple[str, str]]:
+    """What ``max_distance`` catches among copies of ``n`` evaluation pictures, and how many of
+    ``n`` distinct pictures it wrongly matches (brute force over the pictures' hashes)."""
+    rng = np.random.default_rng(1)
+    index = np.array([eval_hashes(_encode(_photo(256, 10_000 + i), fmt="PNG")) for i in range(n)], dtype=np.uint64)
+    rows = []
+    for kind in ("resized", "re-encoded", "cropped", "all three"):
+        dist = [int(np.bitwise_count(index[i] ^ np.uint64(phash_bytes(_copy(_photo(256, 10_000 + i), kind, rng)))).min())
+                for i in range(n)]
+        caught = sum(d <= max_distance for d in dist)
+        rows.append((f"copies {kind}: caught", f"{caught} of {n} ({100 * caught / n:.1f}%), worst distance {max(dist)}"))
+    distinct = [int(np.bitwise_count(index ^ np.uint64(phash_bytes(_jpeg(256, 90_000 + i)))).min()) for i in range(n)]
+    wrong = sum(d <= max_distance for d in distinct)
+    rows.append(("distinct pictures matched (false positives)", f"{wrong} of {n}, nearest distance {min(distinct)}"))
+    return rows
 
 
 def _per_call_us(fn, args: list, repeat: int = 1) -> float:
@@ -58,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=2000)
     p.add_argument("--brute-queries", type=int, default=20)
     p.add_argument("--workdir", default=None, help="where the index is written (default: a temp dir)")
+    p.add_argument("--recall-images", type=int, default=0, help="also measure what the threshold catches")
+    p.add_argument("--max-distance", type=int, default=6)
     args = p.parse_args(argv)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
@@ -73,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         rss0 = _rss_mb()
         index = HashIndex(Path(tmp) / "idx")
         queries = [int(q) for q in rng.integers(0, 2**63, args.queries, dtype=np.int64)]
-        # Half the queries are planted 6-bit neighbours of indexed hashes: the search must find them.
-        planted = [int(index.hashes[r]) ^ sum(1 << int(b) for b in rng.choice(64, 6, replace=False))
+        # Half the queries are planted neighbours of indexed hashes (max-distance bits flipped): all must be found.
+        planted = [int(index.hashes[r]) ^ sum(1 << int(b) for b in rng.choice(64, args.max_distance, replace=False))
                    for r in rng.integers(0, n_hashes, args.queries // 2)]
-        found = sum(index.nearest(q, 6) is not None for q in planted)
-        query_us = _per_call_us(lambda q: index.nearest(q, 6), queries + planted)
+        found = sum(index.nearest(q, args.max_distance) is not None for q in planted)
+        query_us = _per_call_us(lambda q: index.nearest(q, args.max_distance), queries + planted)
         rss_mb = _rss_mb() - rss0
         all_hashes = np.asarray(index.hashes)
 
@@ -92,10 +136,10 @@ def main(argv: list[str] | None = None) -> int:
             ("index build (s)", f"{build_s:.1f}"),
             ("index on disk (MiB)", f"{disk_mb:.0f}"),
             ("resident memory after the queries (MiB, mmap pages touched)", f"{rss_mb:.0f}"),
-            ("planted 6-bit neighbours found", f"{found} of {len(planted)}"),
+            (f"planted {args.max_distance}-bit neighbours found", f"{found} of {len(planted)}"),
             ("hash one 256 px JPEG (us)", f"{hash_us[256]:.0f}"),
             ("hash one 512 px JPEG (us)", f"{hash_us[512]:.0f}"),
-            ("index search, max distance 6 (us)", f"{query_us:.0f}"),
+            (f"index search, max distance {args.max_distance} (us)", f"{query_us:.0f}"),
             ("baseline: brute-force scan of every hash (us)", f"{brute_us:.0f}"),
             ("search speed-up over the scan", f"{brute_us / query_us:.0f}x"),
             ("1e9 training images at 256 px, one core (core-hours)", f"{per_image_us * 1e9 / 3.6e9:.0f}"),
@@ -104,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in rows:
         print(f"| {name} | {value} |")
     print(f"\npeak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if args.recall_images:
+        print(f"\n| at max distance {args.max_distance} | result |\n|---|---|")
+        for name, value in recall_table(args.recall_images, args.max_distance):
+            print(f"| {name} | {value} |")
     return 0 if found == len(planted) else 1
 
 

@@ -168,7 +168,7 @@ def build_unit(unit: Unit, root: str, exclude: frozenset[str] = frozenset()) -> 
                 seen.add(s.key)
                 row = to_row(s, caption, img_opts, label)
                 if ctx.decontam is not None:
-                    _check_contamination(ctx.decontam, row)
+                    ctx.decontam.check_row(row)
                 w.write(row)
                 keys_out.write(json.dumps(s.key) + "\n")
                 written += 1
@@ -188,16 +188,6 @@ def build_unit(unit: Unit, root: str, exclude: frozenset[str] = frozenset()) -> 
         json.dump(summary, f)
     os.replace(tmp, _state(root, unit, ".done"))  # atomic: a unit is done or it is not
     return summary
-
-
-def _check_contamination(decontam: Decontaminator, row: dict) -> None:
-    texts = [row[name] for name in ("raw", "synthetic", "generated") if row.get(name)]
-    match = decontam.check(row["jpg"], texts)
-    if match is not None:
-        rejected = Rejected("eval_contamination", match.detail())
-        rejected.match = {"eval_task": match.task, "eval_item": match.item, "match": match.what,
-                          "distance": match.distance}
-        raise rejected
 
 
 def done_summary(root: str, unit: Unit, fingerprint: str) -> dict | None:

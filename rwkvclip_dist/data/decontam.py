@@ -35,6 +35,8 @@ import numpy as np
 from PIL import Image
 from scipy.fft import dctn
 
+from rwkvclip_dist.data.validate import Rejected
+
 BANDS, BAND_BITS = 4, 16
 CROP_SCALES, CROP_PLACES = (0.98, 0.95, 0.92, 0.89), (0.0, 0.5, 1.0)
 VARIANTS = 1 + len(CROP_SCALES) * len(CROP_PLACES) ** 2  # hashes per evaluation image
@@ -110,6 +112,7 @@ class HashIndex:
         load = lambda name: np.asarray(np.load(self.root / f"{name}.npy", mmap_mode="r"))  # noqa: E731
         self.hashes, self.items = load("hashes"), load("items")  # VARIANTS hashes per item row
         self.band_rows = [load(f"band{b}_rows") for b in range(BANDS)]
+        self.band_hashes = [load(f"band{b}_hashes") for b in range(BANDS)]  # hashes in band order
         self.band_offsets = [load(f"band{b}_offsets") for b in range(BANDS)]
         self.ngrams, self.ngram_items = load("ngrams"), load("ngram_items")
         self.tasks: list[str] = self.manifest["tasks"]
@@ -124,7 +127,7 @@ class HashIndex:
         if not 0 <= max_distance <= MAX_SUPPORTED_DISTANCE:
             raise ValueError(f"max_distance must be in 0..{MAX_SUPPORTED_DISTANCE}, got {max_distance}")
         h = np.uint64(h)
-        found = []
+        best_row, best = -1, max_distance + 1
         for b in range(BANDS):
             probes = (((h >> np.uint64(b * BAND_BITS)) & np.uint64(0xFFFF)) ^ _FLIPS).astype(np.int64)
             starts, stops = self.band_offsets[b][probes], self.band_offsets[b][probes + 1]
@@ -132,13 +135,11 @@ class HashIndex:
             total = int(lengths.sum())
             if total:  # all probed slices at once: position i of slice j is starts[j] + i
                 at = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
-                found.append(self.band_rows[b][at])
-        if not found:
-            return None
-        rows = np.concatenate(found)
-        dist = _popcount(np.asarray(self.hashes[rows]) ^ h)
-        best = int(dist.argmin())
-        return (int(rows[best]) // VARIANTS, int(dist[best])) if dist[best] <= max_distance else None
+                dist = _popcount(self.band_hashes[b][at] ^ h)  # short contiguous runs: few pages read
+                i = int(dist.argmin())
+                if dist[i] < best:
+                    best_row, best = int(self.band_rows[b][at[i]]), int(dist[i])
+        return (best_row // VARIANTS, best) if best_row >= 0 else None
 
     def caption_match(self, text: str, n: int) -> int | None:
         """Item row of an evaluation caption sharing an n-gram with ``text``, else None."""
@@ -169,7 +170,9 @@ def write_index(out: str | Path, tasks: list[str], items: list[tuple[int, str]],
     np.save(tmp / "items.npy", np.array([t for t, _ in items] + [t for t, _, _ in captions], dtype=np.int32))
     for b in range(BANDS):
         band = ((hashes >> np.uint64(b * BAND_BITS)) & np.uint64(0xFFFF)).astype(np.int64)
-        np.save(tmp / f"band{b}_rows.npy", np.argsort(band, kind="stable").astype(np.uint32))
+        order = np.argsort(band, kind="stable")
+        np.save(tmp / f"band{b}_rows.npy", order.astype(np.uint32))
+        np.save(tmp / f"band{b}_hashes.npy", hashes[order])
         np.save(tmp / f"band{b}_offsets.npy", np.concatenate([[0], np.cumsum(np.bincount(band, minlength=1 << BAND_BITS))]))
     grams = [ngram_hashes(text, ngram) for _, _, text in captions] if ngram else []
     g = np.concatenate(grams) if grams else np.zeros(0, np.uint64)
@@ -204,6 +207,16 @@ class Decontaminator:
             if item is not None:
                 return Match(*self.index.item(item), "caption")
         return None
+
+    def check_row(self, row: dict) -> None:
+        """Raises ``Rejected('eval_contamination')``, naming the evaluation task and item, when the
+        shard row (``jpg`` and its texts) matches."""
+        match = self.check(row["jpg"], [row[name] for name in ("raw", "synthetic", "generated") if row.get(name)])
+        if match is not None:
+            rejected = Rejected("eval_contamination", match.detail())
+            rejected.match = {"eval_task": match.task, "eval_item": match.item, "match": match.what,
+                              "distance": match.distance}
+            raise rejected
 
     def fingerprint(self) -> list:
         manifest = self.index.root / "manifest.json"
