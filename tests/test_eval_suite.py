@@ -310,3 +310,27 @@ def test_suite_argument_errors(tmp_path, capsys, argv, message):
     argv = [a.replace("{root}", str(tmp_path)) for a in argv]
     assert tool_main("evaluate")(["--model", "tiny", *argv]) == 2
     assert message.replace("{root}", str(tmp_path)) in capsys.readouterr().err
+
+
+def test_in_loop_suite_evaluation_runs_a_subset(tmp_path, model_file, data_dir, loaded):
+    """``eval.suite`` in a recipe: parsed, its data planned before training, scored by the tool's
+    scorer (same main metrics as ``SuiteScorer`` directly); missing data stops the run up front."""
+    from conftest import DEMO_RECIPE
+    from rwkvclip_dist.training.recipe import load_recipe
+    from rwkvclip_dist.training.suite_evals import open_suite_evaluations
+
+    override = (f"eval.suite=[{{name: dc, data_dir: {data_dir}, tasks: [cifar10, GeoDE], every_steps: 5, "
+                f"batch_size: 8, num_workers: 0}}]")
+    recipe = load_recipe(DEMO_RECIPE, [override], check_paths=False)
+    (task,) = open_suite_evaluations(recipe.eval.suite, "tiny", {}, torch.device("cpu"))
+    assert task.due(10) and not task.due(7)
+    model, tf, tokenizer = loaded
+    got = task.run(model)
+    scorer = SuiteScorer(model, tf, tokenizer, torch.device("cpu"), LoaderConfig(8, 0))
+    suite = get_suite("datacomp")
+    want = {f"dc/{k}": scorer.score(suite.select([k])[0], data_dir / d)["main_metric"]
+            for k, d in (("cifar10", "wds_cifar10_test"), ("fairness/geode", "wds_geode_test"))}
+    assert got == pytest.approx({**want, "dc/average": sum(want.values()) / 2})
+    missing = load_recipe(DEMO_RECIPE, [override.replace("cifar10, GeoDE", "imagenet1k")], check_paths=False)
+    with pytest.raises(FileNotFoundError, match="wds_imagenet1k_test"):
+        open_suite_evaluations(missing.eval.suite, "tiny", {}, torch.device("cpu"))

@@ -67,6 +67,7 @@ class Trainer:
         from rwkvclip_dist.parallel.groups import check_world_size
         from rwkvclip_dist.training.components import build_components, check_resume_compatible, checkpoint_directory
         from rwkvclip_dist.training.evals import open_evaluations
+        from rwkvclip_dist.training.suite_evals import open_suite_evaluations
 
         # First: the parent that launched this rank, before it has any chance to die unnoticed.
         self.watch = LauncherWatch(launch.launcher)
@@ -77,6 +78,7 @@ class Trainer:
         # Evaluation data and class names are opened before any process group starts: a mistake there
         # stops every rank at once with its message, not after the engine is built.
         evals = open_evaluations(recipe.eval.zeroshot, recipe.model.name, recipe.model.overrides, self.device)
+        evals += open_suite_evaluations(recipe.eval.suite, recipe.model.name, recipe.model.overrides, self.device)
         init_distributed(launch, recipe.parallel.backend, recipe.parallel.timeout_s)
         self.is_main = launch.rank == 0
         self.last_progress = time.monotonic()
