@@ -305,6 +305,7 @@ def test_two_ranks_equal_one_process(tmp_path, model_file, data_dir, subset_run)
     (["--suite", "datacomp", "--task", "zeroshot", "--data-dir", "{root}"], "give either --task"),
     (["--suite", "datacomp", "--data-dir", "{root}/nowhere"], "--data-dir {root}/nowhere: no such directory"),
     (["--suite", "paper", "--data-dir", "{root}", "--tasks", "cifar10,mnist"], "['mnist'] are not tasks of suite 'paper'"),
+    (["--suite", "paper", "--data-dir", "{root}"], "no task of suite 'paper' has data there"),
 ])
 def test_suite_argument_errors(tmp_path, capsys, argv, message):
     argv = [a.replace("{root}", str(tmp_path)) for a in argv]

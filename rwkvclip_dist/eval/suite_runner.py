@@ -211,6 +211,8 @@ def evaluate_suite(suite: Suite, task_keys: list[str] | None, data_dir: str | Pa
     tasks = suite.select(task_keys)
     planned = plan(tasks, data_dir)
     missing = missing_report(planned)
+    if all(p.root is None for p in planned):
+        raise FileNotFoundError(f"--data-dir {data_dir}: no task of suite {suite.name!r} has data there; {missing}")
     if missing and rank() == 0:
         print_fn(f"evaluate.py: suite {suite.name}: {missing}\n  the averages will be reported as partial")
     outputs = suite_outputs(output_prefix(model_name, suite, None if prefix is None else str(prefix)))
