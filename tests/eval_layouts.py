@@ -93,3 +93,26 @@ def retrieval_set(root: Path, n: int, captions_per_image: int = 5, seed: int = 0
     _write_split(root, "test", samples, 1)
     (root / "dataset_type.txt").write_text("retrieval\n")
     return root
+
+
+def hf_cache_retrieval_set(wds_root: Path, cache_dir: Path, name: str) -> Path:
+    """The retrieval set at ``wds_root`` rewritten as a Hugging Face ``datasets`` cache file, the
+    way DataComp's download leaves Flickr and MSCOCO: an Arrow stream with an ``image`` struct
+    (``bytes``, ``path``) and a ``caption`` list per row (the fields DataComp's retr_eval.py reads)."""
+    import tarfile
+
+    import pyarrow as pa
+
+    members = {}
+    with tarfile.open(wds_root / "test" / "0.tar") as tar:
+        for info in tar:
+            key, _, ext = info.name.partition(".")
+            members.setdefault(key, {})[ext] = tar.extractfile(info).read()
+    rows = [members[k] for k in sorted(members)]
+    table = pa.table({"image": [{"bytes": r["webp"], "path": None} for r in rows],
+                      "caption": [r["txt"].decode().splitlines() for r in rows]})
+    out = cache_dir / f"nlphuji___{name}" / "default" / "0.0.0" / "0123abcd"
+    out.mkdir(parents=True)
+    with pa.ipc.new_stream(str(out / f"{name}-test.arrow"), table.schema) as writer:
+        writer.write_table(table)
+    return cache_dir / f"nlphuji___{name}"

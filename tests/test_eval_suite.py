@@ -335,3 +335,20 @@ def test_in_loop_suite_evaluation_runs_a_subset(tmp_path, model_file, data_dir, 
     missing = load_recipe(DEMO_RECIPE, [override.replace("cifar10, GeoDE", "imagenet1k")], check_paths=False)
     with pytest.raises(FileNotFoundError, match="wds_imagenet1k_test"):
         open_suite_evaluations(missing.eval.suite, "tiny", {}, torch.device("cpu"))
+
+
+def test_retrieval_from_datacomps_hugging_face_cache(tmp_path, loaded, data_dir):
+    """DataComp's download keeps Flickr in DIR/hf_cache (Arrow); made here from the webdataset copy
+    of the same set, it plans as the Flickr task and scores exactly as the webdataset does. (The
+    ``datasets`` library is not installed here: the cache file follows the fields DataComp's
+    retr_eval.py reads, written with pyarrow.)"""
+    from eval_layouts import hf_cache_retrieval_set
+    from rwkvclip_dist.eval.suite_runner import plan
+
+    name = "flickr_1k_test_image_text_retrieval"
+    hf = hf_cache_retrieval_set(data_dir / "wds_flickr30k", tmp_path / "hf_cache", name)
+    (planned,) = plan(get_suite("datacomp").select(["Flickr"]), tmp_path)
+    assert planned.root == hf
+    model, tf, tokenizer = loaded
+    scorer = SuiteScorer(model, tf, tokenizer, torch.device("cpu"), LoaderConfig(4, 0))
+    assert scorer.score(planned.task, hf) == scorer.score(planned.task, data_dir / "wds_flickr30k")

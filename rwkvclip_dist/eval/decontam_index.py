@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from rwkvclip_dist.data.decontam import VARIANTS, eval_hashes, write_index
+from rwkvclip_dist.eval.hf_arrow_sets import ArrowRetrievalSplit
 from rwkvclip_dist.eval.suite import Suite
 from rwkvclip_dist.eval.suite_runner import plan
 from rwkvclip_dist.eval.webdataset_sets import IMAGE_EXTS, index_tars, shard_files
@@ -52,13 +53,25 @@ def build_suite_index(suite: Suite, eval_dir: str | Path, out: str | Path, ngram
         raise FileNotFoundError(f"{eval_dir}: none of suite {suite.name!r}'s task folders is there")
     tasks = list(present.values())
     jobs, owner = [], []
+    items, hashes, captions, bad = [], [], [], 0
     for t, root in enumerate(present):
+        if not (Path(root) / "test").is_dir():  # a Hugging Face cache folder (DataComp's retrieval sets)
+            data = ArrowRetrievalSplit(root, transform=None)
+            for i in range(len(data)):
+                raw = data.images[i].as_py()["bytes"]
+                try:
+                    hashes.append(eval_hashes(raw))
+                except (OSError, ValueError):
+                    bad += 1
+                    continue
+                items.append((t, data.key(i)))
+            captions += [(t, data.key(i), text) for i in range(len(data)) for text in data.captions(i)]
+            continue
         kind_file = Path(root) / "dataset_type.txt"
         kind = kind_file.read_text().strip() if kind_file.is_file() else "classification"
         for tar in shard_files(Path(root) / "test"):
             jobs.append((str(tar), kind))
             owner.append(t)
-    items, hashes, captions, bad = [], [], [], 0
     with ProcessPoolExecutor(max(1, workers)) as pool:
         for t, (tar_hashes, caps, n_bad) in zip(owner, pool.map(_hash_tar, jobs)):
             items += [(t, key) for key, _ in tar_hashes]

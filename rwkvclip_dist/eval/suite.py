@@ -51,11 +51,11 @@ def _task(key: str, name: str, metric: str = "acc1", groups: tuple[str, ...] = (
 SHIFT, VTAB, RETR = "ImageNet dist. shifts", "VTAB", "Retrieval"
 MPC = "mean_per_class_recall"
 
-# Retrieval sets: DataComp reads them from the Hugging Face cache; the same test splits are
-# published by CLIP_benchmark as webdatasets (wds_flickr30k: Karpathy 1k test, wds_mscoco_captions:
-# Karpathy 5k test), which is the layout read here.
-FLICKR_DIRS = ("wds_flickr30k", "wds_retrieval-flickr_1k_test_image_text_retrieval_test")
-COCO_DIRS = ("wds_mscoco_captions", "wds_retrieval-mscoco_2014_5k_test_image_text_retrieval_test")
+# Retrieval sets: DataComp's download leaves them in the Hugging Face cache (read by hf_arrow_sets.py);
+# CLIP_benchmark publishes the same test splits as webdatasets (wds_flickr30k: Karpathy 1k test,
+# wds_mscoco_captions: Karpathy 5k test).
+FLICKR_DIRS = ("hf_cache/nlphuji___flickr_1k_test_image_text_retrieval", "wds_flickr30k")
+COCO_DIRS = ("hf_cache/nlphuji___mscoco_2014_5k_test_image_text_retrieval", "wds_mscoco_captions")
 
 DATACOMP: tuple[SuiteTask, ...] = (
     _task("vtab/caltech101", "Caltech-101", MPC, (VTAB,)),
@@ -91,7 +91,7 @@ DATACOMP: tuple[SuiteTask, ...] = (
     _task("retrieval/flickr_1k_test_image_text_retrieval", "Flickr", "mean_recall@1", (RETR,), RETRIEVAL, FLICKR_DIRS),
     _task("retrieval/mscoco_2014_5k_test_image_text_retrieval", "MSCOCO", "mean_recall@1", (RETR,), RETRIEVAL,
           COCO_DIRS),
-    # Published only as a Hugging Face dataset (nlphuji/winogavil), which this tool does not read:
+    # Not implemented (a different task: pick the images associated with a cue, Jaccard score):
     # always listed as missing, so a DataComp average from this tool says "partial, 37 of 38".
     SuiteTask("misc/winogavil", "WinoGAViL", WINOGAVIL, "jaccard_score_10-12", (RETR,)),
     _task("wilds/iwildcam", "iWildCam", "F1-macro_all", kind=WILDS),

@@ -22,6 +22,7 @@ from torch import nn
 
 from rwkvclip_dist.eval.distributed import all_gather_rows, padded_shard, rank
 from rwkvclip_dist.eval.features import LoaderConfig, image_features
+from rwkvclip_dist.eval.hf_arrow_sets import ArrowRetrievalSplit, arrow_files
 from rwkvclip_dist.eval.linear_probe import LinearProbeConfig, linear_probe
 from rwkvclip_dist.eval.retrieval import retrieval_recall
 from rwkvclip_dist.eval.suite import CLASSIFY, LINEAR_PROBE, RETRIEVAL, WILDS, WINOGAVIL, Suite, SuiteTask
@@ -43,11 +44,14 @@ def plan(tasks: list[SuiteTask], data_dir: str | Path) -> list[Planned]:
     out = []
     for task in tasks:
         if task.kind == WINOGAVIL:
-            out.append(Planned(task, None, ["Hugging Face dataset nlphuji/winogavil (not read by this tool)"]))
+            out.append(Planned(task, None, ["nothing: WinoGAViL is not implemented by this tool"]))
             continue
         splits = ("train", "test") if task.kind == LINEAR_PROBE else ("test",)
-        found = next((c for c in task.candidates(data_dir) if all((c / s).is_dir() for s in splits)), None)
-        out.append(Planned(task, found, [str(c / s) for c in task.candidates(data_dir) for s in splits]))
+        found = next((c for c in task.candidates(data_dir) if all((c / s).is_dir() for s in splits)
+                      or (task.kind == RETRIEVAL and c.name.startswith("nlphuji___") and arrow_files(c))), None)
+        looked = [str(c) if c.name.startswith("nlphuji___") else str(c / s)
+                  for c in task.candidates(data_dir) for s in splits]
+        out.append(Planned(task, found, looked))
     return out
 
 
@@ -131,7 +135,8 @@ class SuiteScorer:
         return metrics, bad
 
     def _retrieval(self, task: SuiteTask, root: Path):
-        data = WebDatasetSplit(root, "test", self.transform)
+        data = (WebDatasetSplit(root, "test", self.transform) if (root / "test").is_dir()
+                else ArrowRetrievalSplit(root, self.transform))
         if data.kind != "retrieval":
             raise ValueError(f"{root}: dataset_type.txt must say 'retrieval' for task {task.key}")
         feats, targets, bad = self._features(data, task.name)
