@@ -6,6 +6,8 @@
         --image-root coco/ --caption-prefix "a photo of "
     python tools/evaluate.py --model b32.safetensors --task linear_probe --train-data cifar10/train --data cifar10/test
     torchrun --nproc_per_node 8 tools/evaluate.py ...   # every rank encodes a shard; rank 0 writes
+    python tools/evaluate.py --model b32.safetensors --suite datacomp --data-dir datacomp_eval/
+    python tools/evaluate.py --model b32.safetensors --suite paper --data-dir clip_benchmark_wds/ --tasks cifar10
 
 ``--model`` is a pretrained .safetensors file (its JSON config gives the architecture) or a registry
 name (random init, for smoke tests). Results go to ``--output`` (JSON; an existing file is replaced only
@@ -28,6 +30,8 @@ from rwkvclip_dist.outputs import check_apart, check_file_path, refuse_existing
 from rwkvclip_dist.eval.features import LoaderConfig
 from rwkvclip_dist.eval.linear_probe import LinearProbeConfig
 from rwkvclip_dist.eval.runner import TASKS, EvalConfig, Evaluator, format_table, write_results
+from rwkvclip_dist.eval.suite import SUITES, get_suite
+from rwkvclip_dist.eval.suite_runner import evaluate_suite
 from rwkvclip_dist.pretrained import create_model_and_transforms, get_tokenizer
 
 
@@ -35,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="pretrained .safetensors file or registry name")
-    p.add_argument("--task", action="append", choices=TASKS, required=True, help="repeatable")
+    p.add_argument("--task", action="append", choices=TASKS, help="repeatable (or --suite)")
+    p.add_argument("--suite", choices=sorted(SUITES), help="DataComp's 38 tasks or the paper's protocol")
+    p.add_argument("--data-dir", help="--suite: the directory of the wds_<task> folders")
+    p.add_argument("--tasks", help="--suite: comma-separated task keys or names to run (default: all)")
+    p.add_argument("--output-prefix", help="--suite: PREFIX.jsonl/.json/.md (default: beside --model)")
     p.add_argument("--data", help="labelled test images: image folder or labelled MDS directory")
     p.add_argument("--train-data", help="labelled training images (linear_probe)")
     p.add_argument("--templates", default="imagenet", help="shipped template set or JSON file")
@@ -74,13 +82,33 @@ def _pretrained_file(model: str) -> bool:
     return False
 
 
+def _load(args: argparse.Namespace, device: torch.device):
+    is_file = _pretrained_file(args.model)
+    model, _, eval_tf = create_model_and_transforms(None if is_file else args.model,
+                                                    pretrained=args.model if is_file else None, device=device)
+    return model, eval_tf, get_tokenizer(args.model)
+
+
 def run(args: argparse.Namespace) -> int:
+    if bool(args.suite) == bool(args.task):
+        raise ValueError("give either --task (repeatable) or --suite")
+    if args.suite and not args.data_dir:
+        raise ValueError("--suite needs --data-dir")
     device = _device(args.device)
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
+    if args.suite:
+        _pretrained_file(args.model)  # a wrong --model fails before the data is planned
+        evaluate_suite(get_suite(args.suite), args.tasks.split(",") if args.tasks else None, args.data_dir,
+                       args.model, args.output_prefix, lambda: _load(args, device),
+                       LoaderConfig(args.batch_size, args.workers),
+                       LinearProbeConfig(backend=args.probe_backend, max_iter=args.probe_max_iter), device)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 0
     config = EvalConfig(tasks=args.task, data=args.data, train_data=args.train_data, templates=args.templates,
                         classnames=args.classnames, annotations=args.annotations, image_root=args.image_root,
                         split=args.split, caption_prefix=args.caption_prefix,
@@ -94,10 +122,8 @@ def run(args: argparse.Namespace) -> int:
                                           if os.path.exists(args.templates) else None})
     check_file_path(args.output, "--output")
     refuse_existing(args.output, "--output", args.overwrite, "the results of an earlier evaluation")
-    is_file = _pretrained_file(args.model)
-    model, _, eval_tf = create_model_and_transforms(None if is_file else args.model,
-                                                    pretrained=args.model if is_file else None, device=device)
-    results = Evaluator(model, eval_tf, get_tokenizer(args.model), config, device).run()
+    model, eval_tf, tokenizer = _load(args, device)
+    results = Evaluator(model, eval_tf, tokenizer, config, device).run()
     if not dist.is_initialized() or dist.get_rank() == 0:
         write_results(results, config, args.output, args.model)
         print(format_table(results))

@@ -14,6 +14,12 @@ Slurm array and a dependent job):
 Labelled evaluation sets: ``--labels folder`` (ImageNet-style class subfolders) or ``--labels COLUMN``
 (CSV/parquet column), optionally with ``--classes FILE`` (one class a line, in label order).
 
+Decontamination: ``--decontam-eval-dir EVAL`` (the evaluation sets in the layout of
+``tools/evaluate.py --suite``) hashes every evaluation image into an on-disk index (once, under
+``--decontam-index``, default OUT/.build/decontam-index) and rejects every training sample whose image
+is a near-duplicate of one (and, with ``--decontam-ngram N``, whose text shares a word N-gram with an
+evaluation caption), as ``eval_contamination`` with the task and item it matches.
+
 Bad samples are skipped and counted per reason (OUT/build_report.json, OUT/build_rejects.jsonl).
 Exit status: 0 when samples were written (or a part/prepare step finished), 1 when nothing usable was
 written or parts are missing at merge, 2 for bad arguments. Re-running the same command resumes an
@@ -48,12 +54,41 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default=None, help="class list for --labels, one name a line in label order")
     p.add_argument("--overwrite", action="store_true",
                    help="replace another build found in --out (by default it is refused; the same build resumes)")
+    p.add_argument("--decontam-eval-dir", default=None,
+                   help="evaluation sets (wds_<task> folders) whose images are kept out of the shards")
+    p.add_argument("--decontam-suite", default="datacomp", help="which suite's task folders to read (datacomp, paper)")
+    p.add_argument("--decontam-index", default=None, help="the on-disk hash index (built from --decontam-eval-dir "
+                   "when absent; default OUT/.build/decontam-index)")
+    p.add_argument("--decontam-max-distance", type=int, default=6, help="perceptual-hash bits within which "
+                   "an image matches (0..7; default 6)")
+    p.add_argument("--decontam-ngram", type=int, default=0, help="also reject texts sharing a word N-gram "
+                   "with an evaluation caption (0: off); used when the index is built")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--shard", default=None, metavar="I/N", help="build only part I of N into OUT/part-I-of-N")
     mode.add_argument("--merge", action="store_true", help="merge the N parts under OUT into one index")
     mode.add_argument("--prepare", action="store_true",
                       help="check inputs and index the captions, for the parts to share")
     return p
+
+
+def _decontam_index(args: argparse.Namespace) -> str | None:
+    """The index to check samples against, built from ``--decontam-eval-dir`` when not there yet."""
+    if args.decontam_eval_dir is None:
+        if args.decontam_index is not None and not os.path.isdir(args.decontam_index):
+            raise FileNotFoundError(f"--decontam-index {args.decontam_index}: no such index "
+                                    f"(give --decontam-eval-dir to build it)")
+        return args.decontam_index
+    from rwkvclip_dist.eval.decontam_index import build_suite_index
+    from rwkvclip_dist.eval.suite import get_suite
+
+    index = args.decontam_index or os.path.join(args.out, ".build", "decontam-index")
+    if os.path.isdir(index):
+        return index
+    summary = build_suite_index(get_suite(args.decontam_suite), args.decontam_eval_dir, index,
+                                args.decontam_ngram, args.workers)
+    print(json.dumps({"decontam_index": index, **{k: summary[k] for k in ("images", "undecodable_images", "captions")},
+                      "tasks": len(summary["tasks"]), "tasks_missing": len(summary["missing"])}))
+    return index
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,9 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     for path, flag in [(c, "--captions") for c in args.captions] + [(args.classes, "--classes")]:
         if path is not None and not os.path.isfile(path):
             p.error(f"{flag} {path!r}: no such file")
+    try:
+        index = _decontam_index(args) if not args.merge else args.decontam_index
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"make_shards: error: {e}", file=sys.stderr)
+        return 2
     opts = BuildOptions(inputs=args.input, out=args.out, captions=args.captions,
                         resize_max_side=args.resize_max_side, workers=args.workers,
-                        labels=args.labels, classes=args.classes, overwrite=args.overwrite)
+                        labels=args.labels, classes=args.classes, overwrite=args.overwrite, decontam_index=index,
+                        decontam_max_distance=args.decontam_max_distance)
     if args.size_limit is not None:
         opts.size_limit = args.size_limit
     try:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from rwkvclip_dist.data.captions import CaptionLookup, CaptionTable, index_captions, index_path
 from rwkvclip_dist.data.columns import COMPRESSION, DEFAULT_SIZE_LIMIT, columns
+from rwkvclip_dist.data.decontam import Decontaminator
 from rwkvclip_dist.data.dedup import later_duplicates
 from rwkvclip_dist.data.build_record import REJECTS, REPORT, STATE_DIR, claim_output
 from rwkvclip_dist.data.labels import Labeller, LabelOptions
@@ -52,16 +53,23 @@ class BuildOptions:
     labels: str | None = None     # "folder" or a table column: write a ``label`` column (labels.py)
     classes: str | None = None    # class-list file for ``labels``
     overwrite: bool = False       # replace another build in ``out`` (build_record.py)
+    decontam_index: str | None = None  # evaluation-image index (decontam.py): matching samples are rejected
+    decontam_max_distance: int = 6     # perceptual-hash bits within which an image matches
 
     def fingerprint(self) -> str:
         """Changes when a finished unit would come out differently (so it must be rebuilt)."""
         caps = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in self.captions]
         labels = self.label_options().fingerprint() if self.labels else None
-        key = json.dumps([self.resize_max_side, self.size_limit, self.jpeg_quality, caps, labels], allow_nan=False)
+        decontam = self.decontaminator().fingerprint() if self.decontam_index else None
+        key = json.dumps([self.resize_max_side, self.size_limit, self.jpeg_quality, caps, labels]
+                         + ([decontam] if decontam else []), allow_nan=False)
         return hashlib.sha1(key.encode()).hexdigest()
 
     def label_options(self) -> LabelOptions | None:
         return LabelOptions(self.labels, self.classes) if self.labels else None
+
+    def decontaminator(self) -> Decontaminator | None:
+        return Decontaminator(self.decontam_index, self.decontam_max_distance) if self.decontam_index else None
 
 
 @dataclass
@@ -72,6 +80,7 @@ class Context:
     fingerprint: str
     captions: CaptionLookup
     labeller: Labeller | None = None
+    decontam: Decontaminator | None = None
 
 
 def open_captions(opts: BuildOptions) -> CaptionTable:
@@ -90,7 +99,8 @@ def make_context(opts: BuildOptions, units: list[Unit], captions: CaptionLookup 
     anything is written there."""
     labeller = Labeller(opts.label_options(), units) if opts.labels else None  # checked before building
     claim_output(opts, units, overwrite)
-    return Context(opts, opts.fingerprint(), open_captions(opts) if captions is None else captions, labeller)
+    return Context(opts, opts.fingerprint(), open_captions(opts) if captions is None else captions, labeller,
+                   opts.decontaminator())
 
 
 _CTX: Context | None = None
@@ -159,13 +169,16 @@ def build_unit(unit: Unit, root: str, exclude: frozenset[str] = frozenset()) -> 
                 if s.key in seen or s.key in exclude:
                     raise Rejected("duplicate_key", "key already used by an earlier sample")
                 seen.add(s.key)
-                w.write(to_row(s, caption, img_opts, label))
+                row = to_row(s, caption, img_opts, label)
+                if ctx.decontam is not None:
+                    ctx.decontam.check_row(row)
+                w.write(row)
                 keys_out.write(json.dumps(s.key, allow_nan=False) + "\n")
                 written += 1
             except Rejected as r:
                 counts[r.reason] += 1
                 rej.write(json.dumps({"input": s.source, "key": s.key, "reason": r.reason,
-                                      "detail": r.detail}, allow_nan=False) + "\n")
+                                      "detail": r.detail, **getattr(r, "match", {})}, allow_nan=False) + "\n")
             pending += 1
             if pending >= 256:
                 _tick(pending)

@@ -143,7 +143,7 @@ def merge_parts(out: str, workers: int = 1, expect: BuildOptions | None = None) 
     by_name = {u.name: u for u in units}
     placed = [(by_name[name], os.path.join(out, part_name(k % n, n))) for k, name in enumerate(first["all_units"])]
     ctx = Context(opts, first["fingerprint"], CaptionTable(first["captions_db"]),
-                  Labeller(opts.label_options(), units) if opts.labels else None)
+                  Labeller(opts.label_options(), units) if opts.labels else None, opts.decontaminator())
     for u, root in placed:
         if done_summary(root, u, ctx.fingerprint) is None:
             raise IncompleteBuild(f"--merge: unit {u.name} of {os.path.basename(root)} is not built; rerun that part")

@@ -11,7 +11,7 @@ from rwkvclip_dist.data.sources import RawSample
 
 # Every reason a sample can be skipped for; the build report counts each of them.
 REASONS = ("missing_image", "missing_file", "corrupt_image", "missing_text", "empty_text",
-           "non_utf8_text", "bad_metadata", "duplicate_key", "unreadable_input")
+           "non_utf8_text", "bad_metadata", "duplicate_key", "unreadable_input", "eval_contamination")
 
 
 class Rejected(Exception):

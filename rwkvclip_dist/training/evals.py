@@ -13,6 +13,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from rwkvclip_dist.training.suite_evals import SuiteEvalSection
 from rwkvclip_dist.typed_config import ConfigError, FieldError, path_field
 
 
@@ -55,6 +56,8 @@ class ZeroShotEvalSection:
 @dataclass
 class EvalSection:
     zeroshot: list[ZeroShotEvalSection] = field(default_factory=list)
+    suite: list[SuiteEvalSection] = field(default_factory=list)
+    """Any subset of the DataComp or paper suite's tasks (training/suite_evals.py)."""
     at_end: bool = True
     """Run every evaluation once more after the last step."""
 

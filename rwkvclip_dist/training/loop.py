@@ -38,6 +38,7 @@ from rwkvclip_dist.training.accumulation import contrastive_step, split_micro_ba
 from rwkvclip_dist.training.components import (Components, build_components, check_run_directory,
                                                checkpoint_directory)
 from rwkvclip_dist.training.evals import ZeroShotTask, open_evaluations
+from rwkvclip_dist.training.suite_evals import open_suite_evaluations
 from rwkvclip_dist.training.metrics import TrainLogger
 from rwkvclip_dist.training.ownership import LauncherWatch, run_directories_locked
 from rwkvclip_dist.training.preemption import PreemptionHandler
@@ -96,6 +97,7 @@ def start_run(recipe: Recipe, run_dir: Path, launch: LaunchEnv) -> "Trainer":
     # Evaluation data and class names are opened before any process group starts: a mistake there
     # stops every rank at once with its message, not after the engine is built.
     evals = open_evaluations(recipe.eval.zeroshot, recipe.model.name, recipe.model.overrides, device)
+    evals += open_suite_evaluations(recipe.eval.suite, recipe.model.name, recipe.model.overrides, device)
     init_distributed(launch, recipe.parallel.backend, recipe.parallel.timeout_s)
     held = contextlib.ExitStack()
     try:
