@@ -60,9 +60,8 @@ class BuildOptions:
         """Changes when a finished unit would come out differently (so it must be rebuilt)."""
         caps = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in self.captions]
         labels = self.label_options().fingerprint() if self.labels else None
-        decontam = self.decontaminator().fingerprint() if self.decontam_index else None
-        key = json.dumps([self.resize_max_side, self.size_limit, self.jpeg_quality, caps, labels]
-                         + ([decontam] if decontam else []), allow_nan=False)
+        decontam = [self.decontaminator().fingerprint()] if self.decontam_index else []
+        key = json.dumps([self.resize_max_side, self.size_limit, self.jpeg_quality, caps, labels, *decontam])
         return hashlib.sha1(key.encode()).hexdigest()
 
     def label_options(self) -> LabelOptions | None:
