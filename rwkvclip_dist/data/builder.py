@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 @dataclass
 class BuildOptions:
     """Options of one ``make_shards`` run."""
-
     inputs: list[str]
     out: str
     captions: list[str] = field(default_factory=list)
@@ -61,7 +60,8 @@ class BuildOptions:
         caps = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in self.captions]
         labels = self.label_options().fingerprint() if self.labels else None
         decontam = [self.decontaminator().fingerprint()] if self.decontam_index else []
-        key = json.dumps([self.resize_max_side, self.size_limit, self.jpeg_quality, caps, labels, *decontam])
+        key = json.dumps([self.resize_max_side, self.size_limit, self.jpeg_quality, caps, labels, *decontam],
+                         allow_nan=False)
         return hashlib.sha1(key.encode()).hexdigest()
 
     def label_options(self) -> LabelOptions | None:
