@@ -87,7 +87,7 @@ def _decontam_index(args: argparse.Namespace) -> str | None:
     summary = build_suite_index(get_suite(args.decontam_suite), args.decontam_eval_dir, index,
                                 args.decontam_ngram, args.workers)
     print(json.dumps({"decontam_index": index, **{k: summary[k] for k in ("images", "undecodable_images", "captions")},
-                      "tasks": len(summary["tasks"]), "tasks_missing": len(summary["missing"])}))
+                      "tasks": len(summary["tasks"]), "tasks_missing": len(summary["missing"])}, allow_nan=False))
     return index
 
 

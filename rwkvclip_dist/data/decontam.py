@@ -183,7 +183,7 @@ def write_index(out: str | Path, tasks: list[str], items: list[tuple[int, str]],
     keys = [key for _, key in items] + [key for _, key, _ in captions]
     (tmp / "keys.txt").write_text("".join(f"{k}\n" for k in keys))
     (tmp / "manifest.json").write_text(json.dumps({"tasks": tasks, "images": len(items), "captions": len(captions),
-                                                   "ngram": ngram, "variants": VARIANTS}))
+                                                   "ngram": ngram, "variants": VARIANTS}, allow_nan=False))
     os.replace(tmp, out)
     return out
 

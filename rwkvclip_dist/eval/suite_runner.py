@@ -29,6 +29,7 @@ from rwkvclip_dist.eval.suite import CLASSIFY, LINEAR_PROBE, RETRIEVAL, WILDS, W
 from rwkvclip_dist.eval.suite_metrics import classification_metrics, retrieval_metrics, wilds_metrics
 from rwkvclip_dist.eval.webdataset_sets import WebDatasetSplit, open_task_dir
 from rwkvclip_dist.eval.zeroshot import build_zeroshot_classifier, encode_texts
+from rwkvclip_dist.outputs import strict_json
 
 
 @dataclass
@@ -81,8 +82,8 @@ class ResultsLog:
         new = not self.path.is_file()
         with open(self.path, "a") as f:
             if new:
-                f.write(json.dumps({"header": self.header}) + "\n")
-            f.write(json.dumps(row) + "\n")
+                f.write(strict_json({"header": self.header}) + "\n")
+            f.write(strict_json(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.done[row["key"]] = row
@@ -238,7 +239,7 @@ def evaluate_suite(suite: Suite, task_keys: list[str] | None, data_dir: str | Pa
               "complete": not any(a["partial"] for a in aggregates.values()),
               "aggregates": aggregates, "tasks": rows}
     if rank() == 0:
-        outputs["json"].write_text(json.dumps(record, indent=1) + "\n")
+        outputs["json"].write_text(strict_json(record, indent=1) + "\n")
         table = markdown_table(suite, rows, aggregates)
         outputs["md"].write_text(table)
         print_fn(table)
