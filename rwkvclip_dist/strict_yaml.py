@@ -2,8 +2,8 @@
 what the user wrote is an error naming the file, the line and the key.
 
 - a key given twice in one mapping (YAML keeps the last one without a word);
-- ``yes``/``no``/``on``/``off`` (and ``y``-less spellings PyYAML reads as booleans): only ``true`` and
-  ``false`` are booleans here; quote the word for a string (``country: "no"``);
+- ``yes``/``no``/``on``/``off`` (any case; PyYAML reads them as booleans): only ``true`` and ``false``
+  are booleans here; quote the word for a string (``country: "no"``);
 - an integer with a leading zero (``010`` is octal 8 in YAML 1.1) or in base 60 (``1:30`` is 90), and
   a base-60 float;
 - a key that is not a string (``on:`` becomes the boolean ``True``; ``1:`` the integer 1).
@@ -24,7 +24,7 @@ _OCTAL = re.compile(r"[-+]?0[0-7_]+")
 def _scalar_problem(node: yaml.ScalarNode) -> str | None:
     value = node.value
     if node.tag == _BOOL and value.lower() not in ("true", "false"):
-        return (f"{value!r} is read by YAML as the boolean {value.lower() in ('yes', 'y', 'on')}; write true or "
+        return (f"{value!r} is read by YAML as the boolean {value.lower() in ('yes', 'on')}; write true or "
                 f"false, or quote it for a string")
     if node.tag == _INT and _OCTAL.fullmatch(value):
         return f"{value!r} is read by YAML as the octal number {int(value.replace('_', ''), 8)}; drop the leading zero, or quote it"

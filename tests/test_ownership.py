@@ -137,3 +137,20 @@ def test_orphans_of_a_killed_torchrun_save_and_stop_and_a_second_trainer_is_refu
                                             "checkpoint.every_steps=0")), timeout=300)
     assert json.loads((run / "metrics.json").read_text())["resumed_from_step"] == saved
     print(f"\norphans saved step {saved} and stopped {stopped_after:.1f} s after their launcher was killed")
+
+
+def test_the_run_directories_are_released_however_the_run_ends(tmp_path):
+    """``run_directories_locked`` holds the locks for its block and releases them when the block
+    raises (a failed build, a crash in the loop), not only after a clean end."""
+    from rwkvclip_dist.training.ownership import run_directories_locked
+
+    with pytest.raises(KeyError):
+        with run_directories_locked([tmp_path / "run", tmp_path / "ckpt"], is_main=True):
+            for directory in ("run", "ckpt"):
+                with pytest.raises(RunDirectoryBusy, match=f"pid {os.getpid()}"):
+                    RunLock(tmp_path / directory).acquire()
+            raise KeyError("the run failed")
+    for directory in ("run", "ckpt"):
+        lock = RunLock(tmp_path / directory)
+        lock.acquire()
+        lock.release()

@@ -60,6 +60,16 @@ def test_an_output_that_is_the_input_is_refused_and_nothing_changes(models, caps
     assert snapshot(models) == before
 
 
+def test_export_vision_encoder_never_writes_over_its_input(models, tmp_path, capsys):
+    export = tool_main("export_vision_encoder")
+    before = snapshot(models)
+    assert export([str(models / "tiny.safetensors"), str(models / "tiny.safetensors")]) == 2
+    assert f"dst {models / 'tiny.safetensors'}: is the input src" in one_line(capsys, "export_vision_encoder.py")
+    assert snapshot(models) == before
+    assert export([str(models / "tiny.safetensors"), str(tmp_path / "v.safetensors")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.json", "v.safetensors"]
+
+
 def test_a_failed_verify_leaves_nothing_behind(models, tmp_path, capsys, caplog):
     """to-authors --accept-loss of a masked_mean model writes a file the authors' code runs with its own
     pooling: the verification fails (exit 1) and the unverified file is not left behind."""

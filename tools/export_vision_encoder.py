@@ -16,6 +16,7 @@ from pathlib import Path
 
 
 from rwkvclip_dist.cli import run_tool
+from rwkvclip_dist.outputs import Staged, check_apart, check_file_path
 from rwkvclip_dist.pretrained import load_model, save_vision_encoder
 from rwkvclip_dist.pretrained_format import DTYPES, parse_dtype
 
@@ -30,9 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_apart(args.dst, "dst", {"src": args.src})
+    check_file_path(args.dst, "dst")
     model = load_model(None, pretrained=args.src)
-    path = save_vision_encoder(model, args.dst, parse_dtype(args.dtype))
-    print(f"wrote {path} ({model.config.name} image tower, {args.dtype})")
+    with Staged(args.dst, sidecars=(".json",)) as staged:  # renamed into place once written
+        save_vision_encoder(model, staged.path, parse_dtype(args.dtype))
+        staged.commit()
+    print(f"wrote {args.dst} ({model.config.name} image tower, {args.dtype})")
     return 0
 
 
