@@ -117,3 +117,41 @@ def test_files_stay_short_and_the_entry_point_thin():
             if (n := len(p.read_text().splitlines())) > MAX_LINES and "_csrc" not in p.parts}
     assert not long, f"files over {MAX_LINES} lines: {long}"
     assert len((PACKAGE / "train.py").read_text().splitlines()) < 60
+
+
+def _main_source(tool: Path) -> tuple[Path, ast.Module]:
+    """The file that defines ``main`` for ``tool``: the tool itself, or the module it imports main from."""
+    tree = ast.parse(tool.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and any(a.name == "main" for a in node.names):
+            path = REPO / (node.module.replace(".", "/") + ".py")
+            return path, ast.parse(path.read_text())
+    return tool, tree
+
+
+def test_every_tool_follows_the_one_cli_convention():
+    """``main(argv)`` is ``run_tool(parser, run, argv)`` (``--debug``, ``prog: error:`` lines, exit 2,
+    intermixed options and positionals); the parser names the tool; nothing parses arguments by itself;
+    the script ends with ``sys.exit(main())``."""
+    wrong = []
+    for tool in sorted((REPO / "tools").glob("*.py")):
+        path, tree = _main_source(tool)
+        where = f"tools/{tool.name}" + ("" if path == tool else f" (main in {path.relative_to(REPO)})")
+        mains = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
+        calls = [c for m in mains for c in ast.walk(m) if isinstance(c, ast.Call)]
+        if not any(getattr(c.func, "id", "") == "run_tool" for c in calls):
+            wrong.append(f"{where}: main() does not return run_tool(parser, run, argv)")
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+            if name in ("parse_args", "parse_known_args", "parse_intermixed_args"):
+                wrong.append(f"{where}:{node.lineno}: parses arguments itself; run_tool does")
+            if name == "ArgumentParser":
+                prog = next((k.value for k in node.keywords if k.arg == "prog"), None)
+                if not (isinstance(prog, ast.Constant) and prog.value == tool.name):
+                    wrong.append(f"{where}:{node.lineno}: ArgumentParser without prog={tool.name!r}")
+        ending = ast.parse(tool.read_text()).body[-1]
+        if not (isinstance(ending, ast.If) and "sys.exit(main())" in ast.unparse(ending)):
+            wrong.append(f"tools/{tool.name}: does not end with `if __name__ == \"__main__\": sys.exit(main())`")
+    assert not wrong, "\n".join(wrong)
