@@ -12,7 +12,7 @@ PACKAGE = REPO / "rwkvclip_dist"
 # Lower layers may not import higher ones. Imports inside functions count too: a hidden cycle is
 # still a cycle.
 LAYERS = [
-    {"typed_config", "cli"},
+    {"typed_config", "cli", "versions"},
     {"model", "ops"},
     {"data", "descriptions"},
     {"parallel", "loss", "pretrained_format"},
@@ -155,3 +155,46 @@ def test_every_tool_follows_the_one_cli_convention():
         if not (isinstance(ending, ast.If) and "sys.exit(main())" in ast.unparse(ending)):
             wrong.append(f"tools/{tool.name}: does not end with `if __name__ == \"__main__\": sys.exit(main())`")
     assert not wrong, "\n".join(wrong)
+
+
+COMPAT = {"rwkvclip_dist/parallel/deepspeed_compat.py", "rwkvclip_dist/data/streaming_compat.py"}
+THIRD_PARTY = ("deepspeed", "streaming")
+# Private attributes of other libraries that a module importing DeepSpeed or Streaming may use:
+# os._exit (the documented way to leave without clean-up).
+ALLOWED_PRIVATE = {"_exit"}
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_only_the_compat_modules_use_deepspeeds_and_streamings_private_names():
+    """Imports of private DeepSpeed/Streaming names or modules, private attributes of other objects (in
+    a module that imports either library), and private methods overridden in subclasses of their
+    classes live in the two compat modules."""
+    wrong = []
+    for path in sorted([*PACKAGE.rglob("*.py"), *(REPO / "tools").glob("*.py")]):
+        where = str(path.relative_to(REPO))
+        if where in COMPAT or "_csrc" in path.parts:
+            continue
+        tree = ast.parse(path.read_text())
+        uses_them = any(isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] in THIRD_PARTY
+                        or isinstance(n, ast.Import) and any(a.name.split(".")[0] in THIRD_PARTY for a in n.names)
+                        for n in ast.walk(tree))
+        third_party_names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in THIRD_PARTY:
+                third_party_names.update(a.asname or a.name for a in node.names)
+                if any(_private(p) for p in node.module.split(".")) or any(_private(a.name) for a in node.names):
+                    wrong.append(f"{where}:{node.lineno}: from {node.module} import a private name")
+            elif isinstance(node, ast.Import):
+                wrong += [f"{where}:{node.lineno}: import {a.name}" for a in node.names
+                          if a.name.split(".")[0] in THIRD_PARTY and any(_private(p) for p in a.name.split("."))]
+            elif (isinstance(node, ast.Attribute) and uses_them and _private(node.attr)
+                  and node.attr not in ALLOWED_PRIVATE):
+                if getattr(node.value, "id", "") not in ("self", "cls"):
+                    wrong.append(f"{where}:{node.lineno}: .{node.attr} of another object")
+            elif isinstance(node, ast.ClassDef) and {getattr(b, "id", "") for b in node.bases} & third_party_names:
+                wrong += [f"{where}:{f.lineno}: overrides {f.name} of a third-party class" for f in node.body
+                          if isinstance(f, ast.FunctionDef) and _private(f.name)]
+    assert not wrong, "go through parallel/deepspeed_compat.py or data/streaming_compat.py:\n" + "\n".join(wrong)
