@@ -30,7 +30,7 @@ from rwkvclip_dist.model import mixing
 from rwkvclip_dist.model.clip import RWKVCLIP
 from rwkvclip_dist.model.flops import forward_flops_per_sample
 from rwkvclip_dist.model.mixing import DECAY_LORA_RANK
-from rwkvclip_dist.parallel.tensor_parallel import CHANNEL_MIX_SPLITS, TIME_MIX_SPLITS, shard_model
+from rwkvclip_dist.parallel.tensor_parallel import PLAN, shard_model
 from rwkvclip_dist.training.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,14 +259,13 @@ TP_GPUS = 256
 
 
 def tensor_parallel_all_reduces() -> dict[str, int]:
-    """All-reduces per block that tensor parallelism adds, read from the split tables of
+    """All-reduces per block that tensor parallelism adds, read from the split plan of
     ``rwkvclip_dist.parallel.tensor_parallel``: a row-parallel layer (weight split along its input)
     all-reduces its output in every forward pass; a column-parallel layer (split along its output)
     all-reduces its input's gradient in the backward pass. The decay LoRA's 64-wide hidden layer adds
     one more backward all-reduce, counted apart."""
-    tables = (TIME_MIX_SPLITS, CHANNEL_MIX_SPLITS)
-    layers = [(name, dim) for t in tables for name, dim in t.items() if name.endswith(".weight") and "ln_x" not in name]
-    return {"forward": sum(dim == 1 for _, dim in layers), "backward": sum(dim == 0 for _, dim in layers)}
+    kinds = [split.kind for table in PLAN.values() for split in table.values()]
+    return {"forward": kinds.count("row"), "backward": kinds.count("column")}
 
 
 @dataclass(frozen=True)
