@@ -12,6 +12,9 @@ Dispatch rule:
   unavailable                                          -> the exact chunked PyTorch path, with one
   warning per reason that says why.
 - CPU (any dtype)                                      -> the exact chunked PyTorch path.
+- meta tensors (shapes only, e.g. tools/scaling.py's activation count)
+                                                       -> the fused op's fake implementation, which
+  keeps for backward what the kernel keeps (its inputs), not the chunked path's intermediates.
 
 r, k and v must share a dtype. Under autocast the decay w arrives in fp32 beside bf16 r, k, v (its
 parameter is fp32): w is cast to r's dtype, which is what a bf16 model without autocast computes.
@@ -142,5 +145,9 @@ def bi_wkv(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u
     if r.is_cuda and _implementation(r.device.index, r.dtype, r.shape[-1]) == "cuda":
         _counts["cuda"] += 1
         return _fused(r, k, v, w, u)
+    if r.is_meta:
+        from rwkvclip_dist.ops import bi_wkv_cuda  # defines the op and its fake; builds nothing
+
+        return torch.ops.rwkvclip.bi_wkv(r, k, v, w, u.to(torch.float32))
     _counts["chunked"] += 1
     return bi_wkv_chunked(r, k, v, w, u)
