@@ -2,7 +2,10 @@
 were read from is refused in one line naming both, and pyproject.toml's bounds are those ranges."""
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -43,12 +46,14 @@ def test_streaming_imports_light_and_whole():
     assert streaming.vision.__name__ == "streaming.vision"
 
 
-def test_a_training_rank_imports_neither_scikit_learn_nor_open_clip():
-    """Both cost seconds per process (open_clip's tokenizer, Streaming's C4 dataset); neither is used."""
-    import subprocess
-    import sys
-
-    code = ("import sys; import rwkvclip_dist.data.loader, rwkvclip_dist.training.runner, rwkvclip_dist.training.loop; "
-            "print(sorted(m for m in ('sklearn', 'open_clip') if m in sys.modules))")
+def test_neither_the_tokenizer_nor_a_training_rank_imports_scikit_learn_or_open_clip():
+    """Both cost seconds per process (open_clip's tokenizer, Streaming's C4 dataset) and neither is used;
+    the tokenizer alone imports no transformers either (Streaming's DataLoader still does)."""
+    code = ("import json, sys\n"
+            "heavy = lambda names: sorted(m for m in names if m in sys.modules)\n"
+            "from rwkvclip_dist.data.tokenizer import tokenize; tokenize('a cat')\n"
+            "alone = heavy(('open_clip', 'transformers', 'sklearn'))\n"
+            "import rwkvclip_dist.data.loader, rwkvclip_dist.training.runner, rwkvclip_dist.training.loop\n"
+            "print(json.dumps([alone, heavy(('open_clip', 'sklearn'))]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert json.loads(out) == [[], []]
