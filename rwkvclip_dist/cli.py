@@ -9,6 +9,10 @@ the file, key or sample; anything else is a bug and keeps its traceback.
 
     def main(argv=None) -> int:
         return run_tool(build_parser(), run, argv)      # run(args) -> int | None
+
+Options and positionals may come in any order (``--recipe R a.b=1 --run-dir D c.d=2``): every parser is
+read with ``parse_intermixed_args`` (argparse cannot do that with sub-commands; those read as usual).
+tests/test_layout.py checks that every tool follows this convention.
 """
 from __future__ import annotations
 
@@ -49,13 +53,20 @@ def debug_requested(argv: Sequence[str]) -> bool:
     return DEBUG_FLAG in argv or os.environ.get("RWKVCLIP_DEBUG") == "1"
 
 
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """``argv`` with options and positionals intermixed, as people type them."""
+    if any(isinstance(action, argparse._SubParsersAction) for action in parser._actions):
+        return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
+
+
 def run_tool(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int | None],
              argv: Sequence[str] | None = None, extra: tuple[type[BaseException], ...] = ()) -> int:
     """Parse ``argv`` (with ``--debug`` added, accepted anywhere, also after a sub-command) and run
     ``body(args)``; returns its exit status, or 2 after printing the error line of a user's mistake."""
     argv = list(sys.argv[1:] if argv is None else argv)
     add_debug_flag(parser)
-    args = parser.parse_args([a for a in argv if a != DEBUG_FLAG])
+    args = parse(parser, [a for a in argv if a != DEBUG_FLAG])
     try:
         return body(args) or 0
     except USER_ERRORS + extra as err:

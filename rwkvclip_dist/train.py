@@ -21,19 +21,20 @@ if __package__ in (None, ""):
     # Launched as a script: the package's own folder must not shadow top-level module names.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from rwkvclip_dist.cli import add_debug_flag, debug_requested, user_errors  # noqa: E402
+from rwkvclip_dist.cli import add_debug_flag, debug_requested, parse, user_errors  # noqa: E402
 from rwkvclip_dist.outputs import strict_json  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True, help="recipe YAML file")
     parser.add_argument("--run-dir", default=None, help="output directory (default: runs/<recipe name>)")
     # The deepspeed launcher appends --local_rank=N; the environment carries the same value.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. optimizer.lr=3e-4")
     add_debug_flag(parser)
-    return parser.parse_args(argv)
+    return parse(parser, sys.argv[1:] if argv is None else argv)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -134,7 +134,7 @@ def test_every_request_failing_exits_non_zero_with_one_line(server, tmp_path, ca
     _know_images(server, {}, {})  # the server decodes none of the images: HTTP 400 for every request
     assert main(_args(server, "caption", src, tmp_path / "cap.jsonl")) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: every sample of this run failed (http_400=3); see {tmp_path / 'cap.failures.jsonl'}"]
+    assert err == [f"generate_captions.py: error: every sample of this run failed (http_400=3); see {tmp_path / 'cap.failures.jsonl'}"]
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain/index.json").write_text(json.dumps({"version": 2, "shards": [{"format": "mds",
         "column_names": ["key", "raw"], "column_encodings": ["str", "str"], "column_sizes": [None, None],

@@ -87,6 +87,8 @@ def test_a_bad_input_is_one_line_and_exit_status_2(files, capsys, monkeypatch, t
     ("export_vision_encoder", ["a.safetensors", "b.safetensors", "--dtype", "half"], "--dtype: invalid choice"),
     ("evaluate", ["--model", "tiny", "--task", "zeroshot", "--batch-size", "0"], "--batch-size: must be >= 1"),
     ("evaluate", ["--model", "tiny", "--task", "zeroshot", "--workers", "-1"], "--workers: must be >= 0"),
+    ("make_shards", ["--input", "x.tar", "--out", "o", "--size-limit", "-5"], "--size-limit: must be >= 1"),
+    ("make_shards", ["--input", "x.tar", "--out", "o", "--workers", "0"], "--workers: must be >= 1"),
 ])
 def test_a_bad_argument_is_argparses_error(capsys, tool, argv, fragment):
     with pytest.raises(SystemExit) as stop:
@@ -94,6 +96,29 @@ def test_a_bad_argument_is_argparses_error(capsys, tool, argv, fragment):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert fragment in err.splitlines()[-1] and "Traceback" not in err
+
+
+def test_make_shards_output_that_is_a_file_is_one_line(files, capsys):
+    """Once a traceback (NotADirectoryError), and nothing may be written over the file."""
+    (files["root"] / "afile").write_text("keep")
+    argv = ["--input", str(files["root"] / "empty"), "--out", str(files["root"] / "afile")]
+    assert tool_main("make_shards")(argv) == 2
+    assert "afile' is a file, not a folder" in _one_line_error("make_shards", capsys)
+    assert (files["root"] / "afile").read_text() == "keep"
+
+
+def test_options_and_positionals_intermixed(tmp_path):
+    """Issue 21: ``train.py --recipe R a.b=1 --run-dir D c.d=2`` (overrides on both sides of an option)."""
+    from rwkvclip_dist.train import parse_args
+
+    args = parse_args(["--recipe", "r.yaml", "a.b=1", "--run-dir", str(tmp_path), "c.d=2", "--debug", "e=3"])
+    assert args.overrides == ["a.b=1", "c.d=2", "e=3"] and args.run_dir == str(tmp_path) and args.debug
+    seen = {}
+    parser = argparse.ArgumentParser(prog="t.py")
+    parser.add_argument("--flag")
+    parser.add_argument("items", nargs="*")
+    assert run_tool(parser, lambda a: seen.update(vars(a)), ["x", "--flag", "f", "--debug", "y"]) == 0
+    assert seen["items"] == ["x", "y"] and seen["flag"] == "f"
 
 
 def test_debug_shows_the_traceback(files):

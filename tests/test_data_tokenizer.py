@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from rwkvclip_dist.data.tokenizer import CONTEXT_LENGTH, EOT_TOKEN, SOT_TOKEN, tokenize
+from rwkvclip_dist.data.tokenizer import CONTEXT_LENGTH, EOT_TOKEN, SOT_TOKEN, count_tokens, tokenize
 from rwkvclip_dist.data.transforms import CLIP_MEAN, CLIP_STD, eval_transform, train_transform
 
 
@@ -34,6 +36,49 @@ def test_truncation_forces_end_token_last():
     assert torch.equal(t[0, :-1], full[:CONTEXT_LENGTH - 1])
     assert full[CONTEXT_LENGTH - 1] != EOT_TOKEN
     assert tokenize(words, context_length=16)[0, -1] == EOT_TOKEN
+
+
+# Pieces of the comparison sample: every character class CLIP's pre-tokenizer and cleaning treat apart.
+_PIECES = [
+    "a", "photo", "of", "the", "CAT", "Dog's", "DON'T", "we're", "i'll", "they've", "I'm", "he'd", "o'clock",
+    "2024", "3.14", "1,000,000", "x2", "B-52", "e-mail", "U.S.A.", "--", "...", "?!", "(hi)", "[x]", "{}",
+    "#tag", "@user", "http://example.com/a?b=c&d=e", "50%", "$9.99", "a/b", "_under_score_", "~", "`", "^",
+    "café", "naïve", "Straße", "ÆØÅ", "İstanbul", "ΣΊΣΥΦΟΣ", "москва", "日本語の文章", "中文", "한국어",
+    "العربية", "हिन्दी", "ไทย", "עברית", "e\u0301", "ﬁ", "²", "½", "Ⅻ", "٣", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "ＦＵＬＬ",
+    "😀", "👍🏽", "👨‍👩‍👧", "🇫🇷", "❤️", "☃", "🦄🦄", "©", "™", "°C", "€", "£", "¥", "§", "¶", "•", "–", "—",
+    "“quoted”", "‘single’", "«guillemets»", "&amp;", "&lt;b&gt;", "&#39;", "&amp;amp;", "&nbsp;", "Ã©tÃ©",
+    "â€™", "<start_of_text>", "<end_of_text>", "<END_OF_TEXT>", "\x00", "\x07", "\u200b", "\ufeff", "\ud7ff",
+]
+_SPACES = [" ", " ", " ", "  ", "\t", "\n", "\r\n", "\u00a0", "\u3000", "\u2028", ""]
+
+
+def _sample_texts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    texts = ["", " ", "\t\n ", "a", "A photo of a cat.", " ".join(["word"] * 200), "😀" * 90, "ab" * 500]
+    for _ in range(n):
+        words = rng.choices(_PIECES, k=rng.choice([1, 3, 8, 20, 60, 150]))
+        texts.append("".join(w + rng.choice(_SPACES) for w in words))
+    # Random code points from the whole Basic Multilingual Plane and beyond, surrogates left out.
+    for _ in range(n // 4):
+        texts.append("".join(chr(c) for c in (rng.randrange(0x20, 0x2FFFF) for _ in range(rng.randrange(1, 40)))
+                             if not 0xD800 <= c < 0xE000))
+    return texts
+
+
+def test_equal_to_open_clip_token_for_token():
+    """Our BPE against open_clip's ``SimpleTokenizer`` (the reference: CLIP's own code) on ~1,260 texts
+    of every character class, at the training context, a short one (truncation) and an untruncated one."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    reference = SimpleTokenizer(context_length=CONTEXT_LENGTH, clean="lower")
+    texts = _sample_texts(1000)
+    for length in (CONTEXT_LENGTH, 8, 2):
+        ours, theirs = tokenize(texts, context_length=length), reference(texts, context_length=length)
+        differ = [texts[i] for i in (ours != theirs).any(1).nonzero().flatten().tolist()]
+        assert not differ, f"context {length}: {len(differ)} texts differ, first {differ[0]!r}"
+    truncated = sum(len(reference.encode(t)) > CONTEXT_LENGTH - 2 for t in texts)
+    assert truncated > 150, "the sample must exercise truncation"
+    assert [count_tokens(t) for t in texts] == [len(reference.encode(t)) for t in texts]
 
 
 def test_bad_context_length_is_refused():

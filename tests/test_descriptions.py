@@ -22,6 +22,7 @@ from rwkvclip_dist.descriptions.bookkeeping import RunConfig
 from rwkvclip_dist.descriptions.cli import main
 from rwkvclip_dist.descriptions.client import ClientConfig, ServerError
 from rwkvclip_dist.descriptions.runner import run_online
+from tool_loader import tool_main
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = [
@@ -170,6 +171,18 @@ def test_unreachable_server_is_a_clear_error(tmp_path, capsys):
     args[1] = str(tmp_path / "typo.jsonl")
     assert main(args) == 2
     assert f"input {tmp_path / 'typo.jsonl'} does not exist" in capsys.readouterr().err, "input is checked first"
+
+
+@pytest.mark.parametrize("tool", ["generate_descriptions", "generate_captions"])
+def test_an_output_path_under_a_file_is_one_line(server, tmp_path, capsys, tool):
+    """Once a traceback (FileExistsError from mkdir): every tool ends through ``cli.run_tool``."""
+    srv = server()
+    write_samples(tmp_path / "in.jsonl", 2)
+    (tmp_path / "afile").write_text("")
+    argv = cli_args(srv, tmp_path / "in.jsonl", tmp_path / "afile" / "o.jsonl")
+    assert tool_main(tool)(argv + (["--step", "tags"] if tool == "generate_captions" else [])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{tool}.py: error: ") and "afile" in err[0], err
 
 
 @pytest.mark.parametrize("list_models", [True, False])

@@ -154,7 +154,7 @@ def test_recover_repairs_torn_tail(tmp_path):
 
 def test_output_lock_refuses_a_second_writer(tmp_path):
     out = tmp_path / "o.jsonl"
-    with JsonlAppender(out, exclusive=True), pytest.raises(RuntimeError, match=r"o\.jsonl is being written by"):
+    with JsonlAppender(out, exclusive=True), pytest.raises(BlockingIOError, match=r"o\.jsonl is being written by"):
         JsonlAppender(out, exclusive=True)
     with JsonlAppender(out, exclusive=True) as appender:  # released on close
         appender.write({"key": "a"})

@@ -79,8 +79,8 @@ def test_gpu_check_report_gathers_every_figure(tmp_path, capsys):
          "mfu": 0.41, "profile": [{"name": "bi_wkv", "self_ms": 3.0, "calls": 18}]},
         {"case": "vit-b16:896:ckpt", "batch": 16, "status": "OOM", "images_per_s": None, "peak_memory_gib": None,
          "mfu": None, "profile": []}]}))
-    results = tool_module("gpu_check_report").main([str(tmp_path), "gpu", "kernel_tests"])
-    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert tool_module("gpu_check_report").main([str(tmp_path), "gpu", "kernel_tests"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
     assert results["failed_steps"] == ["kernel_tests"] and results["total_seconds"] == 261
     assert results["bench_wkv_table"] is None  # a file no step wrote is missing, not made up
     text = capsys.readouterr().out

@@ -12,7 +12,7 @@ PACKAGE = REPO / "rwkvclip_dist"
 # Lower layers may not import higher ones. Imports inside functions count too: a hidden cycle is
 # still a cycle.
 LAYERS = [
-    {"typed_config", "cli", "outputs", "strict_yaml"},
+    {"typed_config", "cli", "outputs", "strict_yaml", "versions"},
     {"model", "ops"},
     {"data", "descriptions"},
     {"parallel", "loss", "pretrained_format"},
@@ -117,3 +117,84 @@ def test_files_stay_short_and_the_entry_point_thin():
             if (n := len(p.read_text().splitlines())) > MAX_LINES and "_csrc" not in p.parts}
     assert not long, f"files over {MAX_LINES} lines: {long}"
     assert len((PACKAGE / "train.py").read_text().splitlines()) < 60
+
+
+def _main_source(tool: Path) -> tuple[Path, ast.Module]:
+    """The file that defines ``main`` for ``tool``: the tool itself, or the module it imports main from."""
+    tree = ast.parse(tool.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and any(a.name == "main" for a in node.names):
+            path = REPO / (node.module.replace(".", "/") + ".py")
+            return path, ast.parse(path.read_text())
+    return tool, tree
+
+
+def test_every_tool_follows_the_one_cli_convention():
+    """``main(argv)`` is ``run_tool(parser, run, argv)`` (``--debug``, ``prog: error:`` lines, exit 2,
+    intermixed options and positionals); the parser names the tool; nothing parses arguments by itself;
+    the script ends with ``sys.exit(main())``."""
+    wrong = []
+    for tool in sorted((REPO / "tools").glob("*.py")):
+        path, tree = _main_source(tool)
+        where = f"tools/{tool.name}" + ("" if path == tool else f" (main in {path.relative_to(REPO)})")
+        mains = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
+        calls = [c for m in mains for c in ast.walk(m) if isinstance(c, ast.Call)]
+        if not any(getattr(c.func, "id", "") == "run_tool" for c in calls):
+            wrong.append(f"{where}: main() does not return run_tool(parser, run, argv)")
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+            if name in ("parse_args", "parse_known_args", "parse_intermixed_args"):
+                wrong.append(f"{where}:{node.lineno}: parses arguments itself; run_tool does")
+            if name == "ArgumentParser":
+                prog = next((k.value for k in node.keywords if k.arg == "prog"), None)
+                if not (isinstance(prog, ast.Constant) and prog.value == tool.name):
+                    wrong.append(f"{where}:{node.lineno}: ArgumentParser without prog={tool.name!r}")
+        ending = ast.parse(tool.read_text()).body[-1]
+        if not (isinstance(ending, ast.If) and "sys.exit(main())" in ast.unparse(ending)):
+            wrong.append(f"tools/{tool.name}: does not end with `if __name__ == \"__main__\": sys.exit(main())`")
+    assert not wrong, "\n".join(wrong)
+
+
+COMPAT = {"rwkvclip_dist/parallel/deepspeed_compat.py", "rwkvclip_dist/data/streaming_compat.py"}
+THIRD_PARTY = ("deepspeed", "streaming")
+# Private attributes of other libraries that a module importing DeepSpeed or Streaming may use:
+# os._exit (the documented way to leave without clean-up).
+ALLOWED_PRIVATE = {"_exit"}
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_only_the_compat_modules_use_deepspeeds_and_streamings_private_names():
+    """Imports of private DeepSpeed/Streaming names or modules, private attributes of other objects (in
+    a module that imports either library), and private methods overridden in subclasses of their
+    classes live in the two compat modules."""
+    wrong = []
+    for path in sorted([*PACKAGE.rglob("*.py"), *(REPO / "tools").glob("*.py")]):
+        where = str(path.relative_to(REPO))
+        if where in COMPAT or "_csrc" in path.parts:
+            continue
+        tree = ast.parse(path.read_text())
+        uses_them = any(isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] in THIRD_PARTY
+                        or isinstance(n, ast.Import) and any(a.name.split(".")[0] in THIRD_PARTY for a in n.names)
+                        for n in ast.walk(tree))
+        third_party_names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in THIRD_PARTY:
+                third_party_names.update(a.asname or a.name for a in node.names)
+                if any(_private(p) for p in node.module.split(".")) or any(_private(a.name) for a in node.names):
+                    wrong.append(f"{where}:{node.lineno}: from {node.module} import a private name")
+            elif isinstance(node, ast.Import):
+                wrong += [f"{where}:{node.lineno}: import {a.name}" for a in node.names
+                          if a.name.split(".")[0] in THIRD_PARTY and any(_private(p) for p in a.name.split("."))]
+            elif (isinstance(node, ast.Attribute) and uses_them and _private(node.attr)
+                  and node.attr not in ALLOWED_PRIVATE):
+                if getattr(node.value, "id", "") not in ("self", "cls"):
+                    wrong.append(f"{where}:{node.lineno}: .{node.attr} of another object")
+            elif isinstance(node, ast.ClassDef) and {getattr(b, "id", "") for b in node.bases} & third_party_names:
+                wrong += [f"{where}:{f.lineno}: overrides {f.name} of a third-party class" for f in node.body
+                          if isinstance(f, ast.FunctionDef) and _private(f.name)]
+    assert not wrong, "go through parallel/deepspeed_compat.py or data/streaming_compat.py:\n" + "\n".join(wrong)

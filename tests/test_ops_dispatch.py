@@ -139,3 +139,16 @@ def test_cuda_tensors_reach_the_fused_op(fresh_rule, monkeypatch):
         y = ops.bi_wkv(r, k, v, w, u)
         assert (y.shape, y.dtype, y.device.type) == (r.shape, torch.bfloat16, "cuda")
     assert ops.dispatch_counts() == {"cuda": 1, "triton": 0, "chunked": 0}
+
+
+def test_meta_tensors_keep_what_the_fused_kernel_keeps():
+    """tools/scaling.py counts activations on the meta device: Bi-WKV must save its inputs only (as the
+    fused kernel does), not the chunked path's per-chunk intermediates, and compute nothing."""
+    shape = (1, 40, 2, 64)
+    inputs = [torch.empty(shape, device="meta", dtype=torch.bfloat16, requires_grad=True) for _ in range(4)]
+    u = torch.empty(2, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((tuple(t.shape), t.dtype)) or t, lambda t: t):
+        y = ops.bi_wkv(*inputs, u)
+    assert y.shape == shape and y.is_meta
+    assert saved == [(shape, torch.bfloat16)] * 4 + [((2, 64), torch.float32)]

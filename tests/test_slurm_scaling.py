@@ -1,5 +1,5 @@
 """tools/scaling.py: the committed docs/scaling.md is what the script produces, and the numbers it is
-built from agree with the model code they claim to come from."""
+built from (rwkvclip_dist/training/scaling.py) agree with the model code they claim to come from."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rwkvclip_dist import create_model, get_model_config
+from rwkvclip_dist.training import scaling
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_B16_PARAMS = 148_181_121  # SPEC section 7
@@ -23,14 +24,14 @@ def _load_tool():
     return module
 
 
-scaling = _load_tool()
+tool = _load_tool()
 
 
 def test_committed_doc_is_current(tmp_path, capsys):
-    assert scaling.main(["--check", str(ROOT / "docs" / "scaling.md")]) == 0, capsys.readouterr().err
+    assert tool.main(["--check", str(ROOT / "docs" / "scaling.md")]) == 0, capsys.readouterr().err
     stale = tmp_path / "scaling.md"
     stale.write_text((ROOT / "docs" / "scaling.md").read_text().replace("| 8 |", "| 9 |", 1))
-    assert scaling.main(["--check", str(stale)]) == 1
+    assert tool.main(["--check", str(stale)]) == 1
     assert "stale" in capsys.readouterr().err
 
 

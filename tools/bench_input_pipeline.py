@@ -36,6 +36,8 @@ import time
 
 import numpy as np
 
+from rwkvclip_dist.cli import run_tool
+
 
 
 def make_tars(paths: list[str], n: int, sides: tuple[int, int]) -> None:
@@ -176,8 +178,8 @@ def object_store_pipelines(args, tars: list[str], work: str, shape: tuple, stack
                 lambda: ours_remote(remote, *shape, cache_limit=str(limit), shuffle_block_size=block)}, s3
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench_input_pipeline.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", type=int, default=2048,
                    help="a multiple of --batch: our loader drops a last partial batch (drop_last)")
     p.add_argument("--image-side", type=int, default=320, help="stored JPEG side in pixels (square)")
@@ -191,9 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--object-store", action="store_true",
                    help="add rows read through an S3 server (moto_server on 127.0.0.1)")
     p.add_argument("--store-shard-mb", type=int, default=4, help="shard size of the --object-store rows")
-    args = p.parse_args(argv)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
     if args.samples % args.batch:
-        p.error("--samples must be a multiple of --batch so both pipelines count the same samples")
+        raise ValueError("--samples must be a multiple of --batch so both pipelines count the same samples")
 
     import torch
     from streaming.base.util import clean_stale_shared_memory
@@ -205,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     # one tar per worker (webdataset splits by tar); the MDS shards are built from the same samples
     sides = tuple(args.image_sides) if args.image_sides else (args.image_side, args.image_side)
     if not 1 <= sides[0] <= sides[1]:
-        p.error("--image-sides: need 1 <= MIN <= MAX")
+        raise ValueError("--image-sides: need 1 <= MIN <= MAX")
     label = f"{sides[0]}px" if sides[0] == sides[1] else f"{sides[0]}-{sides[1]}px"
     tar_dir = os.path.join(work, f"{args.samples}x{label}_{max(1, args.workers)}tars")
     tars = [os.path.join(tar_dir, f"{i:05d}.tar") for i in range(max(1, args.workers))]
@@ -250,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, counts in downloads.items():
         print(f"shard downloads per epoch, {name}: {statistics.median(counts):.0f}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

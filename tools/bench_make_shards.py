@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+from rwkvclip_dist.cli import run_tool
+
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 INPUT_SAMPLES = 512  # the tar of the captions benchmark: caption rows, not images, are what grows
 
@@ -201,8 +203,8 @@ def parts_bench(args: argparse.Namespace, work: str) -> None:
     print(f"| all steps of the {args.parts}-part build together (the work) | {work[0]:.1f} | {work[1]:.1f} |")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench_make_shards.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("captions", help="peak memory of the caption join against caption rows")
     c.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
@@ -218,13 +220,20 @@ def main(argv: list[str] | None = None) -> int:
     k = sub.add_parser("_child")
     for name in ("--store", "--input", "--captions", "--out"):
         k.add_argument(name, required=True)
-    args = p.parse_args(argv)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
     if args.cmd == "_child":
         return child(args)
     work = args.workdir or tempfile.mkdtemp(prefix="bench-shards-")
     os.makedirs(work, exist_ok=True)
     (captions_bench if args.cmd == "captions" else parts_bench)(args, work)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 
 from rwkvclip_dist import create_model, ops
+from rwkvclip_dist.cli import run_tool
 from rwkvclip_dist.loss import ClipLoss
 from rwkvclip_dist.model.flops import forward_flops_per_sample
 from rwkvclip_dist.outputs import strict_json
@@ -232,8 +234,8 @@ def table(results: list[Result], title: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> list[Result]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench_train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", help="MODEL:IMAGE_SIZE[:ckpt] (default: the issue's list)")
     parser.add_argument("--tiny", action="store_true", help="tiny models at 32 px (the CPU smoke test)")
     parser.add_argument("--batch", type=int, help="per-GPU batch for every case (default: by image size)")
@@ -248,8 +250,10 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--require-fused", action="store_true",
                         help="fail unless every RWKV case ran all its Bi-WKV calls on the fused kernel")
     parser.add_argument("--out", type=Path, help="JSON results file")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     if device.type == "cuda":
@@ -281,8 +285,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
                    and (r.bi_wkv_calls["chunked"] or not r.bi_wkv_calls["cuda"])]
         if unfused:
             raise SystemExit(f"bench_train: the fused Bi-WKV kernel did not serve every call in {unfused}")
-    return results
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from rwkvclip_dist import ops
+from rwkvclip_dist.cli import run_tool
 from rwkvclip_dist.ops import bi_wkv_cuda as ours
 from rwkvclip_dist.ops import bi_wkv_triton
 from rwkvclip_dist.ops.build import (BuildConfig, REPO_ROOT, extensions_dir, pinned_arch_list, use_toolkit,
@@ -131,8 +133,8 @@ def time_fwd_bwd(fn, inputs, grad, repeats: int) -> tuple[float, torch.Tensor]:
     return statistics.median(times), output.detach()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench_wkv.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[197, 257, 577, 1025, 4096])
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=10)
@@ -142,7 +144,10 @@ def main() -> None:
     parser.add_argument("--build-baseline", metavar="ARCH",
                         help="only compile the two-scan baseline for ARCH (e.g. 9.0) and exit: needs nvcc, not a GPU "
                              "(tools/gpu_check.sh --cpu does this before a GPU session)")
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
     if args.build_baseline:
         module = build_two_scan((args.build_baseline,))
         assert callable(module.forward) and callable(module.backward)
@@ -209,5 +214,9 @@ def main() -> None:
     print(f"written to {out}")
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(build_parser(), run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 
 import torch
 
+from rwkvclip_dist.cli import run_tool
 from rwkvclip_dist.ops.bi_wkv_chunked import bi_wkv_chunked
 from rwkvclip_dist.ops.bi_wkv_reference import bi_wkv_scan
 
@@ -28,16 +30,18 @@ def time_fwd_bwd(fn, inputs, repeats: int) -> float:
     return statistics.median(times[1:])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench_wkv_cpu.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-size", type=int, default=80)
     parser.add_argument("--tokens", type=int, nargs="+", default=[49, 196, 577, 1025])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", help="also write the table as Markdown to this file")
-    args = parser.parse_args()
+    return parser
 
+
+def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     rows = []
     for tokens in args.tokens:
@@ -58,5 +62,9 @@ def main() -> None:
             handle.write(f"# Bi-WKV CPU benchmark\n\nCommand: `python tools/bench_wkv_cpu.py --out {args.out}`\n\n{table}\n")
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(build_parser(), run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

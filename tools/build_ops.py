@@ -12,21 +12,25 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
+from rwkvclip_dist.cli import run_tool
 from rwkvclip_dist.ops.build import DEFAULT_ARCHS, BuildConfig, build, extensions_dir
 from rwkvclip_dist.ops.ptxas_report import format_report, ptxas_report
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="build_ops.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help=f"cache directory (default: {extensions_dir()})")
     parser.add_argument("--archs", nargs="+", default=list(DEFAULT_ARCHS), help="compute capabilities")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile jobs")
     parser.add_argument("--report", action="store_true", help="print registers, shared memory and spills")
-    args = parser.parse_args()
+    return parser
 
+
+def run(args: argparse.Namespace) -> int:
     config = BuildConfig(archs=tuple(args.archs), ptxas_verbose=args.report, jobs=args.jobs)
     start = time.perf_counter()
     module, build_dir = build(config, root=args.out)
@@ -38,5 +42,9 @@ def main() -> None:
     print(f"use it with: export RWKVCLIP_EXTENSIONS_DIR={build_dir.parent}")
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(build_parser(), run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,20 +8,31 @@ every figure of the run. A file a failed step did not write is recorded as missi
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
 from rwkvclip_dist.outputs import strict_json
+from rwkvclip_dist.cli import run_tool
 
 
 def read_json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = sys.argv[1:] if argv is None else argv
-    out, mode, failed = Path(args[0]), args[1], (args[2].split() if len(args) > 2 else [])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpu_check_report.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("out", type=Path, help="gpu_check.sh's OUT_DIR")
+    p.add_argument("mode", help="gpu or cpu")
+    p.add_argument("failed", nargs="?", default="", help="the failed steps, one argument separated by spaces")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    out, mode, failed = args.out, args.mode, args.failed.split()
+    if not (out / "steps.tsv").is_file():
+        raise FileNotFoundError(f"{out / 'steps.tsv'}: no such file (is {out} gpu_check.sh's OUT_DIR?)")
     steps = []
     for line in (out / "steps.tsv").read_text().splitlines():
         name, code, seconds = line.split("\t")
@@ -69,8 +80,12 @@ def main(argv: list[str] | None = None) -> dict:
             lines += ["", "top kernels of one profiled step (self time, ms): "
                       + "; ".join(f"{p['name'][:40]} {p['self_ms']:.2f}" for p in top[:5])]
     print("\n".join(lines))
-    return results
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -35,20 +35,21 @@ import logging
 import os
 import sys
 
+from rwkvclip_dist.cli import at_least, run_tool
 from rwkvclip_dist.data.builder import REPORT, BuildOptions, build_shards
 from rwkvclip_dist.data.parts import IncompleteBuild, build_part, merge_parts, parse_shard, prepare
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="make_shards.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", action="append", default=[],
                    help="tar / parquet / csv file, glob, or image folder (repeatable)")
     p.add_argument("--out", required=True, help="output directory (MDS index.json + part folders)")
     p.add_argument("--captions", action="append", default=[],
                    help="JSONL of {key, synthetic?, generated?, tags?}; repeatable, later files win")
-    p.add_argument("--resize-max-side", type=int, default=None, help="downscale longer image side to N px")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel input files")
-    p.add_argument("--size-limit", type=int, default=None, help="bytes per shard before compression")
+    p.add_argument("--resize-max-side", type=at_least(1), default=None, help="downscale longer image side to N px")
+    p.add_argument("--workers", type=at_least(1), default=os.cpu_count() or 1, help="parallel input files")
+    p.add_argument("--size-limit", type=at_least(1), default=None, help="bytes per shard before compression")
     p.add_argument("--labels", default=None,
                    help="write a label column: 'folder' (class subfolders) or a CSV/parquet column name")
     p.add_argument("--classes", default=None, help="class list for --labels, one name a line in label order")
@@ -91,26 +92,18 @@ def _decontam_index(args: argparse.Namespace) -> str | None:
     return index
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = _parser()
-    args = p.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    if args.resize_max_side is not None and args.resize_max_side < 1:
-        p.error("--resize-max-side must be >= 1")
-    if args.workers < 1:
-        p.error("--workers must be >= 1")
     if not args.input and not args.merge:
-        p.error("--input is required (except with --merge)")
+        raise ValueError("--input is required (except with --merge)")
     if args.classes is not None and args.labels is None:
-        p.error("--classes needs --labels")
+        raise ValueError("--classes needs --labels")
     for path, flag in [(c, "--captions") for c in args.captions] + [(args.classes, "--classes")]:
         if path is not None and not os.path.isfile(path):
-            p.error(f"{flag} {path!r}: no such file")
-    try:
-        index = _decontam_index(args) if not args.merge else args.decontam_index
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"make_shards: error: {e}", file=sys.stderr)
-        return 2
+            raise ValueError(f"{flag} {path!r}: no such file")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} is a file, not a folder")
+    index = _decontam_index(args) if not args.merge else args.decontam_index
     opts = BuildOptions(inputs=args.input, out=args.out, captions=args.captions,
                         resize_max_side=args.resize_max_side, workers=args.workers,
                         labels=args.labels, classes=args.classes, overwrite=args.overwrite, decontam_index=index,
@@ -127,18 +120,19 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         report = merge_parts(args.out, args.workers, opts if args.input else None) if args.merge else build_shards(opts)
     except IncompleteBuild as e:
-        print(f"make_shards: error: {e}", file=sys.stderr)
+        print(f"make_shards.py: error: {e}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError) as e:
-        print(f"make_shards: error: {e}", file=sys.stderr)
-        return 2
     print(json.dumps({k: report[k] for k in ("written", "rejected_total", "rejected",
                                              "unknown_caption_keys")}, allow_nan=False))
     if report["written"] == 0:
-        print(f"make_shards: error: no usable sample was written; see {os.path.join(args.out, REPORT)}",
+        print(f"make_shards.py: error: no usable sample was written; see {os.path.join(args.out, REPORT)}",
               file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

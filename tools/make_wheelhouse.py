@@ -38,6 +38,8 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from rwkvclip_dist.cli import run_tool
+
 REPO = Path(__file__).resolve().parent.parent
 NOT_ROOTS = {"torch", "torchvision"}  # tied to the machine's CUDA build
 SKIPPED = {
@@ -158,8 +160,8 @@ def build_deepspeed(version: str | None, into: Path) -> Path:
         return Path(shutil.move(str(wheel), into / wheel.name))
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="make_wheelhouse.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="wheelhouse directory (created)")
     parser.add_argument("--python", default="3.12", help="target Python version (default 3.12, the GPU image's)")
     parser.add_argument("--platform", default="manylinux_x86_64", help="manylinux_x86_64 or manylinux_aarch64")
@@ -168,8 +170,10 @@ def main(argv: list[str] | None = None) -> Path:
                       help="what the target already has (default: the lent GPU machines' CUDA image)")
     base.add_argument("--base-from-python", metavar="PY", help="the target has what this interpreter has")
     parser.add_argument("--max-mib", type=float, default=45.0, help="fail if the wheelhouse grows past this")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def run(args: argparse.Namespace) -> int:
     have = (installed_names(args.base_from_python) if args.base_from_python
             else {canonicalize_name(n) for n in CUDA_IMAGE.split()})
     environment = marker_environment(args.python, args.platform)
@@ -202,8 +206,12 @@ def main(argv: list[str] | None = None) -> Path:
     print("left out: " + "; ".join(skipped))
     if total > args.max_mib:
         raise SystemExit(f"make_wheelhouse: {total:.1f} MiB is over --max-mib {args.max_mib}")
-    return args.out
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,20 +12,25 @@ under memcheck too.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
 from rwkvclip_dist import ops
+from rwkvclip_dist.cli import run_tool
 from rwkvclip_dist.ops.bi_wkv_chunked import bi_wkv_chunked
 
 HEAD_SIZES = (16, 64, 80, 128)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sanitize_wkv.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tokens", type=int, default=37)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and set(ops.prepare(device, torch.bfloat16, HEAD_SIZES).values()) != {"cuda"}:
         raise SystemExit("sanitize_wkv: the fused kernel is not available for every head size: "
@@ -61,5 +66,9 @@ def main(argv: list[str] | None = None) -> None:
           f"ok, Bi-WKV calls {ops.dispatch_counts()}")
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(build_parser(), run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from rwkvclip_dist.checkpoint.integrity import CheckpointError
+from rwkvclip_dist.parallel.deepspeed_compat import checkpoint_classes, replace_checkpoint_loader
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -25,11 +26,7 @@ class UnsafeCheckpointError(CheckpointError):
 
 def deepspeed_safe_globals() -> list:
     """The DeepSpeed classes its checkpoint files legitimately hold; none runs code when rebuilt."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+    return checkpoint_classes()
 
 
 def load_weights_only(path: str | Path, map_location: Any = "cpu") -> Any:
@@ -49,9 +46,8 @@ def load_weights_only(path: str | Path, map_location: Any = "cpu") -> Any:
 def make_engine_loads_safe(engine) -> None:
     """Route every file DeepSpeed's engine reads (model, optimizer and ZeRO shards) through
     :func:`load_weights_only` instead of its ``torch.load(..., weights_only=False)``."""
-    checkpoint_engine = engine.checkpoint_engine
 
     def load(path: str, map_location=None):
         return load_weights_only(path, map_location)
 
-    checkpoint_engine.load = load
+    replace_checkpoint_loader(engine, load)

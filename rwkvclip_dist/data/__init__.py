@@ -3,7 +3,7 @@
 import importlib
 
 # Resolved on first use: the shard builder (tools/make_shards.py, one process per Slurm task) needs
-# none of these, and the tokenizer alone imports open_clip (seconds per process).
+# none of these (the transforms import torchvision).
 _EXPORTS = {"DataConfig": "config", "StreamConfig": "config", "tokenize": "tokenizer",
             "train_transform": "transforms", "eval_transform": "transforms"}
 __all__ = list(_EXPORTS)

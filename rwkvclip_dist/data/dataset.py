@@ -16,12 +16,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from PIL import Image
-from streaming import StreamingDataset
-from streaming.base.dataset import _ShardState
-from streaming.base.shared import SharedScalar
-from streaming.base.shared.prefix import _get_path
 
 from rwkvclip_dist.data.columns import TEXT_COLUMNS, TEXT_ID
+from rwkvclip_dist.data.streaming_compat import EpochAwareDataset, SharedScalar, node_shared_name, shard_is_local
 from rwkvclip_dist.data.tokenizer import CONTEXT_LENGTH, tokenize
 
 log = logging.getLogger(__name__)
@@ -104,7 +101,7 @@ def choose_text(texts: dict[str, str], weights: dict[str, float], u: float) -> s
     return next(k for k, wk in zip(reversed(avail), reversed(w)) if wk > 0)  # u*total rounding
 
 
-class ThreeTextDataset(StreamingDataset):
+class ThreeTextDataset(EpochAwareDataset):
     """Streaming image-text dataset with per-sample text choice (SPEC section 8)."""
 
     def __init__(self, *, transform: Callable, text_weights: dict[str, float] | None = None,
@@ -122,7 +119,7 @@ class ThreeTextDataset(StreamingDataset):
         self.context_length = context_length
         self._epoch = 0
         # Node-wide counter in shared memory, so worker processes' replacements reach the trainer.
-        self.corrupt_counter = NodeCounter(_get_path(self._shm_prefix_int, CORRUPT_SHM))
+        self.corrupt_counter = NodeCounter(node_shared_name(self, CORRUPT_SHM))
 
     @property
     def num_corrupt(self) -> int:
@@ -138,13 +135,12 @@ class ThreeTextDataset(StreamingDataset):
         if self.cache_limit is None and shard_id in self._known_local:
             return
         super().prepare_shard(shard_id, blocking)
-        if self._shard_states[shard_id] == _ShardState.LOCAL:
+        if shard_is_local(self, shard_id):
             self._known_local.add(shard_id)
 
-    def _get_work(self, epoch: int, sample_in_epoch: int):
+    def on_epoch(self, epoch: int) -> None:
         # The only place a worker learns its epoch; it seeds the per-sample randomness below.
         self._epoch = epoch
-        return super()._get_work(epoch, sample_in_epoch)
 
     def decode(self, row: dict[str, Any], sample_id: int) -> tuple:
         """Turn one MDS row into model inputs; raises on an undecodable image."""

@@ -15,11 +15,11 @@ import urllib.parse
 from typing import Any
 
 import torch
-from streaming import Stream, StreamingDataLoader
 
 from rwkvclip_dist.data.config import DataConfig, StreamConfig
 from rwkvclip_dist.data.dataset import ThreeTextDataset
 from rwkvclip_dist.data.index_check import check_local_index, safe_basename
+from rwkvclip_dist.data.streaming_compat import Stream, StreamingDataLoader
 from rwkvclip_dist.data.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)

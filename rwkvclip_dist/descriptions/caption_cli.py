@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rwkvclip_dist.cli import run_tool
 from rwkvclip_dist.descriptions.bookkeeping import RunStats
 from rwkvclip_dist.descriptions.captions import load_task
+from rwkvclip_dist.descriptions.client import ServerError
 from rwkvclip_dist.descriptions.cli import add_run_args, execute, finish
 from rwkvclip_dist.descriptions.quality import MAX_TEXT_TOKENS
 
@@ -30,9 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-
+def run(args: argparse.Namespace) -> int:
     def work() -> RunStats:
         if args.max_tags < 1:
             raise ValueError(f"--max-tags must be at least 1, got {args.max_tags}")
@@ -40,3 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return execute(args, load_task(args.step, args.prompt, **options))
 
     return finish(args, work)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(build_parser(), run, argv, extra=(ServerError,))

@@ -1,7 +1,7 @@
 """Command lines of tools/generate_descriptions.py and, through the shared parts here, of
 tools/generate_captions.py (caption_cli.py): server, run and offline options, and one way to end a
 run (summary line; exit 0, 1 when every sample failed and nothing was ever written, 2 on an error that
-stopped the run)."""
+stopped the run: ``cli.run_tool``'s one line, ``prog: error: ...``)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from rwkvclip_dist.cli import run_tool
 from rwkvclip_dist.descriptions.bookkeeping import RunConfig, RunStats
 from rwkvclip_dist.descriptions.client import ClientConfig, ServerError
 from rwkvclip_dist.descriptions.instruct import FORMATS, export_instruct
@@ -49,6 +50,7 @@ def add_run_args(p: argparse.ArgumentParser, out_help: str, parts: str) -> None:
                    help="replace an --out written by another job (other step, model or prompt); the same job resumes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(prog=p.prog)  # finish() names the tool in its error line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,29 +117,24 @@ def execute(args: argparse.Namespace, task: Task, joins: tuple[Path, ...] = ()) 
 
 
 def finish(args: argparse.Namespace, work: Callable[[], RunStats], after: Callable[[], None] | None = None) -> int:
-    """Run ``work`` with logging set up; print the summary; the exit status of the tool."""
+    """Run ``work`` with logging set up; print the summary; the exit status of the tool (errors that stop
+    the run are raised, for :func:`run_tool`)."""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        stats = work()
-        log.info("summary: %s", stats.summary())
-        # Nothing written, now or by an earlier run: the setup is wrong (a text-only model given images,
-        # a prompt the server rejects), not the samples. A rerun whose last few keys fail again is fine.
-        if stats.done == 0 and stats.failed and not stats.already_done:
-            reasons = ", ".join(f"{r}={n}" for r, n in sorted(stats.failed.items()))
-            failures = args.out.with_name(args.out.stem + ".failures.jsonl")
-            print(f"error: every sample of this run failed ({reasons}); see {failures}", file=sys.stderr)
-            return 1
-        if after is not None:
-            after()
-    except (ServerError, ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    stats = work()
+    log.info("summary: %s", stats.summary())
+    # Nothing written, now or by an earlier run: the setup is wrong (a text-only model given images,
+    # a prompt the server rejects), not the samples. A rerun whose last few keys fail again is fine.
+    if stats.done == 0 and stats.failed and not stats.already_done:
+        reasons = ", ".join(f"{r}={n}" for r, n in sorted(stats.failed.items()))
+        failures = args.out.with_name(args.out.stem + ".failures.jsonl")
+        print(f"{args.prog}: error: every sample of this run failed ({reasons}); see {failures}", file=sys.stderr)
+        return 1
+    if after is not None:
+        after()
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-
+def run(args: argparse.Namespace) -> int:
     def work() -> RunStats:
         quality = QualityConfig(max_text_tokens=args.max_text_tokens, check_grounding=not args.no_grounding_check)
         return execute(args, DescribeTask.load(args.prompt, quality), tuple(args.captions))
@@ -151,3 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             log.info("wrote %d %s records to %s (registered in dataset_info.json)", count, args.format, path)
 
     return finish(args, work, export)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # A server that refuses the run (unreachable, wrong model, bad key) is the user's to fix: one line.
+    return run_tool(build_parser(), run, argv, extra=(ServerError,))

@@ -33,7 +33,7 @@ def _import_vllm():  # returns the vllm module, which has no type stubs where it
     try:
         import vllm
     except ImportError as err:
-        raise RuntimeError(
+        raise ImportError(
             "--offline-vllm needs the 'vllm' package (a CUDA build, on a GPU machine), but it cannot be "
             f"imported here ({err}). Install it with 'pip install vllm' or use --base-url with a running server."
         ) from err

@@ -99,7 +99,7 @@ class JsonlAppender:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as err:
             os.close(self._fd)
-            raise RuntimeError(f"{self.path} is being written by another run; give each worker its own --out") from err
+            raise BlockingIOError(f"{self.path} is being written by another run; give each worker its own --out") from err
         except OSError as err:
             if err.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
                 raise

@@ -17,6 +17,9 @@ Paths: ``cuda`` (the fused CUDA kernel, ``bi_wkv_cuda``), ``triton`` (the fused 
 - ``cuda`` / ``triton``: that path only; if it cannot serve the tensors or fails its self-test, the
   first call raises RuntimeError instead of falling back.
 - ``chunked``: the chunked path everywhere.
+- meta tensors (shapes only, e.g. tools/scaling.py's activation count): the fused op's fake
+  implementation, which keeps for backward what the kernel keeps (its inputs), not the chunked
+  path's intermediates; counted nowhere.
 
 r, k and v must share a dtype. Under autocast the decay w arrives in fp32 beside bf16 r, k, v (its
 parameter is fp32): w is cast to r's dtype, which is what a bf16 model without autocast computes.
@@ -223,6 +226,10 @@ def bi_wkv(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u
     _check_inputs(r, k, v, w, u)
     if w.dtype != r.dtype:
         w = w.to(r.dtype)
+    if r.is_meta:
+        from rwkvclip_dist.ops import bi_wkv_cuda  # defines the op and its fake; builds nothing
+
+        return torch.ops.rwkvclip.bi_wkv(r, k, v, w, u.to(torch.float32))
     path = _implementation(_device_key(r.device), r.dtype, r.shape[-1])
     _counts[path] += 1
     if path == "chunked":

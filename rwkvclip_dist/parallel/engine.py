@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from rwkvclip_dist.parallel.deepspeed_compat import ensure_world_group, zero3_fp32_partition
 from rwkvclip_dist.parallel.launch_env import LaunchEnv, export_to_environ
 from rwkvclip_dist.typed_config import FieldError
 
@@ -70,7 +71,6 @@ def init_distributed(launch: LaunchEnv, backend: str = "auto", timeout_s: float 
     """
     import deepspeed
     import torch.distributed as dist
-    from deepspeed.utils import groups
 
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -88,10 +88,7 @@ def init_distributed(launch: LaunchEnv, backend: str = "auto", timeout_s: float 
         dist.init_process_group(backend, store=dist.PrefixStore(f"rwkvclip/attempt_{attempt}", store),
                                 rank=launch.rank, world_size=launch.world_size, timeout=timeout)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
-    # ZeRO runs its collectives on a clone of the world group that DeepSpeed creates on first use
-    # with torch's default timeout (30 min gloo, 10 min NCCL), not the one above; create it here.
-    if groups._WORLD_GROUP is None:
-        groups._WORLD_GROUP = dist.new_group(ranks=list(range(launch.world_size)), timeout=timeout)
+    ensure_world_group(launch.world_size, timeout)
     return backend
 
 
@@ -156,8 +153,7 @@ def clamp_parameter_(engine, param: nn.Parameter, low: float, high: float) -> No
                 param.clamp_(low, high)
         # ZeRO-3: clamp is elementwise, so each rank clamps its own slice of the fp32 master.
         # (safe_set_full_fp32_param cannot set a parameter with fewer elements than ranks.)
-        partition, _ = param._z3_optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False)
-        partition.data.clamp_(low, high)
+        zero3_fp32_partition(param).data.clamp_(low, high)
         return
     master = safe_get_full_fp32_param(param)
     if master is not None:

@@ -22,6 +22,9 @@ gradient norm. :func:`split_dims` names every split parameter and its dimension,
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -29,11 +32,41 @@ from rwkvclip_dist.model.config import ModelConfig
 from rwkvclip_dist.model.mixing import ChannelMix, TimeMix
 from rwkvclip_dist.parallel.groups import ParallelGroups
 
-# Parameter (relative to its TimeMix / ChannelMix) -> dimension split across the TP group.
-TIME_MIX_SPLITS = {"receptance.weight": 0, "key.weight": 0, "value.weight": 0, "gate.weight": 0,
-                   "output.weight": 1, "decay": 2, "decay_w2": 1, "bonus": 0,
-                   "ln_x.weight": 0, "ln_x.bias": 0}
-CHANNEL_MIX_SPLITS = {"key.weight": 0, "value.weight": 1}
+
+@dataclass(frozen=True)
+class Split:
+    """How tensor parallelism splits one layer or parameter of a time mix or channel mix.
+
+    ``column``: an ``nn.Linear`` split by output features (weight dim 0), megatron's ColumnParallelLinear;
+    ``row``: split by input features (weight dim 1), RowParallelLinear, whose forward all-reduces;
+    ``norm``: the GroupNorm over heads, its groups and affine parameters split (dim 0);
+    ``param``: a plain parameter split along ``dim``.
+    """
+
+    kind: Literal["column", "row", "norm", "param"]
+    dim: int
+
+    def parameters(self, name: str) -> dict[str, int]:
+        """``{parameter name relative to the mixing module: split dimension}`` of the layer ``name``."""
+        if self.kind in ("column", "row"):
+            return {f"{name}.weight": self.dim}
+        if self.kind == "norm":
+            return {f"{name}.weight": self.dim, f"{name}.bias": self.dim}
+        return {name: self.dim}
+
+
+COLUMN, ROW, NORM = Split("column", 0), Split("row", 1), Split("norm", 0)
+PLAN: dict[type[nn.Module], dict[str, Split]] = {
+    TimeMix: {"receptance": COLUMN, "key": COLUMN, "value": COLUMN, "gate": COLUMN, "output": ROW,
+              "decay": Split("param", 2), "decay_w2": Split("param", 1), "bonus": Split("param", 0), "ln_x": NORM},
+    ChannelMix: {"key": COLUMN, "value": ROW},  # receptance gates the full-width output: replicated
+}
+"""The split plan, written once: it drives the slicing (:func:`shard_model`), the layer swap
+(:func:`parallelize`), the split dimensions (:func:`split_dims`) and tools/scaling.py's all-reduce count."""
+
+
+def _plan(module: nn.Module) -> dict[str, Split]:
+    return next((table for kind, table in PLAN.items() if isinstance(module, kind)), {})
 
 
 def tensor_parallel_problems(config: ModelConfig, tensor_parallel: int) -> list[str]:
@@ -55,9 +88,8 @@ def split_dims(model: nn.Module) -> dict[str, int]:
     """``{parameter name: split dimension}`` of every parameter that tensor parallelism splits."""
     dims = {}
     for prefix, module in model.named_modules():
-        table = TIME_MIX_SPLITS if isinstance(module, TimeMix) else CHANNEL_MIX_SPLITS if isinstance(
-            module, ChannelMix) else {}
-        dims.update({f"{prefix}.{name}": dim for name, dim in table.items()})
+        for layer, split in _plan(module).items():
+            dims.update({f"{prefix}.{name}": dim for name, dim in split.parameters(layer).items()})
     return dims
 
 
@@ -79,23 +111,24 @@ def shard_model(model: nn.Module, rank: int, size: int) -> nn.Module:
     """Replace every split parameter of ``model`` by TP rank ``rank``'s slice of it, in place, with
     plain modules. The towers' configs are unchanged; each time mix then holds heads
     ``[rank * H / size, (rank + 1) * H / size)``."""
-    for module in model.modules():
+    for module in list(model.modules()):
+        for name, split in _plan(module).items():
+            setattr(module, name, _slice(getattr(module, name), split, rank, size))
         if isinstance(module, TimeMix):
-            for name in ("receptance", "key", "value", "gate", "output"):
-                setattr(module, name, _sliced_linear(getattr(module, name), TIME_MIX_SPLITS[f"{name}.weight"], rank, size))
-            for name in ("decay", "decay_w2", "bonus"):
-                setattr(module, name, nn.Parameter(_chunk(getattr(module, name), TIME_MIX_SPLITS[name], rank, size)))
-            norm = module.ln_x
-            local = nn.GroupNorm(norm.num_groups // size, norm.num_channels // size, eps=norm.eps,
-                                 device=norm.weight.device, dtype=norm.weight.dtype)
-            local.weight = nn.Parameter(_chunk(norm.weight, 0, rank, size))
-            local.bias = nn.Parameter(_chunk(norm.bias, 0, rank, size))
-            module.ln_x = local
             module.num_heads //= size
-        elif isinstance(module, ChannelMix):
-            module.key = _sliced_linear(module.key, 0, rank, size)
-            module.value = _sliced_linear(module.value, 1, rank, size)
     return model
+
+
+def _slice(layer: nn.Module | nn.Parameter, split: Split, rank: int, size: int) -> nn.Module | nn.Parameter:
+    if split.kind in ("column", "row"):
+        return _sliced_linear(layer, split.dim, rank, size)
+    if split.kind == "norm":
+        local = nn.GroupNorm(layer.num_groups // size, layer.num_channels // size, eps=layer.eps,
+                             device=layer.weight.device, dtype=layer.weight.dtype)
+        local.weight = nn.Parameter(_chunk(layer.weight, split.dim, rank, size))
+        local.bias = nn.Parameter(_chunk(layer.bias, split.dim, rank, size))
+        return local
+    return nn.Parameter(_chunk(layer, split.dim, rank, size))
 
 
 def parallelize(model: nn.Module, groups: ParallelGroups) -> nn.Module:
@@ -108,17 +141,16 @@ def parallelize(model: nn.Module, groups: ParallelGroups) -> nn.Module:
 
     size, group = groups.tensor_parallel, groups.tp_group
     shard_model(model, groups.tp_rank, size)
-    for module in model.modules():
+    swap = {"column": column_parallel, "row": row_parallel}
+    for module in list(model.modules()):
+        for name, split in _plan(module).items():
+            if split.kind in swap:
+                setattr(module, name, swap[split.kind](getattr(module, name), size, group))
+            else:
+                for param, dim in split.parameters(name).items():
+                    mark_split(module.get_parameter(param), dim)
         if isinstance(module, TimeMix):
-            for name in ("receptance", "key", "value", "gate"):
-                setattr(module, name, column_parallel(getattr(module, name), size, group))
-            module.output = row_parallel(module.output, size, group)
-            for name in ("decay", "decay_w2", "bonus", "ln_x.weight", "ln_x.bias"):
-                mark_split(module.get_parameter(name), TIME_MIX_SPLITS[name])
             tensor_parallel_time_mix(module, group)
-        elif isinstance(module, ChannelMix):
-            module.key = column_parallel(module.key, size, group)
-            module.value = row_parallel(module.value, size, group)
     return model
 
 

@@ -8,7 +8,7 @@ costs the client reading the shard, base64-encoding the image, the HTTP round tr
 JSONL write. A vision-language model on a GPU answers far more slowly than this stand-in, so the
 figure says whether the client can ever be the bottleneck.
 
-    python benchmarks/caption_client.py --samples 2000 --side 384 --concurrency 8 64
+    python tools/bench_caption_client.py --samples 2000 --side 384 --concurrency 8 64
 """
 
 from __future__ import annotations
@@ -19,11 +19,14 @@ import importlib.util
 import io
 import multiprocessing as mp
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from rwkvclip_dist.cli import at_least, run_tool
 
 SERVER = Path(__file__).resolve().parents[1] / "tests" / "chat_server.py"
 
@@ -51,13 +54,15 @@ def _photo(rng: np.random.Generator, side: int) -> bytes:
     return buf.getvalue()
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--samples", type=int, default=2000)
-    p.add_argument("--side", type=int, default=384, help="JPEG side in pixels")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[8, 64])
-    args = p.parse_args()
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench_caption_client.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--samples", type=at_least(1), default=2000)
+    p.add_argument("--side", type=at_least(1), default=384, help="JPEG side in pixels")
+    p.add_argument("--concurrency", type=at_least(1), nargs="+", default=[8, 64])
+    return p
 
+
+def run(args: argparse.Namespace) -> int:
     from streaming import MDSWriter
 
     from rwkvclip_dist.descriptions.caption_cli import main as captions_main
@@ -99,5 +104,9 @@ def main() -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(build_parser(), run, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""MosaicML Streaming for the trainer's reader: its classes, imported light, and every use of its
+private names, in one place, for the versions they were read from.
+
+Importing this module checks the installed version against ``WRITTEN_FOR`` and refuses, in one line
+naming both, when it is outside (tests/test_layout.py checks that no other module touches Streaming's
+private names). Widen the range after reading the new release's code for each name here.
+
+The light import: ``streaming/__init__.py`` also imports Streaming's ready-made datasets, and its C4
+dataset imports transformers' ``AutoTokenizer`` and with it scikit-learn, ~1.3 s and ~200 MB in every
+training rank and DataLoader worker for classes no run uses. :func:`_import_streaming` creates the
+package without running that file and then imports ``streaming.base``, which it exports, so
+``from streaming import X`` gives the same objects; ``streaming.text`` & co. still import on request.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from typing import Any
+
+from rwkvclip_dist.versions import require_version
+
+WRITTEN_FOR = ("0.13", "0.14")
+"""Lowest version read, first version not read (pyproject.toml's bounds; CI runs 0.13.0)."""
+
+require_version("mosaicml-streaming", WRITTEN_FOR, "rwkvclip_dist/data/streaming_compat.py")
+
+
+def _import_streaming() -> None:
+    if "streaming" in sys.modules:
+        return
+    spec = importlib.util.find_spec("streaming")
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["streaming"] = package
+    try:
+        base = importlib.import_module("streaming.base")
+        package.__version__ = importlib.import_module("streaming._version").__version__
+    except BaseException:
+        sys.modules.pop("streaming", None)
+        raise
+    package.base = base
+    for name in base.__all__:
+        setattr(package, name, getattr(base, name))
+
+
+_import_streaming()
+
+from streaming.base import LocalDataset, MDSWriter, Stream, StreamingDataLoader, StreamingDataset  # noqa: E402
+from streaming.base.dataset import _ShardState  # noqa: E402
+from streaming.base.shared import SharedScalar  # noqa: E402
+from streaming.base.shared.prefix import _get_path  # noqa: E402
+
+__all__ = ["LocalDataset", "MDSWriter", "Stream", "StreamingDataLoader", "StreamingDataset", "SharedScalar",
+           "EpochAwareDataset", "node_shared_name", "shard_is_local"]
+
+
+class EpochAwareDataset(StreamingDataset):
+    """A ``StreamingDataset`` that tells :meth:`on_epoch` the epoch a worker is about to read: Streaming
+    hands it only to the private ``_get_work``, the one place a DataLoader worker learns it."""
+
+    def on_epoch(self, epoch: int) -> None:
+        """Called in the reading process before the samples of ``epoch``."""
+
+    def _get_work(self, epoch: int, sample_in_epoch: int) -> Any:
+        self.on_epoch(epoch)
+        return super()._get_work(epoch, sample_in_epoch)
+
+
+def shard_is_local(dataset: StreamingDataset, shard_id: int) -> bool:
+    """Whether the node's copy of shard ``shard_id`` is complete (Streaming's shared shard states)."""
+    return dataset._shard_states[shard_id] == _ShardState.LOCAL
+
+
+def node_shared_name(dataset: StreamingDataset, name: str) -> str:
+    """The shared-memory name of a per-node object ``name`` under ``dataset``'s prefix: the ranks and
+    workers of one node that read the same streams see the same object, and Streaming's clean-up (and
+    data/shm.py's) covers it."""
+    return _get_path(dataset._shm_prefix_int, name)
