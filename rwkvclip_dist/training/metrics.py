@@ -148,7 +148,7 @@ class TrainLogger:
         self-test (1 passed, 0 refused), so that a run on a refused kernel says so in TensorBoard."""
         if self.writer is None:
             return
-        self.writer.add_text("bi_wkv", json.dumps(report, indent=1, allow_nan=False), step)
+        self.writer.add_text("bi_wkv", strict_json(report, indent=1), step)
         for key, outcome in report["self_test"].items():
             self.writer.add_scalar(f"bi_wkv/self_test_passed/{key.replace(' ', '_')}", float(outcome["passed"]), step)
         self.writer.flush()
