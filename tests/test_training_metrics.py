@@ -2,7 +2,6 @@
 on rank 0, window averages every N steps (and at the last), nothing written by other ranks."""
 from __future__ import annotations
 
-import json
 import math
 
 from rwkvclip_dist.training.metrics import LoggingSection, TrainLogger

@@ -10,7 +10,6 @@ lives in :class:`TrainState`, which the manager saves beside the data loader's s
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
