@@ -17,6 +17,11 @@ def read_json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def outcome(code: int) -> str:
+    # 125: gpu_check.sh found too little of its --budget left to start the step
+    return "ok" if code == 0 else "not run" if code == 125 else f"FAILED ({code})"
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = sys.argv[1:] if argv is None else argv
     out, mode, failed = Path(args[0]), args[1], (args[2].split() if len(args) > 2 else [])
@@ -43,8 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     lines = ["", f"gpu_check ({mode} mode): {results['total_seconds']} s in all", "",
              "| step | result | seconds |", "|---|---|---:|"]
-    lines += [f"| {s['step']} | {'ok' if s['exit_code'] == 0 else 'FAILED (' + str(s['exit_code']) + ')'} | "
-              f"{s['seconds']} |" for s in steps]
+    lines += [f"| {s['step']} | {outcome(s['exit_code'])} | {s['seconds']} |" for s in steps]
     if results["bench_wkv_table"]:
         rows = [line for line in results["bench_wkv_table"].splitlines()
                 if line.startswith(("| T ", "|---")) or line.split("|")[1:2] in ([" 197 "], [" 4096 "])]
