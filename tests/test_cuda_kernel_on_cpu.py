@@ -202,7 +202,8 @@ def test_traffic_counter_counts_what_the_source_moves(kernels):
     sweep reads each input once per direction and no padding row; the atomics read and write each
     output element once per direction; the query sweep stores one N x N fp32 state per chunk and
     direction, which the key sweep reads twice (tensor-core tiles and the d(w) pairs); the bonus u
-    is re-read per chunk (16 rows x N); the host zero-fills and sums once."""
+    is re-read per chunk (16 rows x N); the host zero-fills and sums once. First touches per pass:
+    each input, output and u once, the states once for both of their key-sweep reads."""
     r, k, v, w, dy, u = _inputs(1, 20, 1, 16, torch.float32, seed=1)
     kernels.take_traffic()
     assert kernels.set_traffic_counting(True) is False
@@ -211,19 +212,21 @@ def test_traffic_counter_counts_what_the_source_moves(kernels):
         kernels.backward(dy, r, k, v, w, u)
     finally:
         kernels.set_traffic_counting(False)
-    got = {(p, t): (loaded, stored) for p, t, loaded, stored in kernels.take_traffic()}
-    e, state, per_chunk_u = 20 * 16 * 4, 16 * 16 * 4, 16 * 16 * 4
-    read_twice, atomics = (2 * e, 0), (2 * e, 2 * e)
-    want = {("forward: zero-fill", "y"): (0, e), ("forward: sweep", "y"): atomics,
-            **{("forward: sweep", t): read_twice for t in "rkvw"}, ("forward: sweep", "u"): (2 * per_chunk_u, 0),
-            **{("backward: zero-fill", t): (0, e) for t in ("dr", "dk", "dv", "dw")},
+    got = {(p, t): tuple(counts) for p, t, *counts in kernels.take_traffic()}
+    e, state, chunk_u, u1 = 20 * 16 * 4, 16 * 16 * 4, 16 * 16 * 4, 16 * 4
+    read_twice, atomics, zero = (2 * e, 0, e, 0), (2 * e, 2 * e, e, e), (0, e, 0, e)
+    want = {("forward: zero-fill", "y"): zero, ("forward: sweep", "y"): atomics,
+            **{("forward: sweep", t): read_twice for t in "rkvw"}, ("forward: sweep", "u"): (2 * chunk_u, 0, u1, 0),
+            **{("backward: zero-fill", t): zero for t in ("dr", "dk", "dv", "dw")},
             **{("backward: query sweep", t): read_twice for t in ("k", "v", "w", "dy")},
-            ("backward: query sweep", "dr"): atomics, ("backward: query sweep", "states"): (0, 2 * 2 * state),
-            ("backward: query sweep", "u"): (2 * per_chunk_u, 0),
+            ("backward: query sweep", "dr"): atomics,
+            ("backward: query sweep", "states"): (0, 2 * 2 * state, 0, 2 * 2 * state),
+            ("backward: query sweep", "u"): (2 * chunk_u, 0, u1, 0),
             **{("backward: key sweep", t): read_twice for t in ("r", "k", "v", "w", "dy")},
             **{("backward: key sweep", t): atomics for t in ("dk", "dv", "dw")},
-            ("backward: key sweep", "states"): (2 * 2 * 2 * state, 0), ("backward: key sweep", "u"): (4 * per_chunk_u, 0),
-            ("backward: key sweep", "du"): (0, 16 * 4), ("backward: du sum", "du"): (16 * 4, 16 * 4)}
+            ("backward: key sweep", "states"): (2 * 2 * 2 * state, 0, 2 * 2 * state, 0),
+            ("backward: key sweep", "u"): (4 * chunk_u, 0, u1, 0),
+            ("backward: key sweep", "du"): (0, u1, 0, u1), ("backward: du sum", "du"): (u1, u1, u1, u1)}
     assert got == want
     assert kernels.take_traffic() == []  # taken means cleared
     kernels.forward(r, k, v, w, u)
@@ -242,7 +245,7 @@ def test_traffic_tool_compares_with_the_minimal_bytes(kernels):
     tool = tool_module("bench_wkv_traffic")
     shape = tool.Shape("tiny", 20, 2, 16)
     lines, ratio = tool.traffic_table(kernels, [shape], torch.bfloat16)
-    counted = sum(loaded + stored for loaded, stored in tool.count_traffic(kernels, shape, torch.bfloat16).values())
+    counted = sum(c[2] + c[3] for c in tool.count_traffic(kernels, shape, torch.bfloat16).values())
     assert ratio == pytest.approx(counted / sum(tool.minimal_bytes(shape, torch.bfloat16).values()))
     assert tool.minimal_bytes(shape, torch.bfloat16) == {"forward": 5 * 320 * 2 + 64, "backward": 9 * 320 * 2 + 128}
     assert any(line.startswith("| **both** |") and line.endswith(f"**{ratio:.2f}** |") for line in lines)

@@ -6,10 +6,13 @@
 Traffic: the kernel source runs in the CPU emulation (csrc/testing/cpu_emulation.cpp) with its
 byte counter on, which counts every global load and store the source issues (chunk loads, atomics,
 stored states, bonus reads, WMMA tiles read from global memory) and the host's torch passes
-(zero-fills, casts), per pass and tensor. It is compared with the minimal bytes: every input read
-once and every output written once, in the input dtype (bf16 here, the training precision). The
-count is of what the source asks for, before any cache: the two direction blocks of a head read
-the same inputs, which L2 may serve once on a GPU, and the bonus u is re-read from L1. One
+(zero-fills, casts), per pass and tensor, in two ways: every byte requested, and every byte
+touched for the first time in its pass. The second is what DRAM moves if the caches serve every
+repeat inside a pass (the two direction blocks of a head, neighbours in launch order, read the
+same inputs and add onto the same outputs; the bonus u is re-read from L1) and what the ratio is
+taken on; the first is the bound with no cache at all. Passes do not share: what one kernel
+stores and the next reads (the stored states) counts in both. The minimal bytes: every input read
+once and every output written once, in the input dtype (bf16 here, the training precision). One
 (batch, head) is run per shape: every block's traffic is the same, so bytes per element hold for
 any B and H (MB columns: B=32).
 
@@ -18,7 +21,7 @@ report of an sm_90 build (rwkvclip_dist.ops.build; needs nvcc, a minute or more)
 per SM they allow (65536 registers, 228 KiB of shared memory with 1 KiB reserved per block, 2048
 threads).
 
-The last line of the table: traffic_ratio=<worst counted/minimal over the shapes>
+The last line of the table: traffic_ratio=<worst counted (first touch per pass)/minimal over the shapes>
 blocks_per_sm_n64=<fewest over the N=64 kernels> spill_bytes=<most spill stores + loads of one
 kernel at N 64/80>.
 """
@@ -27,7 +30,6 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,8 +60,9 @@ def image_shape(label: str, model: str, image_size: int) -> Shape:
     return Shape(label, tokens, image.width // image.head_size, image.head_size)
 
 
-def count_traffic(kernels, shape: Shape, dtype: torch.dtype, seed: int = 0) -> dict[tuple[str, str], tuple[int, int]]:
-    """{(pass, tensor): (bytes loaded, bytes stored)} of one forward + backward for one (batch, head)."""
+def count_traffic(kernels, shape: Shape, dtype: torch.dtype, seed: int = 0) -> dict[tuple[str, str], tuple[int, ...]]:
+    """{(pass, tensor): (bytes loaded, stored, loaded first in the pass, stored first)} of one forward
+    + backward for one (batch, head)."""
     g = torch.Generator().manual_seed(seed)
     size = (1, shape.tokens, 1, shape.head_size)
     r, k, v, dy = (torch.randn(size, generator=g).to(dtype) for _ in range(4))
@@ -72,7 +75,7 @@ def count_traffic(kernels, shape: Shape, dtype: torch.dtype, seed: int = 0) -> d
         kernels.backward(dy, r, k, v, w, u)
     finally:
         kernels.set_traffic_counting(previous)
-    return {(p, t): (loaded, stored) for p, t, loaded, stored in kernels.take_traffic()}
+    return {(p, t): tuple(bytes_) for p, t, *bytes_ in kernels.take_traffic()}
 
 
 def minimal_bytes(shape: Shape, dtype: torch.dtype) -> dict[str, int]:
@@ -100,34 +103,37 @@ def head_size_of(row: KernelResources) -> int:
 def traffic_table(kernels, shapes: list[Shape], dtype: torch.dtype) -> tuple[list[str], float]:
     lines = ["## Global-memory traffic, counted in the CPU emulation", "",
              f"Bytes per element (one token, head and channel) of one forward + backward, {dtype} inputs; "
-             f"MB for B={BATCH}. Loaded / stored per tensor and pass.", ""]
+             f"MB for B={BATCH}. Per tensor and pass: requested loads / stores, and the bytes touched first "
+             f"in the pass (the DRAM model).", ""]
     worst = 0.0
     for shape in shapes:
         counts = count_traffic(kernels, shape, dtype)
         elements = shape.tokens * shape.head_size
         scale = BATCH * shape.heads  # (batch, head) pairs at B=32
         minimal = minimal_bytes(shape, dtype)
-        by_pass: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         lines += [f"### {shape.label}: T={shape.tokens}, H={shape.heads}, N={shape.head_size}", "",
-                  "| pass | tensor | loaded B/elem | stored B/elem |", "|---|---|---:|---:|"]
-        for (pass_, tensor), (loaded, stored) in sorted(counts.items()):
-            by_pass[pass_][0] += loaded
-            by_pass[pass_][1] += stored
-            lines.append(f"| {pass_} | {tensor} | {loaded / elements:.2f} | {stored / elements:.2f} |")
-        counted = {d: sum(l + s for p, (l, s) in by_pass.items() if p.startswith(d)) for d in ("forward", "backward")}
+                  "| pass | tensor | requested load / store B/elem | first touch load / store B/elem |",
+                  "|---|---|---:|---:|"]
+        for (pass_, tensor), (loaded, stored, first_loaded, first_stored) in sorted(counts.items()):
+            lines.append(f"| {pass_} | {tensor} | {loaded / elements:.2f} / {stored / elements:.2f} | "
+                         f"{first_loaded / elements:.2f} / {first_stored / elements:.2f} |")
+        counted = {d: sum(c[2] + c[3] for (p, _), c in counts.items() if p.startswith(d)) for d in ("forward", "backward")}
+        requested = sum(c[0] + c[1] for c in counts.values())
         total, least = sum(counted.values()), sum(minimal.values())
         if total < least:
             raise SystemExit(f"bench_wkv_traffic: {shape.label}: counted {total} bytes, under the minimum {least}")
         ratio = total / least
         worst = max(worst, ratio)
-        lines += ["", "| | counted B/elem | minimal B/elem | counted MB | minimal MB | ratio |",
+        lines += ["", "| first touch per pass | counted B/elem | minimal B/elem | counted MB | minimal MB | ratio |",
                   "|---|---:|---:|---:|---:|---:|"]
         for d in ("forward", "backward"):
             lines.append(f"| {d} | {counted[d] / elements:.1f} | {minimal[d] / elements:.1f} | "
                          f"{counted[d] * scale / 1e6:.0f} | {minimal[d] * scale / 1e6:.0f} | "
                          f"{counted[d] / minimal[d]:.2f} |")
         lines += [f"| **both** | {total / elements:.1f} | {least / elements:.1f} | {total * scale / 1e6:.0f} | "
-                  f"{least * scale / 1e6:.0f} | **{ratio:.2f}** |", ""]
+                  f"{least * scale / 1e6:.0f} | **{ratio:.2f}** |",
+                  f"| requested (no cache) | {requested / elements:.1f} | {least / elements:.1f} | "
+                  f"{requested * scale / 1e6:.0f} | {least * scale / 1e6:.0f} | {requested / least:.2f} |", ""]
     return lines, worst
 
 

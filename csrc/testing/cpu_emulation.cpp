@@ -45,14 +45,18 @@ inline float shuffle_slots[1024];                             // one per thread 
 bool is_lane_zero() { return thread_index.x % 32 == 0; }
 
 // -- traffic counting: the named tensors of the current call, the pass the kernels belong to, and
-//    per thread (no contention while the block runs) the bytes per tensor, merged when it ends
+//    per thread (no contention while the block runs) the bytes per tensor, merged when it ends.
+//    Besides every byte requested, the bytes touched for the first time in the pass: what DRAM
+//    moves if the cache serves every repeat within a pass (the two direction blocks of a head
+//    read the same inputs; atomics of both directions meet in L2), and a lower bound otherwise.
 struct NamedRange {
   std::string name;
   const char* begin;
   const char* end;
+  std::unique_ptr<std::atomic<std::uint8_t>[]> seen;  // per byte: bit 0 loaded, bit 1 stored in this pass
 };
 struct Bytes {
-  long long loaded = 0, stored = 0;
+  long long loaded = 0, stored = 0, first_loaded = 0, first_stored = 0;
 };
 inline std::atomic<bool> counting{false};
 inline std::vector<NamedRange> ranges;  // set by the host thread between launches
@@ -65,23 +69,40 @@ void count_global(const void* pointer, long long bytes, bool store, bool may_be_
   if (!counting.load(std::memory_order_relaxed)) return;
   const char* p = static_cast<const char*>(pointer);
   for (size_t i = 0; i < ranges.size(); ++i) {
-    if (p >= ranges[i].begin && p + bytes <= ranges[i].end) {
+    NamedRange& range = ranges[i];
+    if (p >= range.begin && p + bytes <= range.end) {
       if (thread_bytes.size() < ranges.size()) thread_bytes.resize(ranges.size());
-      (store ? thread_bytes[i].stored : thread_bytes[i].loaded) += bytes;
+      const std::uint8_t bit = store ? 2 : 1;
+      long long first = 0;
+      for (long long b = 0; range.seen && b < bytes; ++b) first += !(range.seen[p - range.begin + b].fetch_or(bit) & bit);
+      Bytes& counted = thread_bytes[i];
+      (store ? counted.stored : counted.loaded) += bytes;
+      (store ? counted.first_stored : counted.first_loaded) += first;
       return;
     }
   }
   if (!may_be_shared) record_error("global access outside every tensor the host named", pointer, unsigned(bytes));
 }
 
+// A kernel launch starts a pass: no byte has been touched in it yet.
+void start_pass(const char* name) {
+  current_pass = name;
+  if (!counting) return;
+  for (NamedRange& range : ranges)
+    for (long long b = 0; range.seen && b < range.end - range.begin; ++b) range.seen[b].store(0, std::memory_order_relaxed);
+}
+
 void flush_thread_bytes() {
   if (thread_bytes.empty()) return;
   std::lock_guard<std::mutex> lock(traffic_mutex);
   for (size_t i = 0; i < thread_bytes.size(); ++i) {
-    if (thread_bytes[i].loaded == 0 && thread_bytes[i].stored == 0) continue;
+    const Bytes& b = thread_bytes[i];
+    if (b.loaded == 0 && b.stored == 0) continue;
     Bytes& total = traffic[{current_pass, ranges[i].name}];
-    total.loaded += thread_bytes[i].loaded;
-    total.stored += thread_bytes[i].stored;
+    total.loaded += b.loaded;
+    total.stored += b.stored;
+    total.first_loaded += b.first_loaded;
+    total.first_stored += b.first_stored;
   }
   thread_bytes.clear();
 }
@@ -147,7 +168,7 @@ constexpr const char* kPassNames[] = {"forward: sweep", "backward: query sweep",
 
 template <int N, Sweep KIND>
 void run_grid(const SweepParams& prm) {
-  rwkvclip_emulation::current_pass = kPassNames[int(KIND)];
+  rwkvclip_emulation::start_pass(kPassNames[int(KIND)]);
   std::barrier<> barrier(kThreads);
   rwkvclip_emulation::block_barrier = &barrier;
   std::deque<std::barrier<>> warps;  // barriers cannot move: a deque constructs them in place
@@ -176,13 +197,15 @@ struct EmulatedDevice {
   static constexpr bool kCuda = false;
   static void tensor(const char* name, const torch::Tensor& t) {
     const char* begin = static_cast<const char*>(t.data_ptr());
-    rwkvclip_emulation::ranges.push_back({name, begin, begin + t.nbytes()});
+    std::unique_ptr<std::atomic<std::uint8_t>[]> seen;  // the first-touch record, only when counting
+    if (rwkvclip_emulation::counting) seen.reset(new std::atomic<std::uint8_t>[t.nbytes()]());
+    rwkvclip_emulation::ranges.push_back({name, begin, begin + t.nbytes(), std::move(seen)});
   }
   static void host_pass(const char* pass, const char* name, int64_t loaded, int64_t stored) {
     if (!rwkvclip_emulation::counting) return;
     auto& total = rwkvclip_emulation::traffic[{pass, name}];
-    total.loaded += loaded;
-    total.stored += stored;
+    total.loaded += loaded, total.first_loaded += loaded;  // a torch pass touches each byte once
+    total.stored += stored, total.first_stored += stored;
   }
   template <Sweep KIND>
   static void run(const SweepParams& prm, int64_t head_size) {
@@ -258,9 +281,12 @@ std::vector<torch::Tensor> emulated_backward(torch::Tensor dy, torch::Tensor r, 
   return backward<EmulatedDevice>(dy, r, k, v, w, u);
 }
 
-std::vector<std::tuple<std::string, std::string, int64_t, int64_t>> take_traffic() {
-  std::vector<std::tuple<std::string, std::string, int64_t, int64_t>> rows;
-  for (const auto& [key, bytes] : rwkvclip_emulation::traffic) rows.emplace_back(key.first, key.second, bytes.loaded, bytes.stored);
+using TrafficRow = std::tuple<std::string, std::string, int64_t, int64_t, int64_t, int64_t>;
+
+std::vector<TrafficRow> take_traffic() {
+  std::vector<TrafficRow> rows;
+  for (const auto& [key, b] : rwkvclip_emulation::traffic)
+    rows.emplace_back(key.first, key.second, b.loaded, b.stored, b.first_loaded, b.first_stored);
   rwkvclip_emulation::traffic.clear();
   return rows;
 }
@@ -274,7 +300,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "set_traffic_counting", [](bool on) { return rwkvclip_emulation::counting.exchange(on); },
       "count global-memory bytes per (pass, tensor) from now on, or stop; returns the previous mode");
-  m.def("take_traffic", &rwkvclip::take_traffic, "[(pass, tensor, bytes loaded, bytes stored)], then cleared");
+  m.def("take_traffic", &rwkvclip::take_traffic, "[(pass, tensor, bytes loaded, stored, loaded first in the pass, stored first)], then cleared");
   m.def("tile_product", &rwkvclip::tile_product);
   m.def(
       "set_truncating_accumulation",
