@@ -194,3 +194,67 @@ def test_host_checks_name_the_argument(kernels):
     with pytest.raises(RuntimeError, match="no kernel compiled for head size N=24"):
         r24 = torch.randn(1, 5, 2, 24)
         kernels.forward(r24, r24, r24, r24, torch.randn(2, 24))
+
+
+def test_traffic_counter_counts_what_the_source_moves(kernels):
+    """The emulation's byte counter against what the kernel source is written to move, at T=20
+    (a ragged second chunk), N=16, fp32, one (batch, head), E = 20 x 16 elements of 4 bytes: every
+    sweep reads each input once per direction and no padding row; the atomics read and write each
+    output element once per direction; the query sweep stores one N x N fp32 state per chunk and
+    direction, which the key sweep reads twice (tensor-core tiles and the d(w) pairs); the bonus u
+    is re-read per chunk (16 rows x N); the host zero-fills and sums once. First touches per pass:
+    each input, output and u once, the states once for both of their key-sweep reads."""
+    r, k, v, w, dy, u = _inputs(1, 20, 1, 16, torch.float32, seed=1)
+    kernels.take_traffic()
+    assert kernels.set_traffic_counting(True) is False
+    try:
+        kernels.forward(r, k, v, w, u)
+        kernels.backward(dy, r, k, v, w, u)
+    finally:
+        kernels.set_traffic_counting(False)
+    got = {(p, t): tuple(counts) for p, t, *counts in kernels.take_traffic()}
+    e, state, chunk_u, u1 = 20 * 16 * 4, 16 * 16 * 4, 16 * 16 * 4, 16 * 4
+    read_twice, atomics, zero = (2 * e, 0, e, 0), (2 * e, 2 * e, e, e), (0, e, 0, e)
+    want = {("forward: zero-fill", "y"): zero, ("forward: sweep", "y"): atomics,
+            **{("forward: sweep", t): read_twice for t in "rkvw"}, ("forward: sweep", "u"): (2 * chunk_u, 0, u1, 0),
+            **{("backward: zero-fill", t): zero for t in ("dr", "dk", "dv", "dw")},
+            **{("backward: query sweep", t): read_twice for t in ("k", "v", "w", "dy")},
+            ("backward: query sweep", "dr"): atomics,
+            ("backward: query sweep", "states"): (0, 2 * 2 * state, 0, 2 * 2 * state),
+            ("backward: query sweep", "u"): (2 * chunk_u, 0, u1, 0),
+            **{("backward: key sweep", t): read_twice for t in ("r", "k", "v", "w", "dy")},
+            **{("backward: key sweep", t): atomics for t in ("dk", "dv", "dw")},
+            ("backward: key sweep", "states"): (2 * 2 * 2 * state, 0, 2 * 2 * state, 0),
+            ("backward: key sweep", "u"): (4 * chunk_u, 0, u1, 0),
+            ("backward: key sweep", "du"): (0, u1, 0, u1), ("backward: du sum", "du"): (u1, u1, u1, u1)}
+    assert got == want
+    assert kernels.take_traffic() == []  # taken means cleared
+    kernels.forward(r, k, v, w, u)
+    assert kernels.take_traffic() == []  # off: nothing counted
+
+
+def test_traffic_tool_compares_with_the_minimal_bytes(kernels):
+    """tools/bench_wkv_traffic.py's table at a tiny shape: the ratio is the counted bytes (the
+    counter, checked above) over inputs read once and outputs written once; occupancy from ptxas
+    figures: 128 registers allow 2 blocks of 256 threads per SM, 80 allow 3 unless shared memory
+    allows fewer."""
+    from tool_loader import tool_module
+
+    from rwkvclip_dist.ops.ptxas_report import KernelResources
+
+    tool = tool_module("bench_wkv_traffic")
+    shape = tool.Shape("tiny", 20, 2, 16)
+    lines, ratio = tool.traffic_table(kernels, [shape], torch.bfloat16)
+    counted = sum(c[2] + c[3] for c in tool.count_traffic(kernels, shape, torch.bfloat16).values())
+    assert ratio == pytest.approx(counted / sum(tool.minimal_bytes(shape, torch.bfloat16).values()))
+    assert tool.minimal_bytes(shape, torch.bfloat16) == {"forward": 5 * 320 * 2 + 64, "backward": 9 * 320 * 2 + 128}
+    assert any(line.startswith("| **both** |") and line.endswith(f"**{ratio:.2f}** |") for line in lines)
+    assert tool.blocks_per_sm(128, 70_000) == 2 and tool.blocks_per_sm(80, 70_000) == 3
+    assert tool.blocks_per_sm(80, 120_000) == 1 and tool.blocks_per_sm(32, 1_000) == 8
+    rows = [KernelResources("sweep<N=64, key>", "sm_90", 128, 0, 8, 8, 8),
+            KernelResources("sweep<N=64, forward>", "sm_90", 80, 0, 0, 0, 0),
+            KernelResources("sweep<N=80, key>", "sm_90", 128, 0, 48, 40, 40),
+            KernelResources("sweep<N=128, key>", "sm_90", 128, 0, 96, 64, 64),
+            KernelResources("sweep<N=64, key>", "sm_80", 200, 0, 0, 900, 900)]
+    _, blocks, spill = tool.occupancy_table(rows, {64: 70_000, 80: 90_000, 128: 160_000})
+    assert (blocks, spill) == (2, 80)  # the fewest at N=64; the most spilled bytes at N 64/80, sm_90 only

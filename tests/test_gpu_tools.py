@@ -7,8 +7,11 @@ is run by hand (docs/cuda.md); these keep its pieces from breaking in CI.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -59,6 +62,87 @@ def test_vit_flops_count_matches_the_formula():
         return layers * tokens * (4 * width * width + 2 * width * hidden + 2 * tokens * width)
     macs = 196 * 3 * 16 * 16 * 768 + tower(197, 768, 12, 3072) + 768 * 512 + tower(77, 512, 12, 2048) + 512 * 512
     assert tool_module("bench_train").vit_forward_flops(model) == 2 * macs
+
+
+GPU_ORDER = ["env", "build", "kernel_focus", "bench_wkv", "demo_data", "train", "train_resume", "train_checks",
+             "bench_train", "kernel_rest", "sanitizer_memcheck", "sanitizer_racecheck", "sanitizer_synccheck",
+             "sanitizer_initcheck"]
+
+
+def test_gpu_check_steps_by_value_within_seven_minutes():
+    """The GPU plan: environment, build, the focused kernel tests, the Bi-WKV benchmark, the
+    DeepSpeed run and resume, the training-step benchmark, then the rest; estimates sum to at most
+    7 minutes with the wheelhouse, and each limit leaves room over its estimate."""
+    plan = tool_module("gpu_check_plan")
+    gpu = plan.steps_for("gpu", wheelhouse=True)
+    assert [s.name for s in gpu] == ["wheelhouse", *GPU_ORDER]
+    assert sum(s.estimate_s for s in gpu) <= plan.TOTAL_ESTIMATE_S == 420
+    assert all(s.limit_s >= 2 * s.estimate_s for s in gpu)
+    cpu = [s.name for s in plan.steps_for("cpu", wheelhouse=False)]
+    assert "demo_data" in cpu and "baseline_build" in cpu and not any(n.startswith("sanitizer_m") for n in cpu)
+
+
+def test_gpu_check_header_states_the_plan():
+    """The script's header lists every GPU step with the planner's estimate and limit, and the total."""
+    plan = tool_module("gpu_check_plan")
+    header = (REPO / "tools" / "gpu_check.sh").read_text().split("\nset -uo")[0]
+    rows = {m[0]: (int(m[1]), int(m[2])) for m in re.findall(r"^#   (\w+) +(\d+) +(\d+)", header, re.M)}
+    assert rows == {s.name: (s.estimate_s, s.limit_s) for s in plan.steps_for("gpu", wheelhouse=True)}
+    total = int(re.search(r"^#   total +(\d+)", header, re.M).group(1))
+    assert total == sum(s.estimate_s for s in plan.steps_for("gpu", wheelhouse=True))
+
+
+def test_only_left_picks_up_exactly_what_was_left(tmp_path):
+    """After a call that passed some steps, failed one and ran out of budget for others, `--only
+    left` takes those, plus env and the build a fresh machine needs, and the training run a resume
+    continues only when its run directory is gone; names and prefixes select too."""
+    plan = tool_module("gpu_check_plan")
+    with pytest.raises(plan.PlanError, match="no state file"):
+        plan.select("gpu", "left", tmp_path, wheelhouse=False)
+    plan.plan("gpu", None, tmp_path, wheelhouse=False)
+    for name in GPU_ORDER:
+        code = {"bench_wkv": 1, "train_resume": 124}.get(name, 125 if GPU_ORDER.index(name) > 8 else 0)
+        plan.record(tmp_path, name, code, 3)
+    assert plan.left(tmp_path) == ["bench_wkv", "train_resume", "kernel_rest", *GPU_ORDER[-4:]]
+    names = [s.name for s in plan.select("gpu", "left", tmp_path, wheelhouse=False)]
+    assert names == ["env", "build", "bench_wkv", "demo_data", "train", "train_resume", "kernel_rest", *GPU_ORDER[-4:]]
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "metrics.json").write_text("{}")  # the same machine: the first run is still there
+    names = [s.name for s in plan.select("gpu", "left", tmp_path, wheelhouse=True)]
+    assert "train" not in names and names[:2] == ["wheelhouse", "env"]
+    assert [s.name for s in plan.select("gpu", "sanitizer,bench_wkv", tmp_path, False)] == \
+        ["env", "build", "bench_wkv", *GPU_ORDER[-4:]]
+    with pytest.raises(plan.PlanError, match="--only sanitizer_cpu: no such step in gpu mode"):
+        plan.select("gpu", "sanitizer_cpu", tmp_path, False)
+    # a second call keeps the first call's passes in the state file
+    plan.plan("gpu", "bench_wkv", tmp_path, wheelhouse=False)
+    plan.record(tmp_path, "bench_wkv", 0, 5)
+    assert plan.read_state(tmp_path)["kernel_focus"] == "ok" and "bench_wkv" not in plan.left(tmp_path)
+
+
+def _dry_run(out, *args, fail=""):
+    env = {**os.environ, "GPU_CHECK_FAIL": fail, "PYTHON": sys.executable}
+    return subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh"), "--dry-run", *args, str(out)],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_gpu_check_budget_and_second_call_in_the_shell(tmp_path):
+    """The script itself (--dry-run: plans, records and reports without running the steps): a step
+    whose estimate exceeds what is left of the budget is not run while later, shorter ones are; a
+    failed step is reported; `--only left` then runs exactly what was left, and a third call finds
+    nothing to do."""
+    first = _dry_run(tmp_path, "--budget", "60", fail="kernel_focus")
+    assert first.returncode == 1, first.stderr
+    state = tool_module("gpu_check_plan").read_state(tmp_path)
+    assert state["build"] == state["bench_train"] == "not_run"  # 70 s and 80 s do not fit in 60
+    assert state["kernel_focus"] == "failed:1" and state["train"] == state["sanitizer_initcheck"] == "ok"
+    assert "| build | not run |" in first.stdout and "| kernel_focus | FAILED (1) |" in first.stdout
+    second = _dry_run(tmp_path, "--only", "left")
+    assert second.returncode == 0, second.stderr
+    ran = [line.split("\t")[0] for line in (tmp_path / "steps.tsv").read_text().splitlines()]
+    assert ran == ["env", "build", "kernel_focus", "bench_train"]
+    third = _dry_run(tmp_path, "--only", "left")
+    assert third.returncode == 0 and "nothing left to run" in third.stdout
 
 
 def test_gpu_check_script_is_valid_shell():

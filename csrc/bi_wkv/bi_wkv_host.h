@@ -1,12 +1,17 @@
 // Allocation, the last line of argument checks and the order of launches of the Bi-WKV sweeps,
 // shared by the CUDA bindings (bi_wkv_ops.cpp) and the CPU emulation of the kernels used by tests
-// (csrc/testing/cpu_emulation.cpp). `Device` provides kCuda (where the tensors must live) and
-// run<KIND>(params, head_size), which runs one sweep kind over the grid (B*H, 2).
+// (csrc/testing/cpu_emulation.cpp). `Device` provides kCuda (where the tensors must live),
+// run<KIND>(params, head_size), which runs one sweep kind over the grid (B*H, 2), and two hooks
+// for the emulation's count of global-memory traffic (no-ops on the GPU): tensor(name, t) names
+// the memory a kernel may touch, host_pass(pass, name, loaded, stored) counts a torch operation's
+// bytes (zero-fills and casts).
 #pragma once
 
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <initializer_list>
+#include <utility>
 #include <vector>
 
 #include "sweep_params.h"
@@ -107,6 +112,11 @@ inline torch::Tensor to_input_dtype(torch::Tensor x32, const torch::Tensor& like
   return like.scalar_type() == at::kFloat ? x32 : x32.to(like.scalar_type());
 }
 
+template <class Device>
+void name_tensors(std::initializer_list<std::pair<const char*, torch::Tensor>> tensors) {
+  for (const auto& [name, t] : tensors) Device::tensor(name, t);
+}
+
 }  // namespace detail
 
 using namespace detail;
@@ -120,11 +130,14 @@ torch::Tensor forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::
   r = aligned16(r), k = aligned16(k), v = aligned16(v), w = aligned16(w);
   prm.w = w.data_ptr();
   auto y32 = torch::zeros(r.sizes(), r.options().dtype(at::kFloat));
+  name_tensors<Device>({{"r", r}, {"k", k}, {"v", v}, {"w", w}, {"u", u}, {"y", y32}});
+  Device::host_pass("forward: zero-fill", "y", 0, y32.nbytes());
   prm.a = k.data_ptr();
   prm.b = v.data_ptr();
   prm.p = r.data_ptr();
   prm.col_out = y32.data_ptr<float>();
   Device::template run<Sweep::kForward>(prm, r.size(3));
+  if (r.scalar_type() != at::kFloat) Device::host_pass("forward: cast", "y", y32.nbytes(), r.nbytes());
   return to_input_dtype(y32, r);
 }
 
@@ -148,6 +161,9 @@ std::vector<torch::Tensor> backward(torch::Tensor dy, torch::Tensor r, torch::Te
   auto du_part = torch::empty({B * H, N}, f32);
   // the state entering every chunk, per direction: what the key sweeps need for d(w)
   auto states = torch::empty({2, B * H, chunks, N, N}, f32);
+  name_tensors<Device>({{"r", r}, {"k", k}, {"v", v}, {"w", w}, {"u", u}, {"dy", dy}, {"dr", dr}, {"dk", dk},
+                        {"dv", dv}, {"dw", dw}, {"du", du_part}, {"states", states}});
+  for (const char* name : {"dr", "dk", "dv", "dw"}) Device::host_pass("backward: zero-fill", name, 0, dr.nbytes());
 
   SweepParams query = base_params(r, w, u);
   query.a = k.data_ptr();
@@ -170,6 +186,9 @@ std::vector<torch::Tensor> backward(torch::Tensor dy, torch::Tensor r, torch::Te
   Device::template run<Sweep::kKey>(key, N);
 
   auto du = du_part.view({B, H, N}).sum(0);
+  Device::host_pass("backward: du sum", "du", du_part.nbytes(), du.nbytes());
+  if (r.scalar_type() != at::kFloat)
+    for (const char* name : {"dr", "dk", "dv", "dw"}) Device::host_pass("backward: cast", name, dr.nbytes(), r.nbytes());
   return {to_input_dtype(dr, r), to_input_dtype(dk, r), to_input_dtype(dv, r), to_input_dtype(dw, r), du};
 }
 

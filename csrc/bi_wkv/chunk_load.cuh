@@ -31,6 +31,14 @@ __device__ __forceinline__ void with_element_type(InputType type, F&& f) {
   }
 }
 
+// A plain store to global memory, through one function so that the CPU emulation can count it
+// (csrc/testing/cpu_emulation.cpp defines the host version; loads go through __ldg and atomicAdd).
+#if defined(__CUDACC__)
+__device__ __forceinline__ void store_global(float* p, float x) { *p = x; }
+#else
+void store_global(float* p, float x);
+#endif
+
 // Where a block is: its (batch, head), direction and chunk on the time grid.
 struct Position {
   int bh, dir, chunk, chunks, T;

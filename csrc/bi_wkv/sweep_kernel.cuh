@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(kThreads, 2) sweep_kernel(SweepParams prm) {
     }
     if constexpr (KIND == Sweep::kQuery) {  // what the opposite key sweep needs for d(w)
       float* dst = prm.states_out + ((int64_t(pos.dir) * prm.BH + pos.bh) * pos.chunks + pos.chunk) * N * N;
-      for (int idx = tid; idx < N * N; idx += kThreads) dst[idx] = s.M[(idx / N) * LD + idx % N];
+      for (int idx = tid; idx < N * N; idx += kThreads) store_global(dst + idx, s.M[(idx / N) * LD + idx % N]);
     }
     __syncthreads();
     if (tid < N) {
@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(kThreads, 2) sweep_kernel(SweepParams prm) {
     }
     if (kCol && pos.dir == 0 && tid < L) {
       float acc = 0.f;
-      for (int j = 0; j < N; ++j) acc += s.a[tid * LD + j] * u[j] * s.p[tid * LD + j];
+      for (int j = 0; j < N; ++j) acc += s.a[tid * LD + j] * __ldg(u + j) * s.p[tid * LD + j];
       s.beta[tid] = acc;
     }
     __syncthreads();
@@ -302,7 +302,7 @@ __global__ void __launch_bounds__(kThreads, 2) sweep_kernel(SweepParams prm) {
         float acc = 0.f;  // Horner over m < i: sum_m a_m dots[i,m] prod_{m<p<i} w_p, no exp at all
         for (int m = 0; m < i; ++m) acc = acc * s.w[m * LD + j] + s.a[m * LD + j] * s.dots[i * L + m];
         float x = acc + inter;
-        if (pos.dir == 0) x += u[j] * s.a[i * LD + j] * s.dots[i * L + i];
+        if (pos.dir == 0) x += __ldg(u + j) * s.a[i * LD + j] * s.dots[i * L + i];
         s.inter[i * LD + j] = inter;
         if (ok) atomicAdd(prm.row_out + pos.offset(i, j), x);
       }
@@ -330,7 +330,7 @@ __global__ void __launch_bounds__(kThreads, 2) sweep_kernel(SweepParams prm) {
     }
     __syncthreads();
   }
-  if (KIND == Sweep::kKey && pos.dir == 0 && tid < N) prm.du_part[int64_t(pos.bh) * N + tid] = du_acc;
+  if (KIND == Sweep::kKey && pos.dir == 0 && tid < N) store_global(prm.du_part + int64_t(pos.bh) * N + tid, du_acc);
 }
 
 }  // namespace rwkvclip

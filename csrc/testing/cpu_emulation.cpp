@@ -6,6 +6,13 @@
 // and missing barriers (as races between real threads) are tested; warp-level timing is not.
 // The tensor-core tile products come from wmma_emulation.h (lane 0 of each warp computes whole
 // tiles, with TF32 operand rounding and WMMA's alignment rules checked).
+//
+// With set_traffic_counting(True) it also counts the global-memory bytes the kernel source loads
+// and stores (every __ldg, atomicAdd, store_global and WMMA tile load or store of a counted
+// tensor; an atomicAdd counts 4 bytes loaded and 4 stored), per tensor and pass, together with
+// what the host code's torch operations move (zero-fills, casts: bi_wkv_host.h's host_pass). The
+// host names each tensor a kernel may touch; a global access outside all of them is reported as
+// an error. take_traffic() returns and clears the counts (tools/bench_wkv_traffic.py).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -16,9 +23,15 @@
 #include <cmath>
 #include <algorithm>
 #include <deque>
+#include <map>
 #include <memory>
+#include <mutex>
+#include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
+
+#include "wmma_emulation.h"
 
 namespace rwkvclip_emulation {
 struct Index3 {
@@ -30,9 +43,70 @@ inline std::barrier<>* block_barrier = nullptr;
 inline std::deque<std::barrier<>>* warp_barriers = nullptr;  // one per warp, 32 lanes each
 inline float shuffle_slots[1024];                             // one per thread of the block
 bool is_lane_zero() { return thread_index.x % 32 == 0; }
-}  // namespace rwkvclip_emulation
 
-#include "wmma_emulation.h"
+// -- traffic counting: the named tensors of the current call, the pass the kernels belong to, and
+//    per thread (no contention while the block runs) the bytes per tensor, merged when it ends.
+//    Besides every byte requested, the bytes touched for the first time in the pass: what DRAM
+//    moves if the cache serves every repeat within a pass (the two direction blocks of a head
+//    read the same inputs; atomics of both directions meet in L2), and a lower bound otherwise.
+struct NamedRange {
+  std::string name;
+  const char* begin;
+  const char* end;
+  std::unique_ptr<std::atomic<std::uint8_t>[]> seen;  // per byte: bit 0 loaded, bit 1 stored in this pass
+};
+struct Bytes {
+  long long loaded = 0, stored = 0, first_loaded = 0, first_stored = 0;
+};
+inline std::atomic<bool> counting{false};
+inline std::vector<NamedRange> ranges;  // set by the host thread between launches
+inline std::string current_pass;
+inline std::map<std::pair<std::string, std::string>, Bytes> traffic;  // (pass, tensor)
+inline std::mutex traffic_mutex;
+inline thread_local std::vector<Bytes> thread_bytes;
+
+void count_global(const void* pointer, long long bytes, bool store, bool may_be_shared) {
+  if (!counting.load(std::memory_order_relaxed)) return;
+  const char* p = static_cast<const char*>(pointer);
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    NamedRange& range = ranges[i];
+    if (p >= range.begin && p + bytes <= range.end) {
+      if (thread_bytes.size() < ranges.size()) thread_bytes.resize(ranges.size());
+      const std::uint8_t bit = store ? 2 : 1;
+      long long first = 0;
+      for (long long b = 0; range.seen && b < bytes; ++b) first += !(range.seen[p - range.begin + b].fetch_or(bit) & bit);
+      Bytes& counted = thread_bytes[i];
+      (store ? counted.stored : counted.loaded) += bytes;
+      (store ? counted.first_stored : counted.first_loaded) += first;
+      return;
+    }
+  }
+  if (!may_be_shared) record_error("global access outside every tensor the host named", pointer, unsigned(bytes));
+}
+
+// A kernel launch starts a pass: no byte has been touched in it yet.
+void start_pass(const char* name) {
+  current_pass = name;
+  if (!counting) return;
+  for (NamedRange& range : ranges)
+    for (long long b = 0; range.seen && b < range.end - range.begin; ++b) range.seen[b].store(0, std::memory_order_relaxed);
+}
+
+void flush_thread_bytes() {
+  if (thread_bytes.empty()) return;
+  std::lock_guard<std::mutex> lock(traffic_mutex);
+  for (size_t i = 0; i < thread_bytes.size(); ++i) {
+    const Bytes& b = thread_bytes[i];
+    if (b.loaded == 0 && b.stored == 0) continue;
+    Bytes& total = traffic[{current_pass, ranges[i].name}];
+    total.loaded += b.loaded;
+    total.stored += b.stored;
+    total.first_loaded += b.first_loaded;
+    total.first_stored += b.first_stored;
+  }
+  thread_bytes.clear();
+}
+}  // namespace rwkvclip_emulation
 
 // Host compilers see __global__, __device__ and __shared__ as empty (crt/host_defines.h); the
 // rest of the CUDA built-ins the kernels use:
@@ -40,17 +114,29 @@ bool is_lane_zero() { return thread_index.x % 32 == 0; }
 #define threadIdx rwkvclip_emulation::thread_index
 #define blockIdx rwkvclip_emulation::block_index
 inline void __syncthreads() { rwkvclip_emulation::block_barrier->arrive_and_wait(); }
-inline float atomicAdd(float* address, float value) { return std::atomic_ref<float>(*address).fetch_add(value); }
+inline float atomicAdd(float* address, float value) {
+  rwkvclip_emulation::count_global(address, 4, false, false);
+  rwkvclip_emulation::count_global(address, 4, true, false);
+  return std::atomic_ref<float>(*address).fetch_add(value);
+}
 template <typename T>
 inline T __ldg(const T* address) {
+  rwkvclip_emulation::count_global(address, sizeof(T), false, false);
   return *address;
 }
 // The chunk loads read 16-byte vectors, which the GPU requires to be 16-byte aligned.
 inline uint4 __ldg(const uint4* address) {
   if (reinterpret_cast<std::uintptr_t>(address) % 16 != 0)
     rwkvclip_emulation::record_error("16-byte vector load from an address not 16-byte aligned", address, 0);
+  rwkvclip_emulation::count_global(address, 16, false, false);
   return *address;
 }
+namespace rwkvclip {
+void store_global(float* p, float x) {
+  rwkvclip_emulation::count_global(p, 4, true, false);
+  *p = x;
+}
+}  // namespace rwkvclip
 // Every lane of the warp must take part (the kernels only pass the full mask): each publishes its
 // value, waits for the whole warp, reads its partner's, and waits again before the slots are reused.
 inline float __shfl_xor_sync(unsigned /*full mask*/, float value, int lane_mask) {
@@ -78,8 +164,11 @@ alignas(128) float smem[SweepSmem<128>::kFloats];
 
 namespace rwkvclip {
 
+constexpr const char* kPassNames[] = {"forward: sweep", "backward: query sweep", "backward: key sweep"};
+
 template <int N, Sweep KIND>
 void run_grid(const SweepParams& prm) {
+  rwkvclip_emulation::start_pass(kPassNames[int(KIND)]);
   std::barrier<> barrier(kThreads);
   rwkvclip_emulation::block_barrier = &barrier;
   std::deque<std::barrier<>> warps;  // barriers cannot move: a deque constructs them in place
@@ -94,6 +183,7 @@ void run_grid(const SweepParams& prm) {
           rwkvclip_emulation::thread_index = {t, 0, 0};
           rwkvclip_emulation::block_index = {2 * bh + dir, 0, 0};
           sweep_kernel<N, KIND>(prm);
+          rwkvclip_emulation::flush_thread_bytes();
         });
       }
       for (auto& thread : threads) thread.join();
@@ -105,6 +195,18 @@ void run_grid(const SweepParams& prm) {
 
 struct EmulatedDevice {
   static constexpr bool kCuda = false;
+  static void tensor(const char* name, const torch::Tensor& t) {
+    const char* begin = static_cast<const char*>(t.data_ptr());
+    std::unique_ptr<std::atomic<std::uint8_t>[]> seen;  // the first-touch record, only when counting
+    if (rwkvclip_emulation::counting) seen.reset(new std::atomic<std::uint8_t>[t.nbytes()]());
+    rwkvclip_emulation::ranges.push_back({name, begin, begin + t.nbytes(), std::move(seen)});
+  }
+  static void host_pass(const char* pass, const char* name, int64_t loaded, int64_t stored) {
+    if (!rwkvclip_emulation::counting) return;
+    auto& total = rwkvclip_emulation::traffic[{pass, name}];
+    total.loaded += loaded, total.first_loaded += loaded;  // a torch pass touches each byte once
+    total.stored += stored, total.first_stored += stored;
+  }
   template <Sweep KIND>
   static void run(const SweepParams& prm, int64_t head_size) {
     // CUDA refuses a launch of zero blocks ("invalid configuration argument"): the host must not ask
@@ -165,10 +267,40 @@ torch::Tensor tile_product(const torch::Tensor& a, const torch::Tensor& b, bool 
 
 }  // namespace rwkvclip
 
+namespace rwkvclip {
+
+// The bindings start every call with no named tensors (the host names those of the call).
+torch::Tensor emulated_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w, torch::Tensor u) {
+  rwkvclip_emulation::ranges.clear();
+  return forward<EmulatedDevice>(r, k, v, w, u);
+}
+
+std::vector<torch::Tensor> emulated_backward(torch::Tensor dy, torch::Tensor r, torch::Tensor k, torch::Tensor v,
+                                             torch::Tensor w, torch::Tensor u) {
+  rwkvclip_emulation::ranges.clear();
+  return backward<EmulatedDevice>(dy, r, k, v, w, u);
+}
+
+using TrafficRow = std::tuple<std::string, std::string, int64_t, int64_t, int64_t, int64_t>;
+
+std::vector<TrafficRow> take_traffic() {
+  std::vector<TrafficRow> rows;
+  for (const auto& [key, b] : rwkvclip_emulation::traffic)
+    rows.emplace_back(key.first, key.second, b.loaded, b.stored, b.first_loaded, b.first_stored);
+  rwkvclip_emulation::traffic.clear();
+  return rows;
+}
+
+}  // namespace rwkvclip
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "The Bi-WKV CUDA kernels executed on CPU threads (tests only)";
-  m.def("forward", &rwkvclip::forward<rwkvclip::EmulatedDevice>);
-  m.def("backward", &rwkvclip::backward<rwkvclip::EmulatedDevice>);
+  m.def("forward", &rwkvclip::emulated_forward);
+  m.def("backward", &rwkvclip::emulated_backward);
+  m.def(
+      "set_traffic_counting", [](bool on) { return rwkvclip_emulation::counting.exchange(on); },
+      "count global-memory bytes per (pass, tensor) from now on, or stop; returns the previous mode");
+  m.def("take_traffic", &rwkvclip::take_traffic, "[(pass, tensor, bytes loaded, stored, loaded first in the pass, stored first)], then cleared");
   m.def("tile_product", &rwkvclip::tile_product);
   m.def(
       "set_truncating_accumulation",

@@ -48,6 +48,9 @@ inline std::string take_error() {
 }
 
 bool is_lane_zero();  // defined by cpu_emulation.cpp, which knows the emulated thread index
+// cpu_emulation.cpp: counts `bytes` of global-memory traffic at `pointer` when counting is on; a
+// pointer in no named tensor is an error unless `may_be_shared` (tiles are mostly in shared memory)
+void count_global(const void* pointer, long long bytes, bool store, bool may_be_shared);
 
 inline bool check_tile(const void* pointer, unsigned ld) {
   if (reinterpret_cast<std::uintptr_t>(pointer) % 32 != 0) record_error("WMMA tile not 32-byte aligned", pointer, ld);
@@ -110,6 +113,7 @@ template <class Use, int M, int N, int K, class Layout>
 void load_matrix_sync(fragment<Use, M, N, K, precision::tf32, Layout>& f, const float* p, unsigned ld) {
   using F = fragment<Use, M, N, K, precision::tf32, Layout>;
   if (!rwkvclip_emulation::check_tile(p, ld)) return;
+  rwkvclip_emulation::count_global(p, sizeof(float) * F::num_elements, false, true);
   constexpr bool kRowMajor = std::is_same_v<Layout, row_major>;
   for (int r = 0; r < F::kRows; ++r)
     for (int c = 0; c < F::kCols; ++c) f.x[r * F::kCols + c] = kRowMajor ? p[r * ld + c] : p[c * ld + r];
@@ -118,6 +122,7 @@ void load_matrix_sync(fragment<Use, M, N, K, precision::tf32, Layout>& f, const 
 template <int M, int N, int K>
 void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* p, unsigned ld, layout_t layout) {
   if (!rwkvclip_emulation::check_tile(p, ld)) return;
+  rwkvclip_emulation::count_global(p, sizeof(float) * M * N, false, true);
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c) f.x[r * N + c] = layout == mem_row_major ? p[r * ld + c] : p[c * ld + r];
 }
@@ -125,6 +130,7 @@ void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* p, 
 template <int M, int N, int K>
 void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ld, layout_t layout) {
   if (!rwkvclip_emulation::check_tile(p, ld)) return;
+  rwkvclip_emulation::count_global(p, sizeof(float) * M * N, true, true);
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c) (layout == mem_row_major ? p[r * ld + c] : p[c * ld + r]) = f.x[r * N + c];
 }
