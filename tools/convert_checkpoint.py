@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the written file")
         if command == "from-zero":
             p.add_argument("--tag", help="checkpoint tag, e.g. step_00000400 (default: the 'latest' file)")
+            p.add_argument("--ema", action="store_true", help="write the run's EMA of the weights (train.ema)")
         if command == "to-authors":
             p.add_argument("--released-dtypes", action="store_true",
                            help="bf16 text decays and fp32 lerps as in the released files (rounds; not bit-exact)")
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         report = pipeline.verify_authors(args.dst, theirs) if args.verify else None
     elif args.command == "from-zero":
         config, state = pipeline.zero_to_ours(args.src, args.dst, args.model, parse_dtype(args.dtype),
-                                              args.overrides, args.tag)
+                                              args.overrides, args.tag, ema=args.ema)
         print(f"wrote {args.dst} ({config.name}, {args.dtype})")
         report = pipeline.verify_state(args.dst, state, config) if args.verify else None
     else:

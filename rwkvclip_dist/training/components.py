@@ -69,8 +69,9 @@ def check_resume_compatible(recipe: Recipe, run_dir: Path) -> None:
 
 
 def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: torch.device,
-                     evals: list) -> Components:
-    """``evals``: the opened in-loop evaluations (``training.evals.open_evaluations``)."""
+                     evals: list, initial=None) -> Components:
+    """``evals``: the opened in-loop evaluations (``training.evals.open_evaluations``); ``initial``:
+    the checked ``model.init_from`` weights (``training.init_from.prepare_init_from``), or None."""
     from rwkvclip_dist.checkpoint.manager import CheckpointManager
     from rwkvclip_dist.data.loader import build_train_dataloader
     from rwkvclip_dist.loss import build_loss
@@ -78,6 +79,7 @@ def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: t
     from rwkvclip_dist.parallel.engine import create_engine, deepspeed_config
     from rwkvclip_dist.parallel.groups import init_parallel_groups
     from rwkvclip_dist.parallel.tensor_parallel import parallelize
+    from rwkvclip_dist.training.lock import apply_lock
     from rwkvclip_dist.training.optim import build_optimizer
     from rwkvclip_dist.training.schedule import build_schedule
 
@@ -85,11 +87,14 @@ def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: t
     groups = init_parallel_groups(section.tensor_parallel, section.timeout_s)
     rng.seed_all(recipe.train.seed)  # identical initial weights on every rank
     model = create_model(recipe.model.name, **recipe.model.overrides)
+    if initial is not None:  # [issue 22] into the plain model, before TP slices it and ZeRO partitions it
+        initial.apply(model)
     # Build or load the fused Bi-WKV kernels now, not inside the first (possibly compiled) step.
     ops.prepare(device, torch.bfloat16 if recipe.parallel.precision == "bf16" else torch.float32,
                 tuple({model.config.image.head_size, model.config.text.head_size}))
     model = parallelize(model, groups)
     model.set_activation_checkpointing(recipe.model.activation_checkpointing)
+    apply_lock(model, recipe.model.lock)  # [issue 22] frozen before the optimizer and ZeRO see the parameters
     optimizer = build_optimizer(model, recipe.optimizer, device, offload=section.offload_optimizer == "cpu")
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     engine = create_engine(model, optimizer, deepspeed_config(

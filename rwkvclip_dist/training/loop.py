@@ -67,6 +67,8 @@ class Trainer:
         from rwkvclip_dist.parallel.groups import check_world_size
         from rwkvclip_dist.training.components import build_components, check_resume_compatible, checkpoint_directory
         from rwkvclip_dist.training.evals import open_evaluations
+        from rwkvclip_dist.training.ema import ShardedEma
+        from rwkvclip_dist.training.init_from import prepare_init_from
 
         # First: the parent that launched this rank, before it has any chance to die unnoticed.
         self.watch = LauncherWatch(launch.launcher)
@@ -74,6 +76,8 @@ class Trainer:
         check_world_size(recipe.parallel.tensor_parallel, launch.world_size)
         check_resume_compatible(recipe, run_dir)
         self.device = setup_process(launch)
+        # [issue 22] model.init_from is read and checked before any process group starts.
+        initial = prepare_init_from(recipe.model, recipe.checkpoint.resume, checkpoint_directory(recipe, run_dir))
         # Evaluation data and class names are opened before any process group starts: a mistake there
         # stops every rank at once with its message, not after the engine is built.
         evals = open_evaluations(recipe.eval.zeroshot, recipe.model.name, recipe.model.overrides, self.device)
@@ -86,7 +90,9 @@ class Trainer:
             save_recipe(recipe, run_dir / "recipe.yaml")
         collectives.barrier()
         self.state = TrainState()
-        self.parts = build_components(recipe, run_dir, launch, self.device, evals)
+        self.parts = build_components(recipe, run_dir, launch, self.device, evals, initial)
+        # [issue 22] an EMA of the weights on the optimizer's partitions (training/ema.py)
+        self.ema = ShardedEma(recipe.train.ema, self.parts.engine) if recipe.train.ema.enabled else None
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -149,6 +155,8 @@ class Trainer:
         grad_norm = None
         if out.finite:
             clamp_parameter_(engine, engine.module.logit_scale, 0.0, MAX_LOGIT_SCALE)
+            if self.ema is not None:  # [issue 22]
+                self.ema.after_step(self.state.step + 1)
             norm = engine.get_global_grad_norm()
             grad_norm = None if norm is None else float(norm)
         loss_sum, masked = collectives.all_reduce_sum([out.loss, int((~valid).sum())])
@@ -215,7 +223,8 @@ class Trainer:
 
     # -- around the loop -----------------------------------------------------------------------
     def _stateful(self) -> dict:
-        return {"train_state": self.state, "loader": self.parts.loader}
+        states = {"train_state": self.state, "loader": self.parts.loader}
+        return states if self.ema is None else {**states, "ema": self.ema}  # [issue 22]
 
     def _resume(self) -> None:
         self.last_finite_loss = float("nan")
