@@ -32,6 +32,24 @@ def source_run(demo_data, tmp_path_factory):
     return run
 
 
+# A deterministic spike: the lr of step 3 x 1000 makes the loss of step 4 non-finite.
+SPIKE = ("parallel.zero_stage=2", "checkpoint.every_steps=2", "checkpoint.keep_last=5", "schedule.kind=constant",
+         "train.spike.enabled=true", "train.spike.window=3", "train.spike.inject_lr_scale_at_step=3")
+
+
+@pytest.fixture(scope="module")
+def spike_runs(source_run, demo_data, tmp_path_factory):
+    """From the trained source: an uninterrupted 6-step run with a spike, and the same run stopped at
+    step 4 (just after its rewind) and resumed to 6."""
+    root = tmp_path_factory.mktemp("spike")
+    whole, split = root / "whole", root / "split"
+    common = (*SPIKE, f"model.init_from={source_run}")
+    run_checked(torchrun_cmd(2, *train_args(whole, demo_data, *common, "train.steps=6")), timeout=600)
+    run_checked(torchrun_cmd(2, *train_args(split, demo_data, *common, "train.steps=4")), timeout=600)
+    run_checked(torchrun_cmd(2, *train_args(split, demo_data, *common, "train.steps=6")), timeout=600)
+    return whole, split
+
+
 @pytest.fixture(scope="module")
 def finetune(source_run, demo_data, tmp_path_factory):
     """The continued run (3 steps) and its resumed continuation (to step 4): their outputs."""
@@ -176,3 +194,54 @@ def test_layer_decay_and_group_rules():
     assert lr_of[id(params["text.blocks.1.att.key.weight"])] == (pytest.approx(0.1), 0.0)
     assert lr_of[id(params["logit_scale"])] == (1.0, 0.0)
     assert sum(len(g["params"]) for g in opt.param_groups) == len(params)
+
+
+@pytest.mark.slow
+def test_run_records_its_provenance(source_run):
+    import subprocess as sp
+
+    launch = json.loads((source_run / "provenance.json").read_text())["launches"][0]
+    head = sp.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert launch["git_commit"] == head and isinstance(launch["git_dirty"], bool)
+    assert launch["versions"]["torch"] == torch.__version__ and launch["versions"]["deepspeed"]
+    assert launch["world"] == {"world_size": 2, "tensor_parallel": 1, "data_parallel": 2, "nodes": 1,
+                               "local_world_size": 2}
+    assert any(p.startswith("deepspeed==") for p in launch["packages"])
+
+
+@pytest.mark.slow
+def test_export_hub_of_a_run_writes_its_card_and_weights(finetune, tmp_path):
+    from tool_loader import tool_main
+    from rwkvclip_dist.pretrained_format import load_state_dict_file
+
+    out = tmp_path / "repo"
+    assert tool_main("export_hub")([str(finetune["run"]), str(out)]) == 0
+    card = (out / "README.md").read_text()
+    assert "## Training data" in card and "## Recipe" in card and "image_size: 48" in card
+    weights = load_state_dict_file(out / "rwkvclip.safetensors")
+    assert torch.equal(weights["text.blocks.0.att.key.weight"],
+                       _weights(finetune["run"] / "checkpoints")["text.blocks.0.att.key.weight"])
+
+
+@pytest.mark.slow
+def test_spike_rewinds_skips_the_window_and_ends_finite(spike_runs):
+    import math
+
+    whole, _ = spike_runs
+    metrics = json.loads((whole / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["status"] == "completed"
+    [event] = metrics["rewinds"]
+    assert (event["step"], event["checkpoint"], event["batches_skipped"]) == (4, "step_00000002", 2)
+    assert event["samples_skipped"] == 2 * 32 and event["samples_skipped_from"] == 2 * 32
+    records = loss_log(whole)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 3, 4, 5, 6]  # 3 and 4 again, on later batches
+    assert not math.isfinite(records[3]["loss"]) or records[3]["skipped"]
+    assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in records[4:])
+
+
+@pytest.mark.slow
+def test_a_run_resumed_after_a_rewind_continues_exactly(spike_runs):
+    whole, split = spike_runs
+    assert {r["step"]: r["loss"] for r in loss_log(split)[-2:]} == {r["step"]: r["loss"] for r in loss_log(whole)[-2:]}
+    assert (json.loads((split / "metrics.json").read_text())["rewinds"]
+            == json.loads((whole / "metrics.json").read_text())["rewinds"])

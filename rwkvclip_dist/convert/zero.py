@@ -86,8 +86,12 @@ def _ema_in_place_of_master(tag_dir: Path):
                 raise ValueError(f"{tag_dir}: no EMA in {path.name} (the run had no train.ema, or it had not "
                                  f"updated yet)")
             ema.append(state["ema"]["partitions"])
-        if [[tuple(t.shape) for t in g] for g in ema] != [[tuple(t.shape) for t in g] for g in groups]:
-            raise ValueError(f"{tag_dir}: the EMA partitions do not match the optimizer's")
+        sizes = lambda rows: [[t.numel() for t in g] for g in rows]  # noqa: E731
+        # DeepSpeed saves the master partitions without the alignment padding at their end.
+        if len(ema) != len(groups) or any(len(e) != len(g) or any(a.numel() < b.numel() for a, b in zip(e, g))
+                                          for e, g in zip(ema, groups)):
+            raise ValueError(f"{tag_dir}: the EMA partitions {sizes(ema)} do not fit the optimizer's {sizes(groups)}")
+        ema = [[a[:b.numel()] for a, b in zip(e, g)] for e, g in zip(ema, groups)]
         return stage, world, ema, paddings
 
     zero_to_fp32.parse_optim_states = parse_with_ema

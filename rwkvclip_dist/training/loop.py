@@ -68,7 +68,9 @@ class Trainer:
         from rwkvclip_dist.training.components import build_components, check_resume_compatible, checkpoint_directory
         from rwkvclip_dist.training.evals import open_evaluations
         from rwkvclip_dist.training.ema import ShardedEma
+        from rwkvclip_dist.training.spike import SpikeDetector
         from rwkvclip_dist.training.init_from import prepare_init_from
+        from rwkvclip_dist.training.provenance import write_provenance
 
         # First: the parent that launched this rank, before it has any chance to die unnoticed.
         self.watch = LauncherWatch(launch.launcher)
@@ -88,11 +90,16 @@ class Trainer:
         self.locks = lock_run_directories([run_dir, checkpoint_directory(recipe, run_dir)], self.is_main)
         if self.is_main:
             save_recipe(recipe, run_dir / "recipe.yaml")
+            write_provenance(run_dir, {  # [issue 22] training/provenance.py
+                "world_size": launch.world_size, "tensor_parallel": recipe.parallel.tensor_parallel,
+                "data_parallel": launch.world_size // recipe.parallel.tensor_parallel,
+                "nodes": launch.world_size // launch.local_world_size, "local_world_size": launch.local_world_size})
         collectives.barrier()
         self.state = TrainState()
         self.parts = build_components(recipe, run_dir, launch, self.device, evals, initial)
         # [issue 22] an EMA of the weights on the optimizer's partitions (training/ema.py)
         self.ema = ShardedEma(recipe.train.ema, self.parts.engine) if recipe.train.ema.enabled else None
+        self.spikes = SpikeDetector(recipe.train.spike) if recipe.train.spike.enabled else None  # [issue 22]
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -107,6 +114,9 @@ class Trainer:
                 (images, tokens, text_ids), data_wait = next(batches)
                 result = self._train_step(images, tokens, text_ids)
                 self._record_step(result, data_wait, logger)
+                if self.spikes is not None and self.spikes.observe(self.state.step, result.loss, result.finite):
+                    batches = self._rewound_batches(logger)  # [issue 22] training/spike.py
+                    continue
                 self._evaluate_if_due(logger)
                 self.last_progress = time.monotonic()
                 if self._checkpoint_if_due(preemption):
@@ -140,6 +150,15 @@ class Trainer:
                     break
                 yield batch[:3], time.perf_counter() - wait_start
 
+    def _rewound_batches(self, logger: TrainLogger):
+        from rwkvclip_dist.training.spike import rewind
+
+        skip = rewind(self, logger)
+        batches = self._batches()
+        for _ in range(skip):
+            next(batches)
+        return batches
+
     def _train_step(self, images: torch.Tensor, tokens: torch.Tensor, text_ids: torch.Tensor) -> StepResult:
         from rwkvclip_dist.data.dataset import STAND_IN
         from rwkvclip_dist.parallel.engine import clamp_parameter_
@@ -149,7 +168,10 @@ class Trainer:
         parts, engine = self.parts, self.parts.engine
         micro = split_micro_batches(images.to(self.device, parts.dtype), tokens.to(self.device),
                                     self.recipe.train.accumulation_steps)
-        lr = set_lr(engine.optimizer, parts.base_lrs, parts.schedule.factor(self.state.step))
+        factor = parts.schedule.factor(self.state.step)
+        if self.spikes is not None:
+            factor *= self.spikes.lr_scale(self.state.step + 1)  # [issue 22] the tests' deterministic spike
+        lr = set_lr(engine.optimizer, parts.base_lrs, factor)
         valid = (text_ids != STAND_IN).to(self.device)
         out = contrastive_step(engine, parts.loss_fn, self._backward_and_step, micro, valid)
         grad_norm = None
@@ -224,7 +246,9 @@ class Trainer:
     # -- around the loop -----------------------------------------------------------------------
     def _stateful(self) -> dict:
         states = {"train_state": self.state, "loader": self.parts.loader}
-        return states if self.ema is None else {**states, "ema": self.ema}  # [issue 22]
+        # [issue 22] the EMA and the spike detector are checkpointed when the recipe enables them
+        states.update({name: obj for name, obj in (("ema", self.ema), ("spike", self.spikes)) if obj is not None})
+        return states
 
     def _resume(self) -> None:
         self.last_finite_loss = float("nan")
@@ -260,6 +284,7 @@ class Trainer:
             "wall_time_s": elapsed, "resumed_from_step": start_step, "world_size": self.launch.world_size,
             "corrupt_samples_replaced": round(corrupt / self.launch.local_world_size),
             "bi_wkv_calls": ops.dispatch_counts(), "samples_masked": state.samples_masked, "evals": state.evals,
+            "rewinds": self.spikes.events if self.spikes is not None else [],  # [issue 22]
         }
         if state.evals:
             metrics.update(state.evals[max(state.evals, key=int)])

@@ -29,6 +29,7 @@ from rwkvclip_dist.training.lock import LockSection
 from rwkvclip_dist.training.metrics import LoggingSection
 from rwkvclip_dist.training.optim import OptimizerSection
 from rwkvclip_dist.training.schedule import ScheduleSection
+from rwkvclip_dist.training.spike import SpikeSection
 from rwkvclip_dist.typed_config import (ConfigError, FieldError, FileOrigin, build_dataclass, parse_override,
                                         path_field, to_plain)
 
@@ -87,6 +88,9 @@ class TrainSection:
     """Seeds model init, data order and augmentation; every rank derives its own stream from it."""
     max_nonfinite_steps: int = 5
     """Stop the run after this many non-finite losses in a row (each one skips its step)."""
+    spike: SpikeSection = field(default_factory=SpikeSection)
+    """``{enabled: true, factor: 3, window: 20, patience: 1, max_rewinds: 3}``: rewind to the checkpoint
+    before a loss spike and skip the data that led to it (``training/spike.py``)."""
     ema: EmaSection = field(default_factory=EmaSection)
     """``{enabled: true, decay: 0.9999, every_steps: 1, warmup: true}``: an EMA of the weights on the
     optimizer's partitions (``training/ema.py``)."""
