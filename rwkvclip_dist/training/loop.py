@@ -68,9 +68,9 @@ class Trainer:
         from rwkvclip_dist.training.components import build_components, check_resume_compatible, checkpoint_directory
         from rwkvclip_dist.training.evals import open_evaluations
         from rwkvclip_dist.training.ema import ShardedEma
-        from rwkvclip_dist.training.spike import SpikeDetector
         from rwkvclip_dist.training.init_from import prepare_init_from
         from rwkvclip_dist.training.provenance import write_provenance
+        from rwkvclip_dist.training.spike import SpikeDetector
 
         # First: the parent that launched this rank, before it has any chance to die unnoticed.
         self.watch = LauncherWatch(launch.launcher)

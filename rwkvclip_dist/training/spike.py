@@ -67,7 +67,8 @@ class SpikeDetector:
         return self.section.inject_lr_scale if inject == step and not self.events else 1.0
 
     def observe(self, step: int, loss: float, finite: bool) -> bool:
-        """Record step ``step``'s loss; True when the run must rewind now."""
+        """Record step ``step``'s loss; True when the run must rewind now. ``loss`` is the all-rank
+        mean, so every rank decides the same and enters the (collective) rewind together."""
         window = self.history[-self.section.window:]
         spike = not finite or (len(window) == self.section.window
                                and loss > self.section.factor * statistics.median(window))
