@@ -41,7 +41,8 @@ class LossSection:
     gather_with_grad: bool = True
     """All-gather features with gradient; required for the exact global-batch gradient."""
     siglip_bias: float = -10.0
-    """Logit bias of the SigLIP loss (a fixed constant here; SigLIP learns it)."""
+    """Fixed logit bias of the SigLIP loss, used when the model has no learned one (a model with
+    ``init_logit_bias`` set, as SigLIP trains, passes its own)."""
 
 
 def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
@@ -127,7 +128,8 @@ class ClipLoss(_GatheringLoss):
 class SigLipLoss(_GatheringLoss):
     """Pairwise sigmoid loss: every (image, text) pair is a binary match / no-match decision.
 
-    The bias is a fixed recipe constant here (SigLIP learns it); the scale is the model's logit_scale.
+    The bias is the model's learned ``logit_bias`` when it has one (``init_logit_bias``, as SigLIP),
+    else the fixed recipe constant; the scale is the model's logit_scale.
     Normalised per image as in SigLIP: the sum over all pairs of a row, averaged over rows.
     """
 
@@ -136,7 +138,8 @@ class SigLipLoss(_GatheringLoss):
         self.bias = bias
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
-                logit_scale: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+                logit_scale: torch.Tensor, valid: torch.Tensor | None = None,
+                logit_bias: torch.Tensor | None = None) -> torch.Tensor:
         rows = image_features.shape[0]
         valid_all = self.gather_valid(valid, rows, image_features.device) if valid is not None else None
         all_text = self.gather(text_features)
@@ -144,7 +147,7 @@ class SigLipLoss(_GatheringLoss):
             images, offset = image_features, rows * self.rank if self.world_size > 1 else 0
         else:
             images, offset = self.gather(image_features), 0
-        logits = _at_least_fp32(logit_scale * images @ all_text.T) + self.bias
+        logits = _at_least_fp32(logit_scale * images @ all_text.T) + (self.bias if logit_bias is None else logit_bias)
         signs = -torch.ones_like(logits)
         idx = torch.arange(images.shape[0], device=logits.device)
         signs[idx, idx + offset] = 1.0

@@ -1,6 +1,7 @@
 """The inference API: open_clip-style factory, tokenizer and checkpoint loading.
 
     model, train_tf, eval_tf = create_model_and_transforms("RWKV-CLIP-B-32", pretrained="b32.safetensors")
+    model, train_tf, eval_tf = create_model_and_transforms("hf-hub:ORG/NAME")   # tools/export_hub.py
     tokenizer = get_tokenizer("RWKV-CLIP-B-32")
     probs = (100 * model.encode_image(img, normalize=True) @ model.encode_text(tokenizer(texts), normalize=True).T).softmax(-1)
 
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rwkvclip_dist.hub import download, is_hub_name
 from rwkvclip_dist.pretrained_format import (
     check_state_dict,
     config_record,
@@ -70,7 +72,10 @@ def load_model(name: str | None, pretrained: str | Path | None = None, device: s
     """An RWKV-CLIP model for inference, in eval mode; with ``pretrained``, its weights and its
     architecture come from the file (``name`` may then be None, and must agree with the file otherwise).
     Without ``pretrained`` the weights are freshly initialised (smoke tests). For a fresh model to
-    train, use :func:`rwkvclip_dist.create_model`."""
+    train, use :func:`rwkvclip_dist.create_model`. ``name`` may be ``hf-hub:ORG/NAME``: a model
+    repository of ``tools/export_hub.py``, through huggingface_hub (``rwkvclip_dist.hub``)."""
+    if is_hub_name(name):
+        name, pretrained = None, download(name)
     config = _resolve_config(name, pretrained, overrides)
     model = RWKVCLIP(config, initialize=pretrained is None)
     if pretrained is not None:
@@ -92,7 +97,7 @@ def get_tokenizer(name: str | Path) -> Callable[[str | Sequence[str]], torch.Ten
     """The CLIP BPE tokenizer at the model's context length (``name``: registry name or pretrained file)."""
     from rwkvclip_dist.data.tokenizer import tokenize
 
-    path = Path(name)
+    path = download(str(name)) if is_hub_name(name) else Path(name)
     config = read_config(path) if path.suffix == ".safetensors" else get_model_config(str(name))
     return partial(tokenize, context_length=config.text.context_length)
 

@@ -52,8 +52,9 @@ class FileOrigin(str):
 class PathSpec:
     """What :func:`path_field` declares about a path field."""
 
-    exists: Literal["file", "dir", None] = None
-    """Check at load (unless the caller skips path checks) that the path is an existing file or directory."""
+    exists: Literal["file", "dir", "any", None] = None
+    """Check at load (unless the caller skips path checks) that the path is an existing file or
+    directory ('any': either)."""
     inside: str | None = None
     """A file that must be inside the directory, e.g. ``index.json``."""
     is_path: Callable[[str], bool] | None = None
@@ -122,6 +123,8 @@ def _resolve_path(value: str, spec: PathSpec, key: str, ctx: _Context) -> str:
             raise _fail(key, ctx, f"directory {resolved}{given} does not exist")
         if spec.exists == "file" and not resolved.is_file():
             raise _fail(key, ctx, f"file {resolved}{given} does not exist")
+        if spec.exists == "any" and not resolved.exists():
+            raise _fail(key, ctx, f"{resolved}{given} does not exist")
         if spec.inside and not (resolved / spec.inside).is_file():
             raise _fail(key, ctx, f"{resolved}{given} has no {spec.inside}")
     return str(resolved)

@@ -15,7 +15,7 @@ LAYERS = [
     {"typed_config", "cli", "outputs", "strict_yaml", "versions"},
     {"model", "ops"},
     {"data", "descriptions"},
-    {"parallel", "loss", "pretrained_format"},
+    {"parallel", "loss", "pretrained_format", "hub"},
     {"pretrained", "convert", "checkpoint", "eval"},
     {"training"},
     {"train", "demo"},

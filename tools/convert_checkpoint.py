@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the written file")
         if command == "from-zero":
             p.add_argument("--tag", help="checkpoint tag, e.g. step_00000400 (default: the 'latest' file)")
+            p.add_argument("--ema", action="store_true", help="write the run's EMA of the weights (train.ema)")
         if command == "to-authors":
             p.add_argument("--released-dtypes", action="store_true",
                            help="bf16 text decays and fp32 lerps as in the released files (rounds; not bit-exact)")
@@ -96,7 +97,7 @@ def _convert(args: argparse.Namespace, dst: Path) -> tuple[int, str]:
         report = pipeline.verify_authors(dst, theirs) if args.verify else None
     elif args.command == "from-zero":
         config, state = pipeline.zero_to_ours(args.src, dst, args.model, parse_dtype(args.dtype),
-                                              args.overrides, args.tag)
+                                              args.overrides, args.tag, ema=args.ema)
         what = f"{config.name}, {args.dtype}"
         report = pipeline.verify_state(dst, state, config) if args.verify else None
     else:

@@ -94,7 +94,8 @@ def authors_to_ours(src: str | Path, dst: str | Path, name: str | None = None, d
 
 
 def zero_to_ours(checkpoint_dir: str | Path, dst: str | Path, name: str | None = None, dtype: torch.dtype = torch.float32,
-                 overrides: dict[str, Any] | None = None, tag: str | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+                 overrides: dict[str, Any] | None = None, tag: str | None = None,
+                 ema: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Consolidates a ZeRO checkpoint into ``dst``; returns the config and the fp32 state dict.
     The shards of a tensor-parallel run are merged into the plain model's weights.
 
@@ -115,7 +116,7 @@ def zero_to_ours(checkpoint_dir: str | Path, dst: str | Path, name: str | None =
     if name is not None:
         with torch.device("meta"):
             dims = split_dims(RWKVCLIP(get_model_config(name, **(overrides or {})), initialize=False))
-    state = load_zero_checkpoint(checkpoint_dir, tag, dims)
+    state = load_zero_checkpoint(checkpoint_dir, tag, dims, ema=ema)
     config = _match_config(state, name, overrides or {}, str(checkpoint_dir))
     save_safetensors(_dtype_state(state, dtype), dst, config_record(config, "clip", dtype))
     return config, state

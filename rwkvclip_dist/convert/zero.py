@@ -67,12 +67,49 @@ def _tensor_parallel_rank_state(checkpoint_dir: Path, tag: str, tp_rank: int) ->
         return get_fp32_state_dict_from_zero_checkpoint(scratch, tag=tag)
 
 
+@contextlib.contextmanager
+def _ema_in_place_of_master(tag_dir: Path):
+    """DeepSpeed's merging of fp32 partitions, fed each rank's EMA partitions (``training/ema.py``,
+    saved in the rank files) instead of its master weights: the EMA has the master's layout."""
+    from deepspeed.utils import zero_to_fp32
+
+    from rwkvclip_dist.checkpoint.manager import rank_file
+    from rwkvclip_dist.checkpoint.safe_load import load_weights_only
+
+    original = zero_to_fp32.parse_optim_states
+
+    def parse_with_ema(files, ds_checkpoint_dir):
+        stage, world, groups, paddings = original(files, ds_checkpoint_dir)
+        ema = []
+        for rank in range(world):
+            path = tag_dir / rank_file(rank)
+            state = load_weights_only(path) if path.is_file() else {}
+            if not (state.get("ema") or {}).get("partitions"):
+                raise ValueError(f"{tag_dir}: no EMA in {path.name} (the run had no train.ema, or it had not "
+                                 f"updated yet)")
+            ema.append(state["ema"]["partitions"])
+        sizes = lambda rows: [[t.numel() for t in g] for g in rows]  # noqa: E731
+        # DeepSpeed saves the master partitions without the alignment padding at their end.
+        if len(ema) != len(groups) or any(len(e) != len(g) or any(a.numel() < b.numel() for a, b in zip(e, g))
+                                          for e, g in zip(ema, groups)):
+            raise ValueError(f"{tag_dir}: the EMA partitions {sizes(ema)} do not fit the optimizer's {sizes(groups)}")
+        ema = [[a[:b.numel()] for a, b in zip(e, g)] for e, g in zip(ema, groups)]
+        return stage, world, ema, paddings
+
+    zero_to_fp32.parse_optim_states = parse_with_ema
+    try:
+        yield
+    finally:
+        zero_to_fp32.parse_optim_states = original
+
+
 def load_zero_checkpoint(checkpoint_dir: str | Path, tag: str | None = None,
-                         split_dims: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+                         split_dims: dict[str, int] | None = None, ema: bool = False) -> dict[str, torch.Tensor]:
     """The full fp32 state dict of a ZeRO 1/2/3 checkpoint directory (``latest`` tag by default).
 
     A checkpoint written by several tensor-parallel ranks needs ``split_dims``
-    (``parallel.tensor_parallel.split_dims`` of the trained model) to merge their shards."""
+    (``parallel.tensor_parallel.split_dims`` of the trained model) to merge their shards. ``ema``:
+    the run's EMA of the weights (``train.ema``) instead of the weights (tensor parallel 1 only)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     checkpoint_dir = Path(checkpoint_dir)
@@ -88,8 +125,10 @@ def load_zero_checkpoint(checkpoint_dir: str | Path, tag: str | None = None,
     if tp > 1 and split_dims is None:
         raise ValueError(f"{checkpoint_dir / tag} holds {tp} tensor-parallel shards; merging them needs the "
                          f"model that was trained (the run's client_state.pt record, or --model)")
+    if ema and tp > 1:
+        raise ValueError(f"{checkpoint_dir / tag}: exporting the EMA of a tensor-parallel run is not supported")
     try:
-        with _weights_only_loads():
+        with _weights_only_loads(), (_ema_in_place_of_master(checkpoint_dir / tag) if ema else contextlib.nullcontext()):
             if tp == 1:
                 state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
             else:
@@ -100,8 +139,9 @@ def load_zero_checkpoint(checkpoint_dir: str | Path, tag: str | None = None,
                          f"not a ZeRO checkpoint): {(str(err).strip().splitlines() or [''])[0]}") from None
     state = strip_prefixes({k: v.float() for k, v in state.items()})
     # The trainer hands DeepSpeed 0-dim parameters as shape [1] (rwkvclip_dist/parallel/engine.py).
-    if "logit_scale" in state and state["logit_scale"].shape == (1,):
-        state["logit_scale"] = state["logit_scale"].reshape(())
+    for scalar in ("logit_scale", "logit_bias"):
+        if scalar in state and state[scalar].shape == (1,):
+            state[scalar] = state[scalar].reshape(())
     return state
 
 

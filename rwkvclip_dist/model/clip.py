@@ -23,6 +23,8 @@ class RWKVCLIP(nn.Module):
         self.text_proj = (nn.Linear(config.text.width, config.embed_dim, bias=False)
                           if config.text.width != config.embed_dim else None)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+        self.logit_bias = (nn.Parameter(torch.tensor(float(config.init_logit_bias)))
+                           if config.init_logit_bias is not None else None)
         if initialize:
             init_clip(self)
 
@@ -49,6 +51,8 @@ class RWKVCLIP(nn.Module):
 
     def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> dict:
         out = {"logit_scale": self.logit_scale.exp()}
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
         if images is not None:
             out["image_features"] = self.encode_image(images, normalize=True)
         if tokens is not None:

@@ -72,6 +72,9 @@ class ModelConfig:
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     init_logit_scale: float = 2.6592600369262695
     """ln(1 / 0.07)."""
+    init_logit_bias: float | None = None
+    """A learned logit bias for the SigLIP loss, initialised to this (SigLIP: -10); None: no bias
+    parameter (the CLIP loss, or SigLIP with the recipe's fixed ``loss.siglip_bias``)."""
     name: str = ""
     """Registry name this config came from (informational)."""
 

@@ -45,6 +45,11 @@ def _counted_once(scale: torch.Tensor, parts: int) -> torch.Tensor:
     return detached + (scale - detached) / parts
 
 
+def _bias(out: dict, parts: int = 1) -> dict:
+    # A learned SigLIP bias (model.init_logit_bias) enters the loss like the scale, counted once.
+    return {} if "logit_bias" not in out else {"logit_bias": _counted_once(out["logit_bias"], parts)}
+
+
 def contrastive_step(forward: ForwardFn, loss_fn: LossFn, backward: BackwardFn,
                      micro_batches: Sequence[Batch], valid: torch.Tensor | None = None) -> StepOutput:
     """Run the forward and backward passes of one optimizer step over ``micro_batches``.
@@ -60,7 +65,7 @@ def contrastive_step(forward: ForwardFn, loss_fn: LossFn, backward: BackwardFn,
     if len(micro_batches) == 1:
         images, tokens = micro_batches[0]
         out = forward(images, tokens)
-        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], **masked)
+        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], **masked, **_bias(out))
         finite = not all_reduce_max_flag(not math.isfinite(loss.item()))
         if finite:
             backward(loss)
@@ -73,7 +78,8 @@ def contrastive_step(forward: ForwardFn, loss_fn: LossFn, backward: BackwardFn,
             out = forward(images, tokens)
             image_cache.append(out["image_features"])
             text_cache.append(out["text_features"])
-        loss_value = loss_fn(torch.cat(image_cache), torch.cat(text_cache), out["logit_scale"], **masked).item()
+        loss_value = loss_fn(torch.cat(image_cache), torch.cat(text_cache), out["logit_scale"], **masked,
+                             **_bias(out)).item()
     after_first_pass = torch_streams()
     if all_reduce_max_flag(not math.isfinite(loss_value)):
         return StepOutput(loss_value, False, out["logit_scale"].item())
@@ -84,7 +90,8 @@ def contrastive_step(forward: ForwardFn, loss_fn: LossFn, backward: BackwardFn,
         out = forward(images, tokens)
         image_features = torch.cat(image_cache[:j] + [out["image_features"]] + image_cache[j + 1:])
         text_features = torch.cat(text_cache[:j] + [out["text_features"]] + text_cache[j + 1:])
-        loss = loss_fn(image_features, text_features, _counted_once(out["logit_scale"], parts), **masked)
+        loss = loss_fn(image_features, text_features, _counted_once(out["logit_scale"], parts), **masked,
+                       **_bias(out, parts))
         backward(loss)
     set_torch_streams(after_first_pass)
     return StepOutput(loss_value, True, out["logit_scale"].item())

@@ -29,6 +29,7 @@ from rwkvclip_dist.parallel.launch_env import LaunchEnv
 from rwkvclip_dist.parallel.tensor_parallel import parallelize
 from rwkvclip_dist.training import rng
 from rwkvclip_dist.training.evals import ZeroShotTask
+from rwkvclip_dist.training.lock import apply_lock
 from rwkvclip_dist.training.optim import build_optimizer
 from rwkvclip_dist.training.recipe import Recipe
 from rwkvclip_dist.training.schedule import Schedule, build_schedule
@@ -87,17 +88,21 @@ def check_run_directory(recipe: Recipe, run_dir: Path) -> None:
 
 
 def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: torch.device,
-                     evals: list[ZeroShotTask]) -> Components:
-    """``evals``: the opened in-loop evaluations (``training.evals.open_evaluations``)."""
+                     evals: list[ZeroShotTask], initial=None) -> Components:
+    """``evals``: the opened in-loop evaluations (``training.evals.open_evaluations``); ``initial``:
+    the checked ``model.init_from`` weights (``training.init_from.prepare_init_from``), or None."""
     accum, section = recipe.train.accumulation_steps, recipe.parallel
     groups = init_parallel_groups(section.tensor_parallel, section.timeout_s)
     rng.seed_all(recipe.train.seed)  # identical initial weights on every rank
     model = create_model(recipe.model.name, **recipe.model.overrides)
+    if initial is not None:  # into the plain model, before TP slices it and ZeRO partitions it
+        initial.apply(model)
     # Build or load the fused Bi-WKV kernels now, not inside the first (possibly compiled) step.
     ops.prepare(device, torch.bfloat16 if recipe.parallel.precision == "bf16" else torch.float32,
                 tuple({model.config.image.head_size, model.config.text.head_size}))
     model = parallelize(model, groups)
     model.set_activation_checkpointing(recipe.model.activation_checkpointing)
+    apply_lock(model, recipe.model.lock)  # frozen before the optimizer and ZeRO see the parameters
     optimizer = build_optimizer(model, recipe.optimizer, device, offload=section.offload_optimizer == "cpu")
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     engine = create_engine(model, optimizer, deepspeed_config(

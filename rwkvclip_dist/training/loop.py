@@ -36,13 +36,17 @@ from rwkvclip_dist.parallel.launch_env import LaunchEnv
 from rwkvclip_dist.training.accumulation import contrastive_step, split_micro_batches
 from rwkvclip_dist.training.components import (Components, build_components, check_run_directory,
                                                checkpoint_directory)
+from rwkvclip_dist.training.ema import ShardedEma
 from rwkvclip_dist.training.evals import ZeroShotTask, open_evaluations
+from rwkvclip_dist.training.init_from import prepare_init_from
 from rwkvclip_dist.training.suite_evals import open_suite_evaluations
 from rwkvclip_dist.training.metrics import TrainLogger
 from rwkvclip_dist.training.ownership import LauncherWatch, run_directories_locked
 from rwkvclip_dist.training.preemption import PreemptionHandler
 from rwkvclip_dist.training.recipe import Recipe, save_recipe
+from rwkvclip_dist.training.provenance import write_provenance
 from rwkvclip_dist.training.schedule import set_lr
+from rwkvclip_dist.training.spike import SpikeDetector, rewind
 from rwkvclip_dist.training.state import TrainState
 from rwkvclip_dist.typed_config import to_plain
 
@@ -93,8 +97,9 @@ def start_run(recipe: Recipe, run_dir: Path, launch: LaunchEnv) -> "Trainer":
     check_run_directory(recipe, run_dir)  # refused or finished: before anything is written
     check_s3_streams(recipe.data.streams)
     device = setup_process(launch)
-    # Evaluation data and class names are opened before any process group starts: a mistake there
-    # stops every rank at once with its message, not after the engine is built.
+    # model.init_from, evaluation data and class names are read before any process group starts: a
+    # mistake there stops every rank at once with its message, not after the engine is built.
+    initial = prepare_init_from(recipe.model, recipe.checkpoint.resume, checkpoint_dir)
     evals = open_evaluations(recipe.eval.zeroshot, recipe.model.name, recipe.model.overrides, device)
     evals += open_suite_evaluations(recipe.eval.suite, recipe.model.name, recipe.model.overrides, device)
     init_distributed(launch, recipe.parallel.backend, recipe.parallel.timeout_s)
@@ -103,8 +108,9 @@ def start_run(recipe: Recipe, run_dir: Path, launch: LaunchEnv) -> "Trainer":
         held.enter_context(run_directories_locked([run_dir, checkpoint_dir], launch.rank == 0))
         if launch.rank == 0:
             save_recipe(recipe, run_dir / "recipe.yaml")
+            write_provenance(run_dir, launch, recipe.parallel.tensor_parallel)
         collectives.barrier()
-        parts = build_components(recipe, run_dir, launch, device, evals)
+        parts = build_components(recipe, run_dir, launch, device, evals, initial)
     except BaseException:
         held.close()
         raise
@@ -124,6 +130,8 @@ class Trainer:
         self.state = TrainState()
         self.last_progress = time.monotonic()
         """When this rank last finished a step (how long a survivor waited for a lost peer)."""
+        self.ema = ShardedEma(recipe.train.ema, parts.engine) if recipe.train.ema.enabled else None
+        self.spikes = SpikeDetector(recipe.train.spike) if recipe.train.spike.enabled else None
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -137,7 +145,11 @@ class Trainer:
                 batches = self._batches()
                 while self.state.step < steps and not stop:
                     (images, tokens, text_ids), data_wait = next(batches)
-                    self._record_step(self._train_step(images, tokens, text_ids), data_wait, logger)
+                    result = self._train_step(images, tokens, text_ids)
+                    self._record_step(result, data_wait, logger)
+                    if self.spikes is not None and self.spikes.observe(self.state.step, result.loss, result.finite):
+                        batches = self._batches(skip=rewind(self, logger))  # training/spike.py
+                        continue
                     self._evaluate_if_due(logger)
                     self.last_progress = time.monotonic()
                     stop = preemption.should_stop(also=self.watch.launcher_gone())
@@ -162,8 +174,9 @@ class Trainer:
         return "preempted"
 
     # -- its steps -----------------------------------------------------------------------------
-    def _batches(self):
-        """Endless ``((images, tokens), seconds waited)``; Streaming moves on to the next epoch."""
+    def _batches(self, skip: int = 0):
+        """Endless ``((images, tokens), seconds waited)`` after ``skip`` batches drawn and dropped (the
+        window a loss-spike rewind skips); Streaming moves on to the next epoch."""
         while True:
             iterator = iter(self.parts.loader)
             while True:
@@ -171,18 +184,26 @@ class Trainer:
                 batch = next(iterator, None)
                 if batch is None:
                     break
+                if skip:
+                    skip -= 1
+                    continue
                 yield batch[:3], time.perf_counter() - wait_start
 
     def _train_step(self, images: torch.Tensor, tokens: torch.Tensor, text_ids: torch.Tensor) -> StepResult:
         parts, engine = self.parts, self.parts.engine
         micro = split_micro_batches(images.to(parts.device, parts.dtype), tokens.to(parts.device),
                                     self.recipe.train.accumulation_steps)
-        lr = set_lr(engine.optimizer, parts.base_lrs, parts.schedule.factor(self.state.step))
+        factor = parts.schedule.factor(self.state.step)
+        if self.spikes is not None:
+            factor *= self.spikes.lr_scale(self.state.step + 1)  # the tests' deterministic spike
+        lr = set_lr(engine.optimizer, parts.base_lrs, factor)
         valid = (text_ids != STAND_IN).to(parts.device)
         out = contrastive_step(engine, parts.loss_fn, self._backward_and_step, micro, valid)
         grad_norm = None
         if out.finite:
             clamp_parameter_(engine, engine.module.logit_scale, 0.0, MAX_LOGIT_SCALE)
+            if self.ema is not None:
+                self.ema.after_step(self.state.step + 1)
             norm = engine.get_global_grad_norm()
             grad_norm = None if norm is None else float(norm)
         loss_sum, masked = collectives.all_reduce_sum([out.loss, int((~valid).sum())])
@@ -232,7 +253,10 @@ class Trainer:
 
     # -- around the loop -----------------------------------------------------------------------
     def _stateful(self) -> dict:
-        return {"train_state": self.state, "loader": self.parts.loader}
+        states = {"train_state": self.state, "loader": self.parts.loader}
+        # the EMA and the spike detector are checkpointed when the recipe enables them
+        states.update({name: obj for name, obj in (("ema", self.ema), ("spike", self.spikes)) if obj is not None})
+        return states
 
     def _resume(self) -> None:
         if self.recipe.checkpoint.resume:
@@ -265,7 +289,8 @@ class Trainer:
             "samples_per_s": (state.step - start_step) * global_batch / max(elapsed, 1e-9),
             "wall_time_s": elapsed, "resumed_from_step": start_step, "world_size": self.launch.world_size,
             "corrupt_samples_replaced": round(corrupt / self.launch.local_world_size),
-            "bi_wkv_calls": ops.dispatch_counts(), "bi_wkv": ops.report(), "samples_masked": state.samples_masked, "evals": state.evals,
+            "bi_wkv_calls": ops.dispatch_counts(), "bi_wkv": ops.report(), "samples_masked": state.samples_masked,
+            "evals": state.evals, "rewinds": self.spikes.events if self.spikes is not None else [],
         }
         if state.evals:
             metrics.update(state.evals[max(state.evals, key=int)])

@@ -1,10 +1,12 @@
-"""The optimizer: AdamW over two parameter groups (which parameters get weight decay).
+"""The optimizer: AdamW over parameter groups (which parameters get weight decay, at which lr).
 
 By default no decay on the parameters that are not weight matrices in the usual sense: norm weights
 and biases, every bias, the token-mix vectors (``maa_*`` of shape [1, 1, C]), the per-channel decays,
 the per-head bonus ``u``, the position and token embeddings and ``logit_scale``. The LoRA matrices of
 the token mix and of the decay (``maa_w1``, ``decay_w1``...) are ordinary weights and keep decay.
-``decay_everything`` reproduces the paper's choice of decaying every parameter.
+``decay_everything`` reproduces the paper's choice of decaying every parameter. Layer-wise lr decay
+and the recipe's own group rules (``optimizer.layer_decay``, ``optimizer.groups``) split the groups
+further (``training/param_groups.py``); frozen parameters (``model.lock``) are in none.
 
 On a GPU the update runs as torch's fused AdamW (one kernel over all tensors of a group instead of a
 loop of small kernels per parameter); on CPU as the plain per-parameter loop. Both compute the same
@@ -23,6 +25,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from rwkvclip_dist.training.param_groups import GroupRule, LayerDecay, describe_groups, plan_groups
 from rwkvclip_dist.typed_config import FieldError
 
 log = logging.getLogger(__name__)
@@ -33,7 +36,7 @@ APEX_HOWTO = ("apex is not on the package index: build it from source (https://g
 
 # Parameter names (last component) that are vectors or tables in disguise: decaying them pulls
 # learned mixing ratios, decays and bonuses towards 0, which has no regularising meaning.
-NO_DECAY_NAMES = frozenset({"bonus", "pos_embed", "class_token", "logit_scale", "decay"})
+NO_DECAY_NAMES = frozenset({"bonus", "pos_embed", "class_token", "logit_scale", "logit_bias", "decay"})
 NO_DECAY_PREFIXES = ("maa_",)
 NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.Embedding)
 LORA_SUFFIXES = ("_w1", "_w2")
@@ -53,6 +56,11 @@ class OptimizerSection:
     decay_everything: bool = False
     """Paper option: weight decay on every parameter. Default: none on norms, biases, token-mix
     vectors, decays, bonus, embeddings and logit_scale."""
+    layer_decay: LayerDecay = field(default_factory=LayerDecay)
+    """Layer-wise lr decay per tower, ``{image: 0.75, text: 1.0}`` (``training/param_groups.py``)."""
+    groups: list[GroupRule] = field(default_factory=list)
+    """``[{match: REGEX, lr_scale: X, weight_decay: Y}]``: the first matching rule scales a
+    parameter's lr and may replace its weight decay (``training/param_groups.py``)."""
     impl: Literal["auto", "fused", "torch", "apex"] = "auto"
     """'fused': torch's fused AdamW kernels; 'torch': the per-parameter loop; 'auto': fused on GPUs;
     'apex': apex's FusedAdam in AdamW mode (GPU only; an error at load where apex is not installed)."""
@@ -116,11 +124,11 @@ def build_optimizer(model: nn.Module, section: OptimizerSection, device: torch.d
     section's ``impl`` asks for it (``auto``: on CUDA); apex's FusedAdam for ``impl: apex``; DeepSpeed's
     CPU Adam when ``offload`` (ZeRO-Offload keeps the optimizer states in host memory)."""
     groups = split_decay_groups(model, section.decay_everything)
-    param_groups = [
-        {"params": [p for _, p in groups.decay], "weight_decay": section.weight_decay, "name": "decay"},
-        {"params": [p for _, p in groups.no_decay], "weight_decay": 0.0, "name": "no_decay"},
-    ]
-    param_groups = [g for g in param_groups if g["params"]]
+    planned = plan_groups(model, groups.decay, groups.no_decay, section.weight_decay, section.layer_decay,
+                          section.groups)
+    log.info("%s", describe_groups(planned, section.lr))
+    param_groups = [{"params": g["params"], "weight_decay": g["weight_decay"], "name": g["name"],
+                     "lr": section.lr * g["lr_scale"]} for g in planned]
     common = {"lr": section.lr, "betas": tuple(section.betas), "eps": section.eps}
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam

@@ -24,13 +24,16 @@ from rwkvclip_dist.cli import read_text_file
 from rwkvclip_dist.data.config import DataConfig
 from rwkvclip_dist.loss import LossSection
 from rwkvclip_dist.parallel.engine import ParallelSection
+from rwkvclip_dist.training.ema import EmaSection
 from rwkvclip_dist.training.evals import EvalSection, ZeroShotEvalSection
+from rwkvclip_dist.training.lock import LockSection
 from rwkvclip_dist.training.metrics import LoggingSection
 from rwkvclip_dist.training.optim import OptimizerSection
 from rwkvclip_dist.strict_yaml import load_strict
 from rwkvclip_dist.training.schedule import ScheduleSection
+from rwkvclip_dist.training.spike import SpikeSection
 from rwkvclip_dist.typed_config import (ConfigError, FieldError, FileOrigin, build_dataclass, parse_override,
-                                        to_plain)
+                                        path_field, to_plain)
 
 __all__ = [
     "ConfigError", "Recipe", "ModelSection", "TrainSection", "LossSection", "OptimizerSection",
@@ -47,9 +50,26 @@ class ModelSection:
     """Config overrides for ``create_model``, e.g. ``{"image.drop_path_rate": 0.1}``."""
     activation_checkpointing: bool = False
     """Recompute each block in backward (``torch.utils.checkpoint``, non-reentrant)."""
+    init_from: str = path_field("", exists="any")
+    """Start from these weights (``training/init_from.py``): a pretrained .safetensors, the authors'
+    .pt, or a run (or checkpoint) directory's newest complete checkpoint. Not applied on resume."""
+    lock: LockSection = field(default_factory=LockSection)
+    """Frozen towers: ``{image: {locked: true, unlocked_blocks: 0, norms_trainable: false}, text: ...}``
+    (``training/lock.py``)."""
+    init_ignore: list[str] = field(default_factory=list)
+    """Regular expressions of keys that init_from may leave fresh (missing, other shape) or drop
+    (unexpected); any other mismatch refuses the run."""
 
     def __post_init__(self) -> None:
+        import re
+
         from rwkvclip_dist.model.registry import get_model_config, list_models
+
+        for pattern in self.init_ignore:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise FieldError("init_ignore", f"{pattern!r} is not a regular expression: {err}") from None
 
         if self.name not in list_models():
             raise FieldError("name", f"unknown model {self.name!r}; registered: {', '.join(list_models())}")
@@ -70,6 +90,12 @@ class TrainSection:
     """Seeds model init, data order and augmentation; every rank derives its own stream from it."""
     max_nonfinite_steps: int = 5
     """Stop the run after this many non-finite losses in a row (each one skips its step)."""
+    spike: SpikeSection = field(default_factory=SpikeSection)
+    """``{enabled: true, factor: 3, window: 20, patience: 1, max_rewinds: 3}``: rewind to the checkpoint
+    before a loss spike and skip the data that led to it (``training/spike.py``)."""
+    ema: EmaSection = field(default_factory=EmaSection)
+    """``{enabled: true, decay: 0.9999, every_steps: 1, warmup: true}``: an EMA of the weights on the
+    optimizer's partitions (``training/ema.py``)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "accumulation_steps", "max_nonfinite_steps"):
@@ -105,6 +131,14 @@ class Recipe:
                                             self.parallel.tensor_parallel)
         if problems:
             raise FieldError("parallel.tensor_parallel", f"model {self.model.name!r}: " + "; ".join(problems))
+        if self.train.ema.enabled and self.parallel.zero_stage == 0:
+            raise FieldError("train.ema", "needs parallel.zero_stage >= 1 (the EMA lives on the optimizer's "
+                             "partitions of the fp32 master weights)")
+        if self.schedule.kind == "wsd" and self.schedule.cooldown_from > self.train.steps:
+            raise FieldError("schedule.cooldown_from", f"{self.schedule.cooldown_from} is past train.steps="
+                             f"{self.train.steps}: the run must end after its cool-down starts")
+        if self.loss.kind != "siglip" and get_model_config(self.model.name, **self.model.overrides).init_logit_bias is not None:
+            raise FieldError("model.overrides", "init_logit_bias (a learned SigLIP bias) needs loss.kind: siglip")
         if self.parallel.offload_optimizer != "none" and self.optimizer.impl not in ("auto", "torch"):
             raise FieldError("optimizer.impl", f"{self.optimizer.impl!r} cannot run under parallel.offload_optimizer="
                              f"{self.parallel.offload_optimizer} (DeepSpeed's CPU Adam makes the update); use auto")
