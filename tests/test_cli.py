@@ -103,7 +103,7 @@ def test_make_shards_output_that_is_a_file_is_one_line(files, capsys):
     (files["root"] / "afile").write_text("keep")
     argv = ["--input", str(files["root"] / "empty"), "--out", str(files["root"] / "afile")]
     assert tool_main("make_shards")(argv) == 2
-    assert "afile' is a file, not a folder" in _one_line_error("make_shards", capsys)
+    assert "afile: is a file; give the path of a directory" in _one_line_error("make_shards", capsys)
     assert (files["root"] / "afile").read_text() == "keep"
 
 

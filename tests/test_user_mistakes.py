@@ -134,7 +134,7 @@ def test_make_shards_refuses_to_replace_another_build(folders, tmp_path, capsys)
     other = ["--input", str(folders / "colours"), "--out", str(out), "--workers", "1", "--labels", "folder"]
     capsys.readouterr()
     assert make_shards(other) == 2
-    line = one_line(capsys, "make_shards")
+    line = one_line(capsys, "make_shards.py")
     assert f"--out {out}: holds another build" in line and "differs in inputs" in line and "--overwrite" in line
     assert snapshot(out) == before
     assert make_shards(other + ["--overwrite"]) == 0
@@ -154,7 +154,7 @@ def test_make_shards_refuses_an_output_folder_that_is_not_its_own(folders, tmp_p
         (out / "notes.txt").write_text("my notes\n")
     before = snapshot(folders), snapshot(tmp_path)
     assert make_shards(["--input", str(folders / "pets"), "--out", str(out), "--workers", "1", "--labels", "folder"]) == 2
-    assert expected in one_line(capsys, "make_shards")
+    assert expected in one_line(capsys, "make_shards.py")
     assert (snapshot(folders), snapshot(tmp_path)) == before
 
 
@@ -447,7 +447,7 @@ def test_a_path_of_the_wrong_kind_names_its_option(models, folders, tmp_path, ca
     before = snapshot(tmp_path)
     args = [a.format(m=models, f=folders, t=tmp_path) for a in argv]
     assert tool_main(tool)(args) == 2
-    prog = "make_shards" if tool == "make_shards" else f"{tool}.py"
+    prog = f"{tool}.py"
     assert expected.format(t=tmp_path) in one_line(capsys, prog)
     assert snapshot(tmp_path) == before
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from rwkvclip_dist.cli import run_tool
 from rwkvclip_dist.data.decontam import VARIANTS, HashIndex, eval_hashes, phash_bytes, write_index
 
 
@@ -94,15 +95,18 @@ def _per_call_us(fn, args: list, repeat: int = 1) -> float:
     return (time.perf_counter() - start) / (repeat * len(args)) * 1e6
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench_decontam.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--eval-images", type=int, default=730_000)
     p.add_argument("--queries", type=int, default=2000)
     p.add_argument("--brute-queries", type=int, default=20)
     p.add_argument("--workdir", default=None, help="where the index is written (default: a temp dir)")
     p.add_argument("--recall-images", type=int, default=0, help="also measure what the threshold catches")
     p.add_argument("--max-distance", type=int, default=6)
-    args = p.parse_args(argv)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         n_hashes = args.eval_images * VARIANTS
@@ -155,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in recall_table(args.recall_images, args.max_distance):
             print(f"| {name} | {value} |")
     return 0 if found == len(planted) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import os
 import sys
 
 from rwkvclip_dist.cli import at_least, run_tool
+from rwkvclip_dist.outputs import check_folder_path
 from rwkvclip_dist.data.builder import REPORT, BuildOptions, build_shards
 from rwkvclip_dist.data.parts import IncompleteBuild, build_part, merge_parts, parse_shard, prepare
 
@@ -101,8 +102,7 @@ def run(args: argparse.Namespace) -> int:
     for path, flag in [(c, "--captions") for c in args.captions] + [(args.classes, "--classes")]:
         if path is not None and not os.path.isfile(path):
             raise ValueError(f"{flag} {path!r}: no such file")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out!r} is a file, not a folder")
+    check_folder_path(args.out, "--out")  # before the decontamination index is built under it
     index = _decontam_index(args) if not args.merge else args.decontam_index
     opts = BuildOptions(inputs=args.input, out=args.out, captions=args.captions,
                         resize_max_side=args.resize_max_side, workers=args.workers,
