@@ -12,19 +12,25 @@ reference and the comparison.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 
+from rwkvclip_dist.cli import run_tool
 from rwkvclip_dist.ops import bi_wkv_chunked, bi_wkv_cuda, bi_wkv_triton
 from rwkvclip_dist.ops.self_test import run_self_test
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench_self_test.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--head-sizes", type=int, nargs="+", default=[16, 64, 80])
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     paths = [("chunked", bi_wkv_chunked)]
     if device.type == "cuda" and bi_wkv_cuda.is_available():
@@ -43,7 +49,12 @@ def main() -> None:
                 print(f"| {name} | {str(dtype).removeprefix('torch.')} | {size} | {total:.3f} | "
                       f"{outcome['seconds']:.3f} | {outcome.get('worst_error', outcome.get('error'))} | "
                       f"{outcome['passed']} |", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

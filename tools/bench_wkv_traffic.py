@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from rwkvclip_dist.cli import run_tool
 from rwkvclip_dist.model.registry import get_model_config
 from rwkvclip_dist.ops.build import REPO_ROOT, BuildConfig, build, build_cpu_emulation
 from rwkvclip_dist.ops.ptxas_report import KernelResources, ptxas_report
@@ -158,13 +160,17 @@ def occupancy_table(rows: list[KernelResources], smem: dict[int, int]) -> tuple[
     return lines + [""], min(blocks_n64), spill
 
 
-def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench_wkv_traffic.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "bi_wkv_traffic.md")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--no-occupancy", action="store_true", help="skip the sm_90 build (traffic only)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile jobs of the sm_90 build")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     start = time.perf_counter()
     shapes = [image_shape(*s) for s in SHAPES]
@@ -185,8 +191,12 @@ def main(argv: list[str] | None = None) -> str:
     args.out.write_text(text)
     print(text)
     print(f"({time.perf_counter() - start:.0f} s; written to {args.out})")
-    return text
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -73,9 +73,9 @@ out=$(cd "$out" && pwd) || exit 2
 plan_args=(--mode "$mode")
 [[ -n $only ]] && plan_args+=(--only "$only")
 [[ -n $wheelhouse ]] && plan_args+=(--wheelhouse)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 plan=$("$python" tools/gpu_check_plan.py plan "${plan_args[@]}" "$out") || exit 2
 if [[ -z $plan ]]; then echo "gpu_check: nothing left to run ($out/state.tsv)"; exit 0; fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export RWKVCLIP_EXTENSIONS_DIR="${RWKVCLIP_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$RWKVCLIP_EXTENSIONS_DIR}"
 if [[ $mode == cpu ]]; then export CUDA_VISIBLE_DEVICES="" DS_ACCELERATOR=cpu; fi

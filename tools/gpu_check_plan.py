@@ -25,6 +25,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from rwkvclip_dist.cli import run_tool
+
 TOTAL_ESTIMATE_S = 420  # 7 minutes: a 15-minute allocation less the machine's start and the copies
 
 
@@ -144,8 +146,9 @@ def record(out: Path, name: str, code: int, seconds: int) -> None:
     write_state(out, state, times)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpu_check_plan.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan")
     p.add_argument("--mode", choices=("gpu", "cpu"), required=True)
@@ -158,19 +161,22 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("code", type=int)
     r.add_argument("seconds", type=int)
     sub.add_parser("left").add_argument("out", type=Path)
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "plan":
-            for s in plan(args.mode, args.only, args.out, args.wheelhouse):
-                print(s.name, s.limit_s * (3 if args.mode == "cpu" else 1), s.estimate_s)
-        elif args.command == "record":
-            record(args.out, args.name, args.code, args.seconds)
-        else:
-            print(",".join(left(args.out)))
-    except PlanError as error:
-        print(f"gpu_check: {error}", file=sys.stderr)
-        return 2
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "plan":
+        for s in plan(args.mode, args.only, args.out, args.wheelhouse):
+            print(s.name, s.limit_s * (3 if args.mode == "cpu" else 1), s.estimate_s)
+    elif args.command == "record":
+        record(args.out, args.name, args.code, args.seconds)
+    else:
+        print(",".join(left(args.out)))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from rwkvclip_dist.cli import run_tool
 from rwkvclip_dist.ops.ptxas_report import KernelResources, ptxas_report
 
 POINTERS = {"forward_kernel": ("r", "k", "v", "w", "out"),
@@ -60,13 +61,17 @@ def compile_kernels(dtype: str, head_size: int, arch: int, num_warps: int = 4) -
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="triton_kernel_report.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", type=int, nargs="+", default=[90, 80])
     parser.add_argument("--head-sizes", type=int, nargs="+", default=[64, 80, 128])
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--num-warps", type=int, default=4)
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
     print(f"{'kernel':24} {'arch':6} {'regs':>4} {'smem':>6} {'stack':>5} {'spill st/ld':>11}")
     for arch in args.archs:
         for dtype in args.dtypes:
@@ -75,7 +80,12 @@ def main() -> None:
                     print(f"{row.kernel:24} {row.arch:6} {row.registers:>4} {row.static_smem:>6} {row.stack:>5} "
                           f"{row.spill_stores:>5}/{row.spill_loads:<5}", flush=True)
     sys.stdout.flush()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
