@@ -33,6 +33,8 @@ import torch
 
 from rwkvclip_dist.checkpoint.integrity import (CheckpointError, CheckpointSpaceError, check_space, list_files, manifest_bytes,
                                                 human_bytes, verify, write_manifest)
+from rwkvclip_dist.checkpoint import reshard
+from rwkvclip_dist.checkpoint.reshard import Topology
 from rwkvclip_dist.checkpoint.safe_load import load_weights_only, make_engine_loads_safe
 from rwkvclip_dist.parallel import collectives
 from rwkvclip_dist.typed_config import FieldError, path_field
@@ -247,23 +249,30 @@ class CheckpointManager:
                           f"in another directory")
         return None, None
 
-    def load(self, engine, states: Mapping[str, Stateful], tag: str | None = None) -> dict[str, Any] | None:
+    def load(self, engine, states: Mapping[str, Stateful], tag: str | None = None,
+             topology: Topology | None = None) -> dict[str, Any] | None:
         """Load the newest intact complete checkpoint (or ``tag``) into ``engine`` and ``states``.
 
         Returns the run's record, or None when there is nothing to resume from. Each rank reads its own
         file; a rank the saved run did not have (larger world size) reads rank 0's, and its
         Stateful objects decide what of another rank's state applies to it. Every file, DeepSpeed's
-        included, is read as data only (``checkpoint.safe_load``).
+        included, is read as data only (``checkpoint.safe_load``). ``topology``: this run's; when the
+        record's data-parallel size differs, the engine loads through ``checkpoint.reshard``.
         """
         tag = tag or self.choose_tag()
         if tag is None:
             return None
         tag_dir = self.directory / tag
+        record = _load_plain(tag_dir / CLIENT_FILE)
         make_engine_loads_safe(engine)
-        load_path, _ = engine.load_checkpoint(str(self.directory), tag=tag)
+        saved = reshard.saved_topology(record)
+        if topology is not None and reshard.needs_universal(saved, topology):
+            log.info("%s", reshard.describe_change(tag_dir, saved, topology))
+            load_path = reshard.load_resharded(engine, tag_dir)
+        else:
+            load_path, _ = engine.load_checkpoint(str(self.directory), tag=tag)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
-        record = _load_plain(tag_dir / CLIENT_FILE)
         own = tag_dir / rank_file(self.rank)
         saved = _load_plain(own if own.is_file() else tag_dir / rank_file(0))
         missing = sorted(set(states) - set(saved))

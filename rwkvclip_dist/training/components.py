@@ -77,7 +77,8 @@ def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: t
     from rwkvclip_dist.model.registry import create_model
     from rwkvclip_dist.parallel.engine import create_engine, deepspeed_config
     from rwkvclip_dist.parallel.groups import init_parallel_groups
-    from rwkvclip_dist.parallel.tensor_parallel import parallelize
+    from rwkvclip_dist.parallel.deepspeed_universal import describe_tensor_parallel
+    from rwkvclip_dist.parallel.tensor_parallel import parallelize, split_dims
     from rwkvclip_dist.training.optim import build_optimizer
     from rwkvclip_dist.training.schedule import build_schedule
 
@@ -89,6 +90,7 @@ def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: t
     ops.prepare(device, torch.bfloat16 if recipe.parallel.precision == "bf16" else torch.float32,
                 tuple({model.config.image.head_size, model.config.text.head_size}))
     model = parallelize(model, groups)
+    describe_tensor_parallel(model, split_dims(model) if groups.tensor_parallel > 1 else {})
     model.set_activation_checkpointing(recipe.model.activation_checkpointing)
     optimizer = build_optimizer(model, recipe.optimizer, device, offload=section.offload_optimizer == "cpu")
     base_lrs = [group["lr"] for group in optimizer.param_groups]

@@ -220,7 +220,10 @@ class Trainer:
     def _resume(self) -> None:
         self.last_finite_loss = float("nan")
         if self.recipe.checkpoint.resume:
-            self.parts.checkpoints.load(self.parts.engine, self._stateful())
+            from rwkvclip_dist.checkpoint.reshard import Topology
+
+            self.parts.checkpoints.load(self.parts.engine, self._stateful(), topology=Topology(
+                self.launch.world_size, self.recipe.parallel.tensor_parallel, self.parts.global_batch))
         else:
             self.parts.checkpoints.refuse_to_overwrite()
 
