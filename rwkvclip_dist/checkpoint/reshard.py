@@ -98,7 +98,4 @@ def load_resharded(engine, tag_dir: Path) -> str | None:
     """Collective: convert if needed, then load ``tag_dir``'s universal form into ``engine``."""
     from rwkvclip_dist.parallel import deepspeed_universal
 
-    folder = universal_folder(tag_dir)
-    with deepspeed_universal.loading_universal(engine):
-        load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
-    return load_path
+    return deepspeed_universal.load(engine, universal_folder(tag_dir))

@@ -93,15 +93,42 @@ def convert(source: Path, target: Path) -> str:
     return out.getvalue()
 
 
-@contextlib.contextmanager
-def loading_universal(engine) -> Iterator[None]:
-    """While inside, ``engine.load_checkpoint`` reads a universal checkpoint (DeepSpeed reads the
-    switch from its config at load time; the recipe's config cannot know it when the engine is built)."""
+def load(engine, folder: Path) -> str | None:
+    """Load the universal checkpoint in ``folder`` (``<load dir>/<tag>``) into ``engine``; returns
+    DeepSpeed's load path (None when it could not load)."""
     check_version()
+    # DeepSpeed reads the switch from its config at load time; the recipe's config cannot know it
+    # when the engine is built.
     config = engine._config
     previous = config.load_universal_checkpoint
     config.load_universal_checkpoint = True
     try:
-        yield
+        load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     finally:
         config.load_universal_checkpoint = previous
+    if load_path is not None and engine.zero_optimization_partition_weights():
+        _repair_stage3_load(engine, folder)
+    return load_path
+
+
+def _repair_stage3_load(engine, folder: Path) -> None:
+    """Undo two slips of ZeRO-3's universal load (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``),
+    each of which changes every step after the resume (tests/test_reshard.py catches both):
+
+    - every parameter group gets the hyperparameters of group 0, so our no-decay group would be
+      decayed: each group gets its own saved values back (its parameters are left alone);
+    - one ``step`` tensor is shared by the states of all sub-groups, and torch's Adam increments it
+      in place once per sub-group, so the bias correction runs ahead: each state gets its own copy.
+    """
+    from rwkvclip_dist.checkpoint.safe_load import load_weights_only
+
+    base = engine.optimizer.optimizer
+    saved = load_weights_only(folder / "zero" / "optimizer_state.pt")["param_groups"]
+    if len(saved) != len(base.param_groups):
+        raise RuntimeError(f"{folder}: the checkpoint has {len(saved)} optimizer parameter groups, this run "
+                           f"{len(base.param_groups)}; they must be the same groups")
+    for group, values in zip(base.param_groups, saved):
+        group.update({key: value for key, value in values.items() if key != "params"})
+    for state in base.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
