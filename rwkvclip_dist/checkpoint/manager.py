@@ -56,8 +56,19 @@ class CheckpointSection:
     """Keep the newest k complete checkpoints; older ones are deleted after a new one completes."""
     resume: bool = True
     """Resume automatically from the newest complete checkpoint in ``dir``."""
+    remote: str = ""
+    """``s3://bucket/prefix``: also keep the checkpoints there (uploaded in the background once complete,
+    pruned by ``keep_last``), and resume from there when ``dir`` has none (``checkpoint.remote``).
+    Endpoint and credentials as for the data: ``S3_ENDPOINT_URL``, ``AWS_*``. Empty: local only."""
 
     def __post_init__(self) -> None:
+        if self.remote:
+            from rwkvclip_dist.checkpoint.remote import parse_url
+
+            try:
+                parse_url(self.remote)
+            except ValueError as err:
+                raise FieldError("remote", str(err)) from None
         if self.every_steps < 0:
             raise FieldError("every_steps", f"must be >= 0 (0: only at the end), got {self.every_steps}")
         if self.keep_last < 1:
@@ -94,10 +105,22 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, directory: str | Path, keep_last: int = 3) -> None:
+    def __init__(self, directory: str | Path, keep_last: int = 3, remote: str = "") -> None:
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.rank = collectives.rank()
+        self.remote = self.uploader = None
+        if remote and self.rank == 0:
+            from rwkvclip_dist.checkpoint.remote import RemoteCheckpoints, Uploader
+
+            self.remote = RemoteCheckpoints(remote, CLIENT_FILE)
+            self.uploader = Uploader(self.remote, keep_last)
+
+    def close(self) -> None:
+        """Wait for the background upload of the last checkpoint (rank 0 with ``checkpoint.remote``)."""
+        if self.uploader is not None:
+            self.uploader.close()
+            self.uploader = None
 
     # -- discovery ---------------------------------------------------------------------------
     def latest_tag(self) -> str | None:
@@ -168,6 +191,8 @@ class CheckpointManager:
             _atomic_torch_save(record, tag_dir / CLIENT_FILE)
             _atomic_write_text(self.directory / "latest", tag + "\n")
             self._prune(tag)
+            if self.uploader is not None:
+                self.uploader.submit(tag_dir)
         collectives.barrier()
         log.info("saved checkpoint %s", tag_dir)
         return tag
@@ -211,6 +236,8 @@ class CheckpointManager:
 
     def _prune(self, newest: str) -> None:
         keep = set(self.complete_tags()[-self.keep_last:]) | {newest}
+        if self.uploader is not None:
+            keep |= self.uploader.in_flight()
         for path in self.directory.iterdir():
             if path.is_dir() and TAG_PATTERN.match(path.name) and path.name not in keep:
                 shutil.rmtree(path)
@@ -226,6 +253,9 @@ class CheckpointManager:
         decision: tuple[str | None, str | None] = (None, None)
         if self.rank == 0:
             decision = self._verified_newest()
+            if decision == (None, None) and self.remote is not None:
+                error = self.remote.try_restore(self.directory)
+                decision = (None, error) if error else self._verified_newest()
         tag, error = collectives.broadcast_object(decision)
         if error is not None:
             raise CheckpointError(error)

@@ -106,5 +106,6 @@ def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: t
         dtype=torch.bfloat16 if recipe.parallel.precision == "bf16" else torch.float32,
         loss_fn=build_loss(recipe.loss, group=groups.dp_group), loader=loader, dataset=dataset,
         schedule=build_schedule(recipe.schedule, recipe.train.steps),
-        checkpoints=CheckpointManager(checkpoint_directory(recipe, run_dir), recipe.checkpoint.keep_last),
+        checkpoints=CheckpointManager(checkpoint_directory(recipe, run_dir), recipe.checkpoint.keep_last,
+                                      recipe.checkpoint.remote),
         evals=evals, global_batch=recipe.data.batch_size * groups.dp_size, groups=groups)

@@ -117,6 +117,7 @@ class Trainer:
             metrics = self._write_metrics(status, start_step, time.perf_counter() - started)
         finally:
             preemption.uninstall()
+            self.parts.checkpoints.close()
             logger.close()
         for lock in self.locks:
             lock.release()
