@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import REFERENCE_STEPS, REPO, dist_env, loss_log, run_checked, torchrun_cmd, train_args
+from conftest import REFERENCE_STEPS, REPO, dist_env, loss_log, rank_processes, run_checked, torchrun_cmd, train_args
 from rwkvclip_dist.checkpoint.integrity import MANIFEST_FILE, list_files, write_manifest
 from rwkvclip_dist.checkpoint.manager import CLIENT_FILE, _atomic_write_text
 from rwkvclip_dist.checkpoint.remote import RemoteCheckpoints, Uploader
@@ -111,6 +111,9 @@ def test_killed_during_upload_then_wiped_resumes_from_the_newest_complete_remote
         done = {k.split("/")[1] for k in keys if k.endswith("/" + CLIENT_FILE)}
         partial = sorted(tags - done)
         if done and partial:
+            # The ranks too, at once: an orphaned rank would notice its launcher gone and save.
+            for process in rank_processes(launcher).values():
+                process.send_signal(signal.SIGKILL)
             os.killpg(launcher.pid, signal.SIGKILL)
             caught = partial[-1]
         time.sleep(0.01)
