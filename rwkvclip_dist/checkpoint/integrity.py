@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 MANIFEST_FILE = "manifest.json"
+TAG_PATTERN = re.compile(r"^step_(\d{8,})$")
+"""A checkpoint's directory name: ``step_`` and the optimizer step, zero-padded."""
 
 
 class CheckpointError(RuntimeError):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,16 +30,15 @@ from typing import Any, Protocol
 
 import torch
 
-from rwkvclip_dist.checkpoint.integrity import (CheckpointError, CheckpointSpaceError, check_space, list_files, manifest_bytes,
+from rwkvclip_dist.checkpoint.integrity import (TAG_PATTERN, CheckpointError, CheckpointSpaceError, check_space, list_files, manifest_bytes,
                                                 human_bytes, verify, write_manifest)
 from rwkvclip_dist.checkpoint import reshard
-from rwkvclip_dist.checkpoint.reshard import Topology
+from rwkvclip_dist.checkpoint.remote import open_remote
 from rwkvclip_dist.checkpoint.safe_load import load_weights_only, make_engine_loads_safe
 from rwkvclip_dist.parallel import collectives
 from rwkvclip_dist.typed_config import FieldError, path_field
 
 log = logging.getLogger(__name__)
-TAG_PATTERN = re.compile(r"^step_(\d{8,})$")
 CLIENT_FILE = "client_state.pt"
 
 
@@ -57,18 +55,12 @@ class CheckpointSection:
     resume: bool = True
     """Resume automatically from the newest complete checkpoint in ``dir``."""
     remote: str = ""
-    """``s3://bucket/prefix``: also keep the checkpoints there (uploaded in the background once complete,
-    pruned by ``keep_last``), and resume from there when ``dir`` has none (``checkpoint.remote``).
-    Endpoint and credentials as for the data: ``S3_ENDPOINT_URL``, ``AWS_*``. Empty: local only."""
+    """``s3://bucket/prefix`` (``S3_ENDPOINT_URL``, ``AWS_*`` as for the data): checkpoints also go there,
+    and a run whose ``dir`` has none resumes from there (``checkpoint.remote``). Empty: local only."""
 
     def __post_init__(self) -> None:
-        if self.remote:
-            from rwkvclip_dist.checkpoint.remote import parse_url
-
-            try:
-                parse_url(self.remote)
-            except ValueError as err:
-                raise FieldError("remote", str(err)) from None
+        from rwkvclip_dist.checkpoint.remote import check_url
+        check_url("remote", self.remote)
         if self.every_steps < 0:
             raise FieldError("every_steps", f"must be >= 0 (0: only at the end), got {self.every_steps}")
         if self.keep_last < 1:
@@ -109,18 +101,12 @@ class CheckpointManager:
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.rank = collectives.rank()
-        self.remote = self.uploader = None
-        if remote and self.rank == 0:
-            from rwkvclip_dist.checkpoint.remote import RemoteCheckpoints, Uploader
-
-            self.remote = RemoteCheckpoints(remote, CLIENT_FILE)
-            self.uploader = Uploader(self.remote, keep_last)
+        self.remote = open_remote(remote, keep_last, CLIENT_FILE) if remote and self.rank == 0 else None
 
     def close(self) -> None:
         """Wait for the background upload of the last checkpoint (rank 0 with ``checkpoint.remote``)."""
-        if self.uploader is not None:
-            self.uploader.close()
-            self.uploader = None
+        if self.remote is not None:
+            self.remote.close()
 
     # -- discovery ---------------------------------------------------------------------------
     def latest_tag(self) -> str | None:
@@ -191,8 +177,8 @@ class CheckpointManager:
             _atomic_torch_save(record, tag_dir / CLIENT_FILE)
             _atomic_write_text(self.directory / "latest", tag + "\n")
             self._prune(tag)
-            if self.uploader is not None:
-                self.uploader.submit(tag_dir)
+            if self.remote is not None:
+                self.remote.submit(tag_dir)
         collectives.barrier()
         log.info("saved checkpoint %s", tag_dir)
         return tag
@@ -236,8 +222,7 @@ class CheckpointManager:
 
     def _prune(self, newest: str) -> None:
         keep = set(self.complete_tags()[-self.keep_last:]) | {newest}
-        if self.uploader is not None:
-            keep |= self.uploader.in_flight()
+        keep |= self.remote.in_flight() if self.remote is not None else set()
         for path in self.directory.iterdir():
             if path.is_dir() and TAG_PATTERN.match(path.name) and path.name not in keep:
                 shutil.rmtree(path)
@@ -254,8 +239,7 @@ class CheckpointManager:
         if self.rank == 0:
             decision = self._verified_newest()
             if decision == (None, None) and self.remote is not None:
-                error = self.remote.try_restore(self.directory)
-                decision = (None, error) if error else self._verified_newest()
+                decision = self.remote.try_restore(self.directory) or self._verified_newest()
         tag, error = collectives.broadcast_object(decision)
         if error is not None:
             raise CheckpointError(error)
@@ -280,7 +264,7 @@ class CheckpointManager:
         return None, None
 
     def load(self, engine, states: Mapping[str, Stateful], tag: str | None = None,
-             topology: Topology | None = None) -> dict[str, Any] | None:
+             topology: reshard.Topology | None = None) -> dict[str, Any] | None:
         """Load the newest intact complete checkpoint (or ``tag``) into ``engine`` and ``states``.
 
         Returns the run's record, or None when there is nothing to resume from. Each rank reads its own
@@ -295,12 +279,7 @@ class CheckpointManager:
         tag_dir = self.directory / tag
         record = _load_plain(tag_dir / CLIENT_FILE)
         make_engine_loads_safe(engine)
-        saved = reshard.saved_topology(record)
-        if topology is not None and reshard.needs_universal(saved, topology):
-            log.info("%s", reshard.describe_change(tag_dir, saved, topology))
-            load_path = reshard.load_resharded(engine, tag_dir)
-        else:
-            load_path, _ = engine.load_checkpoint(str(self.directory), tag=tag)
+        load_path = reshard.load(engine, tag_dir, record, topology)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
         own = tag_dir / rank_file(self.rank)

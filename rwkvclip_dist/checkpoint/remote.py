@@ -31,7 +31,7 @@ import shutil
 import threading
 from pathlib import Path
 
-from rwkvclip_dist.checkpoint.integrity import MANIFEST_FILE, CheckpointError, verify
+from rwkvclip_dist.checkpoint.integrity import MANIFEST_FILE, TAG_PATTERN, CheckpointError, verify
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -43,6 +43,22 @@ def parse_url(url: str) -> tuple[str, str]:
         raise ValueError(f"must be s3://bucket[/prefix], got {url!r}")
     bucket, _, prefix = url[5:].partition("/")
     return bucket, prefix.strip("/")
+
+
+def check_url(field: str, url: str) -> None:
+    """A recipe's ``checkpoint.remote``: empty, or a valid ``s3://`` URL (:class:`FieldError` otherwise)."""
+    from rwkvclip_dist.typed_config import FieldError
+
+    if url:
+        try:
+            parse_url(url)
+        except ValueError as err:
+            raise FieldError(field, str(err)) from None
+
+
+def open_remote(url: str, keep_last: int, marker: str) -> Uploader:
+    """Rank 0's link to the remote copies: uploads in the background, restores on demand."""
+    return Uploader(RemoteCheckpoints(url, marker), keep_last)
 
 
 class RemoteCheckpoints:
@@ -91,8 +107,6 @@ class RemoteCheckpoints:
 
     def tags(self) -> list[str]:
         """Every tag with at least one object, oldest first."""
-        from rwkvclip_dist.checkpoint.manager import TAG_PATTERN
-
         paginator = self._client().get_paginator("list_objects_v2")
         base = self._key() + "/" if self.prefix else ""
         names = set()
@@ -216,6 +230,11 @@ class Uploader:
         """Tags whose local copy the upload still reads."""
         with self._lock:
             return {p.name for p in (self._pending, self._busy) if p is not None}
+
+    def try_restore(self, directory: Path) -> tuple[None, str] | None:
+        """Restore the newest complete remote copy into ``directory``: ``(None, reason)`` if that failed."""
+        error = self.remote.try_restore(directory)
+        return (None, error) if error else None
 
     def close(self) -> None:
         """Wait for the uploads in flight, then stop the thread."""

@@ -69,7 +69,7 @@ def describe_change(tag_dir: Path, saved: Topology, current: Topology) -> str:
 
 def universal_folder(tag_dir: Path) -> Path:
     """Collective: ``<tag>/universal``, converted by rank 0 unless a complete one is already there."""
-    from rwkvclip_dist.parallel import deepspeed_universal
+    from rwkvclip_dist.checkpoint import deepspeed_universal
 
     target = tag_dir / UNIVERSAL_DIR
     error = None
@@ -94,8 +94,15 @@ def universal_folder(tag_dir: Path) -> Path:
     return target
 
 
-def load_resharded(engine, tag_dir: Path) -> str | None:
-    """Collective: convert if needed, then load ``tag_dir``'s universal form into ``engine``."""
-    from rwkvclip_dist.parallel import deepspeed_universal
+def load(engine, tag_dir: Path, record: dict[str, Any], current: Topology | None) -> str | None:
+    """Collective: load the DeepSpeed part of checkpoint ``tag_dir`` into ``engine``, through its
+    universal form when ``record`` says it was written on another data-parallel size than ``current``
+    (one log line). Returns DeepSpeed's load path (None when it could not load)."""
+    from rwkvclip_dist.checkpoint import deepspeed_universal
 
+    saved = saved_topology(record)
+    if current is None or not needs_universal(saved, current):
+        load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        return load_path
+    log.info("%s", describe_change(tag_dir, saved, current))
     return deepspeed_universal.load(engine, universal_folder(tag_dir))

@@ -77,7 +77,7 @@ def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: t
     from rwkvclip_dist.model.registry import create_model
     from rwkvclip_dist.parallel.engine import create_engine, deepspeed_config
     from rwkvclip_dist.parallel.groups import init_parallel_groups
-    from rwkvclip_dist.parallel.deepspeed_universal import describe_tensor_parallel
+    from rwkvclip_dist.checkpoint.deepspeed_universal import describe_tensor_parallel
     from rwkvclip_dist.parallel.tensor_parallel import parallelize, split_dims
     from rwkvclip_dist.training.optim import build_optimizer
     from rwkvclip_dist.training.schedule import build_schedule
