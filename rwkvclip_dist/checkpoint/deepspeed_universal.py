@@ -68,7 +68,12 @@ def _data_only_torch_load() -> Iterator[None]:
 
     def load(path, map_location=None, **_ignored):
         with torch.serialization.safe_globals(allowed):
-            return original(path, map_location=map_location or "cpu", weights_only=True)
+            state = original(path, map_location=map_location or "cpu", weights_only=True)
+        # megatron-core's layers put an `_extra_state` of None into the module's state dict; it holds
+        # no weights, and the converter would write it out as a parameter (`None.float()`).
+        if isinstance(state, dict) and isinstance(state.get("module"), dict):
+            state["module"] = {k: v for k, v in state["module"].items() if v is not None}
+        return state
 
     torch.load = load
     try:

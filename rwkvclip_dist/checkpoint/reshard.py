@@ -81,7 +81,9 @@ def universal_folder(tag_dir: Path) -> Path:
             output = deepspeed_universal.convert(tag_dir, partial)
             (partial / COMPLETE_MARKER).write_text("converted by ds_to_universal\n")
             partial.rename(target)
-        except (OSError, RuntimeError, ValueError, KeyError, AssertionError, FileNotFoundError) as err:
+        # What DeepSpeed's converter raises when it meets a checkpoint it cannot handle.
+        except (OSError, RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+                AssertionError) as err:
             shutil.rmtree(partial, ignore_errors=True)
             error = f"could not convert checkpoint {tag_dir} to DeepSpeed's universal form: {type(err).__name__}: {err}"
         else:
