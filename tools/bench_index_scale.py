@@ -47,17 +47,26 @@ def write_real_shards(out: Path, count: int, samples: int) -> list[dict]:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buf, format="JPEG")
     jpg = buf.getvalue()
-    if not (out / "index.json").is_file():
-        # One shard per `samples` rows: the size limit is raised so that only the row count splits.
-        with MDSWriter(out=str(out), columns=columns(), compression=COMPRESSION, size_limit=(1 << 32) - 1,
-                       max_workers=1) as writer:
-            for i in range(count * samples):
-                writer.write({"key": f"r{i}", "jpg": jpg, "raw": f"a photo {i}", "synthetic": f"synthetic {i}",
-                              "generated": f"generated {i}", "tags": [], "width": 16, "height": 16,
-                              "source": "bench"})
-                if (i + 1) % samples == 0 and i + 1 < count * samples:
-                    writer.flush_shard()
-    return json.loads((out / "index.json").read_text())["shards"]
+    entries = []
+    for k in range(count):
+        part = out / f"part_{k}"
+        if not (part / "index.json").is_file():
+            # One writer per shard, its size limit above the shard's size: exactly `samples` rows each.
+            with MDSWriter(out=str(part), columns=columns(), compression=COMPRESSION, size_limit=(1 << 32) - 1,
+                           max_workers=1) as writer:
+                for i in range(samples):
+                    writer.write({"key": f"r{k}_{i}", "jpg": jpg, "raw": f"a photo {i}", "synthetic": f"synthetic {i}",
+                                  "generated": f"generated {i}", "tags": [], "width": 16, "height": 16,
+                                  "source": "bench"})
+        entry = json.loads((part / "index.json").read_text())["shards"][0]
+        for key in ("raw_data", "zip_data"):
+            if entry.get(key):
+                name = entry[key]["basename"].replace("shard.00000", f"shard.{k:05d}")
+                if not (out / name).exists() and (part / entry[key]["basename"]).exists():
+                    os.link(part / entry[key]["basename"], out / name)
+                entry[key]["basename"] = name
+        entries.append(entry)
+    return entries
 
 
 def write_layout(root: Path, real: Path, entries: list[dict], shards: int, streams: int) -> list[Path]:

@@ -19,6 +19,7 @@ from streaming.base.dataset import _ShardState
 from streaming.base.shared import SharedScalar
 from streaming.base.shared.prefix import _get_path
 
+from rwkvclip_dist.data import streaming_compat
 from rwkvclip_dist.data.columns import TEXT_COLUMNS, TEXT_ID
 from rwkvclip_dist.data.tokenizer import CONTEXT_LENGTH, tokenize
 
@@ -83,6 +84,7 @@ class ThreeTextDataset(StreamingDataset):
                  sample_seed: int = 0, fixed_text: str | None = None, with_label: bool = False,
                  context_length: int = CONTEXT_LENGTH, **streaming_kwargs: Any) -> None:
         self._known_local: set[int] = set()  # shards this process has seen prepared (prepare_shard)
+        streaming_compat.install()  # a sample->shard map of O(shards), not O(samples), per rank
         super().__init__(**streaming_kwargs)
         self.transform = transform
         self.text_weights = dict(text_weights or {k: 1.0 for k in TEXT_COLUMNS})
