@@ -111,6 +111,8 @@ def _rank_main(args: argparse.Namespace) -> None:
     import streaming  # noqa: F401 - imports timed apart from the loader's own start-up
 
     imported = time.monotonic() - START
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_at_import = usage.ru_utime + usage.ru_stime
     dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     streams = [StreamConfig(remote=str(p)) for p in sorted(Path(args.layout).iterdir()) if p.is_dir()]
     rss_before = _rss_mib()
@@ -122,7 +124,9 @@ def _rank_main(args: argparse.Namespace) -> None:
     next(batches)
     first = time.monotonic() - START
     shm = sum(f.stat().st_size for f in Path("/dev/shm").iterdir() if f.is_file()) if int(os.environ["RANK"]) == 0 else 0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"rank": int(os.environ["RANK"]), "imports_s": imported, "built_s": built,
+                      "cpu_s": usage.ru_utime + usage.ru_stime - cpu_at_import,
                       "first_batch_s": first, "loader_s": first - imported,
                       "peak_rss_mib": _rss_mib(), "loader_rss_mib": _rss_mib() - rss_before,
                       "index_opens": opened["count"], "index_bytes": opened["bytes"], "shm_bytes": shm}), flush=True)
@@ -172,6 +176,7 @@ def measure(work: Path, real_entries: list[dict], real: Path, shards: int, strea
     return {"shards": shards, "streams": streams, "ranks": ranks, "samples": samples, "index_mib": index_bytes / 2**20,
             "first_batch_s": max(r["first_batch_s"] for r in rows),
             "loader_s": max(r["loader_s"] for r in rows),
+            "cpu_s": max(r["cpu_s"] for r in rows),
             "peak_rss_mib": max(r["peak_rss_mib"] for r in rows),
             "loader_rss_mib": max(r["loader_rss_mib"] for r in rows),
             "index_parses_per_node": sum(r["index_opens"] for r in rows) / streams,
@@ -204,12 +209,12 @@ def main(argv: list[str] | None = None) -> int:
                  [(2_300, 1), (23_000, 1), (230_000, 1), (2_300, 1_000), (230_000, 1_000)])
         results = [measure(work, entries, real, shards, streams, args.ranks, args.epoch_size)
                    for shards, streams in cases]
-    header = ("| shards | streams | samples | index | ranks | first batch (from start) | loader to first batch | peak RSS / rank | loader RSS / rank | "
+    header = ("| shards | streams | samples | index | ranks | first batch (from start) | loader to first batch | loader CPU time / rank | peak RSS / rank | loader RSS / rank | "
               "index parses / node (per stream) | index read / node | Streaming shm / node |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for r in results:
         lines.append(f"| {r['shards']:,} | {r['streams']:,} | {r['samples']:,} | {r['index_mib']:.1f} MiB | {r['ranks']} | "
-                     f"{r['first_batch_s']:.1f} s | {r['loader_s']:.1f} s | {r['peak_rss_mib']:.0f} MiB | {r['loader_rss_mib']:.0f} MiB | "
+                     f"{r['first_batch_s']:.1f} s | {r['loader_s']:.1f} s | {r['cpu_s']:.1f} s | {r['peak_rss_mib']:.0f} MiB | {r['loader_rss_mib']:.0f} MiB | "
                      f"{r['index_parses_per_node']:.0f} | {r['index_read_mib_per_node']:.1f} MiB | {r['shm_mib']:.1f} MiB |")
     table = "\n".join(lines)
     print(table)
