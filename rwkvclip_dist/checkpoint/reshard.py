@@ -40,8 +40,11 @@ class Topology:
         return self.world_size // self.tensor_parallel
 
 
-def saved_topology(record: dict[str, Any]) -> Topology:
-    """What the record of a checkpoint says about the run that wrote it."""
+def saved_topology(record: dict[str, Any]) -> Topology | None:
+    """What the record of a checkpoint says about the run that wrote it (None: a record without a
+    world size, which only a program other than the trainer writes, e.g. the fault tests)."""
+    if "world_size" not in record:
+        return None
     tp = int(record.get("tensor_parallel", 1))
     world = int(record["world_size"])
     data = (record.get("recipe") or {}).get("data") or {}
@@ -103,7 +106,7 @@ def load(engine, tag_dir: Path, record: dict[str, Any], current: Topology | None
     from rwkvclip_dist.checkpoint import deepspeed_universal
 
     saved = saved_topology(record)
-    if current is None or not needs_universal(saved, current):
+    if current is None or saved is None or not needs_universal(saved, current):
         load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         return load_path
     log.info("%s", describe_change(tag_dir, saved, current))
