@@ -117,7 +117,7 @@ def _rank_main(args: argparse.Namespace) -> None:
     streams = [StreamConfig(remote=str(p)) for p in sorted(Path(args.layout).iterdir()) if p.is_dir()]
     rss_before = _rss_mib()
     cfg = DataConfig(streams=streams, batch_size=8, num_workers=0, epoch_size=args.epoch_size,
-                     shuffle_block_size=1 << 16, num_canonical_nodes=1)
+                     shuffle_block_size=1 << 16, num_canonical_nodes=1, sampling_granularity=args.granularity)
     loader, _ = build_train_dataloader(cfg, 16, seed=0)
     built = time.monotonic() - START
     batches = iter(loader)
@@ -138,7 +138,7 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_case(layout: Path, ranks: int, epoch_size: int) -> list[dict]:
+def run_case(layout: Path, ranks: int, epoch_size: int, granularity: int) -> list[dict]:
     """Start ``ranks`` rank processes on ``layout``; their measurement lines."""
     import subprocess
 
@@ -153,7 +153,7 @@ def run_case(layout: Path, ranks: int, epoch_size: int) -> list[dict]:
                "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "PYTHONPATH": str(REPO)}
         procs.append(subprocess.Popen([sys.executable, __file__, "--rank-of", str(layout),
-                                       "--epoch-size", str(epoch_size)], env=env, stdout=subprocess.PIPE,
+                                       "--epoch-size", str(epoch_size), "--granularity", str(granularity)], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     rows = []
     for proc in procs:
@@ -166,12 +166,12 @@ def run_case(layout: Path, ranks: int, epoch_size: int) -> list[dict]:
 
 
 def measure(work: Path, real_entries: list[dict], real: Path, shards: int, streams: int, ranks: int,
-            epoch_size: int) -> dict:
+            epoch_size: int, granularity: int) -> dict:
     layout = work / f"layout_{shards}_{streams}"
     if not layout.is_dir():
         write_layout(layout, real, real_entries, shards, streams)
     index_bytes = sum((d / "index.json").stat().st_size for d in layout.iterdir())
-    rows = run_case(layout, ranks, epoch_size)
+    rows = run_case(layout, ranks, epoch_size, granularity)
     samples = shards * real_entries[0]["samples"]
     return {"shards": shards, "streams": streams, "ranks": ranks, "samples": samples, "index_mib": index_bytes / 2**20,
             "first_batch_s": max(r["first_batch_s"] for r in rows),
@@ -187,13 +187,17 @@ def measure(work: Path, real_entries: list[dict], real: Path, shards: int, strea
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=None, help="one case with this many shards")
+    parser.add_argument("--case", action="append", default=None, metavar="SHARDSxSTREAMS",
+                        help="a case to run (repeatable), e.g. 2300x1; default: the five of the table")
     parser.add_argument("--streams", type=int, default=1)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--samples", type=int, default=10_000, help="samples per shard")
     parser.add_argument("--real", type=int, default=2, help="real shards whose entries the index reuses")
     parser.add_argument("--epoch-size", type=int, default=100_000)
+    parser.add_argument("--granularity", type=int, default=10_000, help="data.sampling_granularity")
     parser.add_argument("--work", default=None, help="where the layout goes (default: a temporary directory)")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "index_scale.md"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "index_scale.md"),
+                        help="where the table goes ('' for nowhere)")
     parser.add_argument("--rank-of", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rank_of:
@@ -206,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         real = work / f"real_{args.real}x{args.samples}"
         entries = write_real_shards(real, args.real, args.samples)
         cases = ([(args.shards, args.streams)] if args.shards else
+                 [tuple(int(x) for x in c.split("x")) for c in args.case] if args.case else
                  [(2_300, 1), (23_000, 1), (230_000, 1), (2_300, 1_000), (230_000, 1_000)])
-        results = [measure(work, entries, real, shards, streams, args.ranks, args.epoch_size)
+        results = [measure(work, entries, real, shards, streams, args.ranks, args.epoch_size, args.granularity)
                    for shards, streams in cases]
     header = ("| shards | streams | samples | index | ranks | first batch (from start) | loader to first batch | loader CPU time / rank | peak RSS / rank | loader RSS / rank | "
               "index parses / node (per stream) | index read / node | Streaming shm / node |")
@@ -218,11 +223,11 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['index_parses_per_node']:.0f} | {r['index_read_mib_per_node']:.1f} MiB | {r['shm_mib']:.1f} MiB |")
     table = "\n".join(lines)
     print(table)
-    if not args.shards:
+    if args.out:
         Path(args.out).write_text(
             "# The training loader's start-up at LAION-2B index scale\n\n"
             f"`python tools/bench_index_scale.py` ({args.ranks} ranks on one node, {args.samples:,} samples per "
-            f"shard, data.epoch_size={args.epoch_size:,}); what each column measures: the tool's docstring.\n\n"
+            f"shard, data.epoch_size={args.epoch_size:,}, data.sampling_granularity={args.granularity:,}); what each column measures: the tool's docstring.\n\n"
             + table + "\n")
     last = results[-1]
     print(f"first_batch_s={last['first_batch_s']:.1f} index_rss_mib={last['loader_rss_mib']:.0f} "

@@ -121,6 +121,7 @@ def build_train_dataloader(cfg: DataConfig, image_size: int, seed: int, replicat
             batch_size=cfg.batch_size, shuffle=cfg.shuffle, shuffle_algo=cfg.shuffle_algo,
             shuffle_seed=cfg.shuffle_seed, shuffle_block_size=cfg.shuffle_block_size,
             num_canonical_nodes=cfg.num_canonical_nodes, download_timeout=cfg.download_timeout,
+            sampling_granularity=cfg.sampling_granularity,
             replication=replication if replication > 1 else None)
     except ValueError as err:
         # Streaming sizes the cache check against the shards; its message names no recipe key.
