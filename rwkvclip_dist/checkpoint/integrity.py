@@ -13,11 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
 MANIFEST_FILE = "manifest.json"
 log = logging.getLogger(__name__)
+TAG_PATTERN = re.compile(r"^step_(\d{8,})$")
+"""A checkpoint's directory name: ``step_`` and the optimizer step, zero-padded."""
 
 
 class CheckpointError(RuntimeError):

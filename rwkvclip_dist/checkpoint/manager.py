@@ -22,45 +22,24 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from rwkvclip_dist.checkpoint.integrity import (CheckpointError, CheckpointSpaceError, check_space, human_bytes,
-                                                list_files, manifest_bytes, newest_intact, write_manifest)
+from rwkvclip_dist.checkpoint import reshard
+from rwkvclip_dist.checkpoint.integrity import (TAG_PATTERN, CheckpointError, CheckpointSpaceError, check_space,
+                                                human_bytes, list_files, manifest_bytes, newest_intact,
+                                                write_manifest)
 from rwkvclip_dist.checkpoint.record import RunRecord, check_resumable
+from rwkvclip_dist.checkpoint.remote import open_remote
 from rwkvclip_dist.checkpoint.safe_load import load_weights_only, make_engine_loads_safe
 from rwkvclip_dist.parallel import collectives
-from rwkvclip_dist.typed_config import FieldError, path_field
 
 log = logging.getLogger(__name__)
-TAG_PATTERN = re.compile(r"^step_(\d{8,})$")
 CLIENT_FILE = "client_state.pt"
-
-
-@dataclass
-class CheckpointSection:
-    """The ``checkpoint:`` section of a recipe."""
-
-    dir: str = path_field("")
-    """Where checkpoints go; empty means <run dir>/checkpoints."""
-    every_steps: int = 1000
-    """Save every N optimizer steps (and always at the end); 0 saves only at the end."""
-    keep_last: int = 3
-    """Keep the newest k complete checkpoints; older ones are deleted after a new one completes."""
-    resume: bool = True
-    """Resume automatically from the newest complete checkpoint in ``dir``."""
-
-    def __post_init__(self) -> None:
-        if self.every_steps < 0:
-            raise FieldError("every_steps", f"must be >= 0 (0: only at the end), got {self.every_steps}")
-        if self.keep_last < 1:
-            raise FieldError("keep_last", f"must be >= 1, got {self.keep_last}")
 
 
 def tag_for_step(step: int) -> str:
@@ -103,10 +82,16 @@ class CheckpointManager:
     loads a run's checkpoints in ``directory``. The loop asks :meth:`save_if_due` after each step."""
 
     def __init__(self, directory: str | Path, keep_last: int = 3, every_steps: int = 0,
-                 last_step: int | None = None) -> None:
+                 last_step: int | None = None, remote: str = "") -> None:
         self.directory = Path(directory)
         self.keep_last, self.every_steps, self.last_step = keep_last, every_steps, last_step
         self.rank = collectives.rank()
+        self.remote = open_remote(remote, keep_last, CLIENT_FILE) if remote and self.rank == 0 else None
+
+    def close(self) -> None:
+        """Wait for the background upload of the last checkpoint (rank 0 with ``checkpoint.remote``)."""
+        if self.remote is not None:
+            self.remote.close()
 
     # -- discovery ---------------------------------------------------------------------------
     def latest_tag(self) -> str | None:
@@ -197,6 +182,8 @@ class CheckpointManager:
             _atomic_torch_save(record.to_dict(), tag_dir / CLIENT_FILE)
             _atomic_write_text(self.directory / "latest", tag + "\n")
             self._prune(tag)
+            if self.remote is not None:
+                self.remote.submit(tag_dir)
         collectives.barrier()
         log.info("saved checkpoint %s", tag_dir)
         return tag
@@ -244,6 +231,7 @@ class CheckpointManager:
 
     def _prune(self, newest: str) -> None:
         keep = set(self.complete_tags()[-self.keep_last:]) | {newest}
+        keep |= self.remote.in_flight() if self.remote is not None else set()
         for path in self.directory.iterdir():
             if path.is_dir() and TAG_PATTERN.match(path.name) and path.name not in keep:
                 shutil.rmtree(path)
@@ -259,28 +247,33 @@ class CheckpointManager:
         decision: tuple[str | None, str | None] = (None, None)
         if self.rank == 0:
             decision = newest_intact(self.directory, self.complete_tags(), _atomic_write_text)
+            if decision == (None, None) and self.remote is not None:
+                decision = (self.remote.try_restore(self.directory)
+                            or newest_intact(self.directory, self.complete_tags(), _atomic_write_text))
         tag, error = collectives.broadcast_object(decision)
         if error is not None:
             raise CheckpointError(error)
         return tag
 
-    def load(self, engine, states: Mapping[str, Stateful], tag: str | None = None) -> RunRecord | None:
+    def load(self, engine, states: Mapping[str, Stateful], tag: str | None = None,
+             topology: reshard.Topology | None = None) -> RunRecord | None:
         """Load the newest intact complete checkpoint (or ``tag``) into ``engine`` and ``states``.
 
         Returns the run's record, or None when there is nothing to resume from. Each rank reads its own
         file; a rank the saved run did not have (larger world size) reads rank 0's, and its
         Stateful objects decide what of another rank's state applies to it. Every file, DeepSpeed's
-        included, is read as data only (``checkpoint.safe_load``).
+        included, is read as data only (``checkpoint.safe_load``). ``topology``: this run's; when the
+        record's data-parallel size differs, the engine loads through ``checkpoint.reshard``.
         """
         tag = tag or self.choose_tag()
         if tag is None:
             return None
         tag_dir = self.directory / tag
+        record = self.read_record(tag)
         make_engine_loads_safe(engine)
-        load_path, _ = engine.load_checkpoint(str(self.directory), tag=tag)
+        load_path = reshard.load(engine, tag_dir, record, topology)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
-        record = self.read_record(tag)
         own = tag_dir / rank_file(self.rank)
         saved = _load_plain(own if own.is_file() else tag_dir / rank_file(0))
         missing = sorted(set(states) - set(saved))

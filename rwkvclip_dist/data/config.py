@@ -64,6 +64,12 @@ class DataConfig:
     epoch_size: int | None = None
     """Samples per epoch over all streams; ``None`` is one pass over every stream."""
 
+    sampling_granularity: int = 1
+    """When an epoch takes part of a stream (``epoch_size``, ``choose``, ``proportion``), Streaming picks
+    its samples in runs of this many from one shard; its pick list holds one entry per run of the whole
+    stream, so at LAION-2B scale (2.3 billion samples) 1 needs tens of GiB per node: use about the
+    samples of a shard there (docs/data.md, "Large indexes")."""
+
     num_workers: int = 4
     """DataLoader worker processes per rank (decode and augmentation run there)."""
 

@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from rwkvclip_dist.data.columns import TEXT_COLUMNS, TEXT_ID
-from rwkvclip_dist.data.streaming_compat import EpochAwareDataset, SharedScalar, node_shared_name, shard_is_local
+from rwkvclip_dist.data.streaming_compat import (EpochAwareDataset, SharedScalar, install_compact_spanner,
+                                                 node_shared_name, shard_is_local)
 from rwkvclip_dist.data.tokenizer import CONTEXT_LENGTH, tokenize
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class ThreeTextDataset(EpochAwareDataset):
                  sample_seed: int = 0, fixed_text: str | None = None, with_label: bool = False,
                  context_length: int = CONTEXT_LENGTH, **streaming_kwargs: Any) -> None:
         self._known_local: set[int] = set()  # shards this process has seen prepared (prepare_shard)
+        install_compact_spanner()  # a sample->shard map of O(shards), not O(samples), per rank
         super().__init__(**streaming_kwargs)
         self.transform = transform
         self.text_weights = dict(text_weights or {k: 1.0 for k in TEXT_COLUMNS})

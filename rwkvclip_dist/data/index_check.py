@@ -63,3 +63,29 @@ def check_local_index(directory: str | Path) -> None:
             if actual != size:
                 raise ShardIndexError(f"{path}: {actual} bytes, but {index} says {size} (truncated or "
                                       f"replaced; re-copy or rebuild the shard)")
+
+
+def check_local_indexes_once_per_node(directories: list[str | Path]) -> None:
+    """:func:`check_local_index` for every directory, read once per node instead of once per rank.
+
+    Streaming parses every index on every rank anyway (docs/data.md, "Large indexes"); our check need
+    not add one more parse per rank. Under a process group the node's local rank 0 checks and every
+    rank raises the same :class:`ShardIndexError` (the first one found, naming its stream); without
+    one (a single process, or ranks that never formed a group), every process checks for itself.
+    """
+    import torch.distributed as dist
+
+    grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    problem = None
+    if not grouped or int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        try:
+            for directory in directories:
+                check_local_index(directory)
+        except ShardIndexError as err:
+            problem = str(err)
+    if grouped:
+        found: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(found, problem)
+        problem = next((p for p in found if p is not None), None)
+    if problem is not None:
+        raise ShardIndexError(problem)

@@ -18,7 +18,7 @@ import torch
 
 from rwkvclip_dist.data.config import DataConfig, StreamConfig
 from rwkvclip_dist.data.dataset import ThreeTextDataset
-from rwkvclip_dist.data.index_check import check_local_index, safe_basename
+from rwkvclip_dist.data.index_check import check_local_index, check_local_indexes_once_per_node, safe_basename
 from rwkvclip_dist.data.streaming_compat import Stream, StreamingDataLoader
 from rwkvclip_dist.data.transforms import eval_transform, train_transform
 
@@ -31,7 +31,6 @@ def _stream(sc: StreamConfig, download_timeout: float) -> Stream:
         if not os.path.isfile(os.path.join(sc.remote, "index.json")):
             raise FileNotFoundError(f"data stream {sc.remote!r}: no index.json (build it with "
                                     f"tools/make_shards.py)")
-        check_local_index(sc.remote)
         if sc.local is None:
             # A local directory is read in place; Streaming wants it as `local` then.
             return Stream(local=sc.remote, proportion=sc.proportion, repeat=sc.repeat, choose=sc.choose,
@@ -112,15 +111,17 @@ def build_train_dataloader(cfg: DataConfig, image_size: int, seed: int, replicat
     """
     if not cfg.streams:
         raise ValueError("data.streams is empty: give at least one MDS stream")
+    streams = [_stream(s, cfg.download_timeout) for s in cfg.streams]
+    check_local_indexes_once_per_node([s.remote for s in cfg.streams if not urllib.parse.urlparse(s.remote).scheme])
     try:
         dataset = _open_dataset(
             cfg.streams, transform=train_transform(cfg.image_size or image_size, hflip=cfg.hflip),
             text_weights=cfg.text_weights, sample_seed=seed,
-            streams=[_stream(s, cfg.download_timeout) for s in cfg.streams],
-            epoch_size=cfg.epoch_size, predownload=cfg.predownload, cache_limit=cfg.cache_limit,
+            streams=streams, epoch_size=cfg.epoch_size, predownload=cfg.predownload, cache_limit=cfg.cache_limit,
             batch_size=cfg.batch_size, shuffle=cfg.shuffle, shuffle_algo=cfg.shuffle_algo,
             shuffle_seed=cfg.shuffle_seed, shuffle_block_size=cfg.shuffle_block_size,
             num_canonical_nodes=cfg.num_canonical_nodes, download_timeout=cfg.download_timeout,
+            sampling_granularity=cfg.sampling_granularity,
             replication=replication if replication > 1 else None)
     except ValueError as err:
         # Streaming sizes the cache check against the shards; its message names no recipe key.
@@ -149,6 +150,8 @@ def build_eval_dataloader(remote: str, image_size: int, batch_size: int, *, loca
     column), ``(image, tokens, text_id, label)``. A sample without the asked-for text uses ``raw``.
     Across ranks, Streaming splits the samples and pads the last ones by repetition to equal counts.
     """
+    if not urllib.parse.urlparse(remote).scheme:
+        check_local_index(remote)
     dataset = _open_dataset(
         [StreamConfig(remote=remote, local=local)], transform=eval_transform(image_size), fixed_text=text,
         with_label=False, streams=[_stream(StreamConfig(remote=remote, local=local), 60.0)],

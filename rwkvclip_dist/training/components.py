@@ -17,6 +17,7 @@ from streaming import StreamingDataLoader
 from torch import nn
 
 from rwkvclip_dist import ops
+from rwkvclip_dist.checkpoint.deepspeed_universal import describe_tensor_parallel
 from rwkvclip_dist.checkpoint.manager import CheckpointManager
 from rwkvclip_dist.data.dataset import ThreeTextDataset
 from rwkvclip_dist.data.loader import build_train_dataloader
@@ -26,7 +27,7 @@ from rwkvclip_dist.model.registry import create_model
 from rwkvclip_dist.parallel.engine import create_engine, deepspeed_config
 from rwkvclip_dist.parallel.groups import ParallelGroups, init_parallel_groups
 from rwkvclip_dist.parallel.launch_env import LaunchEnv
-from rwkvclip_dist.parallel.tensor_parallel import parallelize
+from rwkvclip_dist.parallel.tensor_parallel import parallelize, split_dims
 from rwkvclip_dist.training import rng
 from rwkvclip_dist.training.evals import ZeroShotTask
 from rwkvclip_dist.training.lock import apply_lock
@@ -101,6 +102,7 @@ def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: t
     ops.prepare(device, torch.bfloat16 if recipe.parallel.precision == "bf16" else torch.float32,
                 tuple({model.config.image.head_size, model.config.text.head_size}))
     model = parallelize(model, groups)
+    describe_tensor_parallel(model, split_dims(model) if groups.tensor_parallel > 1 else {})
     model.set_activation_checkpointing(recipe.model.activation_checkpointing)
     apply_lock(model, recipe.model.lock)  # frozen before the optimizer and ZeRO see the parameters
     optimizer = build_optimizer(model, recipe.optimizer, device, offload=section.offload_optimizer == "cpu")
@@ -118,5 +120,6 @@ def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: t
         loss_fn=build_loss(recipe.loss, group=groups.dp_group), loader=loader, dataset=dataset,
         schedule=build_schedule(recipe.schedule, recipe.train.steps),
         checkpoints=CheckpointManager(checkpoint_directory(recipe, run_dir), recipe.checkpoint.keep_last,
-                                      recipe.checkpoint.every_steps, last_step=recipe.train.steps),
+                                      recipe.checkpoint.every_steps, last_step=recipe.train.steps,
+                                      remote=recipe.checkpoint.remote),
         evals=evals, global_batch=recipe.data.batch_size * groups.dp_size, groups=groups)

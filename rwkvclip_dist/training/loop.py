@@ -23,6 +23,7 @@ import torch
 from rwkvclip_dist import ops
 from rwkvclip_dist.checkpoint.manager import CheckpointManager
 from rwkvclip_dist.checkpoint.record import RunRecord, installed_versions
+from rwkvclip_dist.checkpoint.reshard import Topology
 from rwkvclip_dist.data.remote_check import check_s3_streams
 from rwkvclip_dist.data.dataset import STAND_IN
 from rwkvclip_dist.eval.distributed import sharded_over
@@ -59,8 +60,7 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class StepResult:
-    loss: float
-    """Mean over ranks of the step's loss."""
+    loss: float  # mean over ranks of the step's loss
     masked: int
     """Stand-ins for undecodable samples left out of the loss, over all ranks."""
     lr: float
@@ -162,6 +162,7 @@ class Trainer:
                 metrics = self._write_metrics(status, start_step, time.perf_counter() - started)
             finally:
                 preemption.uninstall()
+                self.parts.checkpoints.close()
                 logger.close()
         return metrics
 
@@ -260,9 +261,8 @@ class Trainer:
 
     def _resume(self) -> None:
         if self.recipe.checkpoint.resume:
-            self.parts.checkpoints.load(self.parts.engine, self._stateful())
-        else:
-            self.parts.checkpoints.refuse_to_overwrite()
+            self.parts.checkpoints.load(self.parts.engine, self._stateful(), topology=Topology(
+                self.launch.world_size, self.recipe.parallel.tensor_parallel, self.parts.global_batch))
 
     def _open_logger(self, start_step: int) -> TrainLogger:
         recipe, cfg = self.recipe, self.parts.model_config

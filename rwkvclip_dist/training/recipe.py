@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from rwkvclip_dist.checkpoint.manager import CheckpointSection
+from rwkvclip_dist.checkpoint.section import CheckpointSection
 from rwkvclip_dist.cli import read_text_file
 from rwkvclip_dist.data.config import DataConfig
 from rwkvclip_dist.loss import LossSection

@@ -1,0 +1,239 @@
+"""The training loader's start-up at LAION-2B scale: an index of up to 230,000 shards, 1 or 1,000 streams.
+
+    python tools/bench_index_scale.py                         # the table: 2,300 / 23,000 / 230,000 shards, 1 and 1,000 streams
+    python tools/bench_index_scale.py --shards 230000 --ranks 2   # one case; ends with the summary line
+
+A synthetic but valid layout: ``--real`` real MDS shards of ``--samples`` samples each (small noise
+JPEGs with three captions, written once), and per stream an ``index.json`` whose entries are copies of
+the real shards' entries (their sizes, columns and hashes) with the shard names reused in turn, the
+shard files themselves hard links to the real ones. The loader therefore starts on exactly the
+index a LAION-2B layout has (230,000 shards x 10,000 samples = 2.3 billion samples) and reads real
+samples, without 230,000 shards' bytes.
+
+Each rank is a process of its own (``RANK``/``LOCAL_RANK``... as torchrun sets them, one node, gloo
+process group) that builds the training loader (``data.loader.build_train_dataloader``) and takes
+one batch. Measured per rank: seconds from process start to the first batch, peak RSS (and the
+RSS the loader added), the index files opened (each open is one parse, by us or by Streaming: an
+audit hook counts them) and the bytes read from them; per node: the shared memory Streaming created.
+Streaming draws each epoch's sample order over the epoch's samples: the runs use ``--epoch-size``
+samples per epoch (``data.epoch_size``), as a LAION-2B recipe must (docs/data.md, "Large indexes").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+START = time.monotonic()
+
+
+def write_real_shards(out: Path, count: int, samples: int) -> list[dict]:
+    """``count`` MDS shards of ``samples`` samples each; returns their index entries."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from streaming import MDSWriter
+
+    from rwkvclip_dist.data.columns import COMPRESSION, columns
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    jpg = buf.getvalue()
+    entries = []
+    for k in range(count):
+        part = out / f"part_{k}"
+        if not (part / "index.json").is_file():
+            # One writer per shard, its size limit above the shard's size: exactly `samples` rows each.
+            with MDSWriter(out=str(part), columns=columns(), compression=COMPRESSION, size_limit=(1 << 32) - 1,
+                           max_workers=1) as writer:
+                for i in range(samples):
+                    writer.write({"key": f"r{k}_{i}", "jpg": jpg, "raw": f"a photo {i}", "synthetic": f"synthetic {i}",
+                                  "generated": f"generated {i}", "tags": [], "width": 16, "height": 16,
+                                  "source": "bench"})
+        entry = json.loads((part / "index.json").read_text())["shards"][0]
+        for key in ("raw_data", "zip_data"):
+            if entry.get(key):
+                name = entry[key]["basename"].replace("shard.00000", f"shard.{k:05d}")
+                if not (out / name).exists() and (part / entry[key]["basename"]).exists():
+                    os.link(part / entry[key]["basename"], out / name)
+                entry[key]["basename"] = name
+        entries.append(entry)
+    return entries
+
+
+def write_layout(root: Path, real: Path, entries: list[dict], shards: int, streams: int) -> list[Path]:
+    """``streams`` stream directories holding ``shards`` index entries in all; returns them."""
+    dirs = []
+    per_stream = [shards // streams + (1 if s < shards % streams else 0) for s in range(streams)]
+    for s, count in enumerate(per_stream):
+        stream = root / f"stream_{s:04d}"
+        stream.mkdir(parents=True, exist_ok=True)
+        listed = []
+        for i in range(count):
+            entry = json.loads(json.dumps(entries[i % len(entries)]))
+            listed.append(entry)
+        for entry in entries:
+            for key in ("raw_data", "zip_data"):
+                name = (entry.get(key) or {}).get("basename")
+                if name and (real / name).is_file() and not (stream / name).exists():
+                    os.link(real / name, stream / name)
+        (stream / "index.json").write_text(json.dumps({"version": 2, "shards": listed}))
+        dirs.append(stream)
+    return dirs
+
+
+def _rank_main(args: argparse.Namespace) -> None:
+    """One rank: build the training loader, take a batch, print one JSON line of measurements."""
+    opened = {"count": 0, "bytes": 0}
+
+    def audit(event: str, details: tuple) -> None:
+        if event == "open" and isinstance(details[0], (str, Path)) and str(details[0]).endswith("index.json"):
+            opened["count"] += 1
+            try:
+                opened["bytes"] += os.path.getsize(details[0])
+            except OSError:
+                pass
+
+    sys.addaudithook(audit)
+    import torch.distributed as dist
+
+    from rwkvclip_dist.data.config import DataConfig, StreamConfig
+    from rwkvclip_dist.data.loader import build_train_dataloader
+
+    import streaming  # noqa: F401 - imports timed apart from the loader's own start-up
+
+    imported = time.monotonic() - START
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_at_import = usage.ru_utime + usage.ru_stime
+    dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    streams = [StreamConfig(remote=str(p)) for p in sorted(Path(args.layout).iterdir()) if p.is_dir()]
+    rss_before = _rss_mib()
+    cfg = DataConfig(streams=streams, batch_size=8, num_workers=0, epoch_size=args.epoch_size,
+                     shuffle_block_size=1 << 16, num_canonical_nodes=1, sampling_granularity=args.granularity)
+    loader, _ = build_train_dataloader(cfg, 16, seed=0)
+    built = time.monotonic() - START
+    batches = iter(loader)
+    next(batches)
+    first = time.monotonic() - START
+    shm = sum(f.stat().st_size for f in Path("/dev/shm").iterdir() if f.is_file()) if int(os.environ["RANK"]) == 0 else 0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"rank": int(os.environ["RANK"]), "imports_s": imported, "built_s": built,
+                      "cpu_s": usage.ru_utime + usage.ru_stime - cpu_at_import,
+                      "first_batch_s": first, "loader_s": first - imported,
+                      "peak_rss_mib": _rss_mib(), "loader_rss_mib": _rss_mib() - rss_before,
+                      "index_opens": opened["count"], "index_bytes": opened["bytes"], "shm_bytes": shm}), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_case(layout: Path, ranks: int, epoch_size: int, granularity: int) -> list[dict]:
+    """Start ``ranks`` rank processes on ``layout``; their measurement lines."""
+    import subprocess
+
+    from rwkvclip_dist.data.shm import clean_stale_shm
+    from rwkvclip_dist.parallel.launch_env import free_port
+
+    clean_stale_shm()
+    port = free_port()
+    procs = []
+    for rank in range(ranks):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(ranks), "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "PYTHONPATH": str(REPO)}
+        procs.append(subprocess.Popen([sys.executable, __file__, "--rank-of", str(layout),
+                                       "--epoch-size", str(epoch_size), "--granularity", str(granularity)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    rows = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=1800)
+        if proc.returncode != 0:
+            raise SystemExit(f"bench_index_scale: a rank failed ({proc.returncode}):\n{err[-3000:]}")
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    clean_stale_shm()
+    return rows
+
+
+def measure(work: Path, real_entries: list[dict], real: Path, shards: int, streams: int, ranks: int,
+            epoch_size: int, granularity: int) -> dict:
+    layout = work / f"layout_{shards}_{streams}"
+    if not layout.is_dir():
+        write_layout(layout, real, real_entries, shards, streams)
+    index_bytes = sum((d / "index.json").stat().st_size for d in layout.iterdir())
+    rows = run_case(layout, ranks, epoch_size, granularity)
+    samples = shards * real_entries[0]["samples"]
+    return {"shards": shards, "streams": streams, "ranks": ranks, "samples": samples, "index_mib": index_bytes / 2**20,
+            "first_batch_s": max(r["first_batch_s"] for r in rows),
+            "loader_s": max(r["loader_s"] for r in rows),
+            "cpu_s": max(r["cpu_s"] for r in rows),
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in rows),
+            "loader_rss_mib": max(r["loader_rss_mib"] for r in rows),
+            "index_parses_per_node": sum(r["index_opens"] for r in rows) / streams,
+            "index_read_mib_per_node": sum(r["index_bytes"] for r in rows) / 2**20,
+            "shm_mib": max(r["shm_bytes"] for r in rows) / 2**20}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", type=int, default=None, help="one case with this many shards")
+    parser.add_argument("--case", action="append", default=None, metavar="SHARDSxSTREAMS",
+                        help="a case to run (repeatable), e.g. 2300x1; default: the five of the table")
+    parser.add_argument("--streams", type=int, default=1)
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=10_000, help="samples per shard")
+    parser.add_argument("--real", type=int, default=2, help="real shards whose entries the index reuses")
+    parser.add_argument("--epoch-size", type=int, default=100_000)
+    parser.add_argument("--granularity", type=int, default=10_000, help="data.sampling_granularity")
+    parser.add_argument("--work", default=None, help="where the layout goes (default: a temporary directory)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "index_scale.md"),
+                        help="where the table goes ('' for nowhere)")
+    parser.add_argument("--rank-of", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rank_of:
+        args.layout = args.rank_of
+        _rank_main(args)
+        return 0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work or tmp)
+        real = work / f"real_{args.real}x{args.samples}"
+        entries = write_real_shards(real, args.real, args.samples)
+        cases = ([(args.shards, args.streams)] if args.shards else
+                 [tuple(int(x) for x in c.split("x")) for c in args.case] if args.case else
+                 [(2_300, 1), (23_000, 1), (230_000, 1), (2_300, 1_000), (230_000, 1_000)])
+        results = [measure(work, entries, real, shards, streams, args.ranks, args.epoch_size, args.granularity)
+                   for shards, streams in cases]
+    header = ("| shards | streams | samples | index | ranks | first batch (from start) | loader to first batch | loader CPU time / rank | peak RSS / rank | loader RSS / rank | "
+              "index parses / node (per stream) | index read / node | Streaming shm / node |")
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
+    for r in results:
+        lines.append(f"| {r['shards']:,} | {r['streams']:,} | {r['samples']:,} | {r['index_mib']:.1f} MiB | {r['ranks']} | "
+                     f"{r['first_batch_s']:.1f} s | {r['loader_s']:.1f} s | {r['cpu_s']:.1f} s | {r['peak_rss_mib']:.0f} MiB | {r['loader_rss_mib']:.0f} MiB | "
+                     f"{r['index_parses_per_node']:.0f} | {r['index_read_mib_per_node']:.1f} MiB | {r['shm_mib']:.1f} MiB |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(
+            "# The training loader's start-up at LAION-2B index scale\n\n"
+            f"`python tools/bench_index_scale.py` ({args.ranks} ranks on one node, {args.samples:,} samples per "
+            f"shard, data.epoch_size={args.epoch_size:,}, data.sampling_granularity={args.granularity:,}); what each column measures: the tool's docstring.\n\n"
+            + table + "\n")
+    last = results[-1]
+    print(f"first_batch_s={last['first_batch_s']:.1f} index_rss_mib={last['loader_rss_mib']:.0f} "
+          f"index_parses_per_node={last['index_parses_per_node']:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
