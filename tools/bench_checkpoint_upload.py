@@ -19,12 +19,15 @@ training ends because of the checkpoint. Both modes run in the same process on t
 from __future__ import annotations
 
 import argparse
+import sys
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from rwkvclip_dist.cli import run_tool
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -88,14 +91,18 @@ def _run_mode(mode: str, engine, step, directory: Path, url: str, steps: int, sa
             "stall_s": stall, "bytes": size}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench_checkpoint_upload.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="RWKV-CLIP-B-32")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--save-at", type=int, default=5)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "checkpoint_upload.md"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
 
     import os
 
@@ -130,5 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(build_parser(), run, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from rwkvclip_dist.cli import run_tool
+
 REPO = Path(__file__).resolve().parent.parent
 START = time.monotonic()
 
@@ -184,8 +186,9 @@ def measure(work: Path, real_entries: list[dict], real: Path, shards: int, strea
             "shm_mib": max(r["shm_bytes"] for r in rows) / 2**20}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench_index_scale.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=None, help="one case with this many shards")
     parser.add_argument("--case", action="append", default=None, metavar="SHARDSxSTREAMS",
                         help="a case to run (repeatable), e.g. 2300x1; default: the five of the table")
@@ -199,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "index_scale.md"),
                         help="where the table goes ('' for nowhere)")
     parser.add_argument("--rank-of", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
     if args.rank_of:
         args.layout = args.rank_of
         _rank_main(args)
@@ -235,5 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(build_parser(), run, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -5,7 +5,7 @@ rank r are one flat slice of every parameter group, cut for the world size that 
 run's record says it was written on another data-parallel size than this run's, the checkpoint is
 converted once into DeepSpeed's universal form (one file per parameter and state, in
 ``<tag>/universal/``, written beside the original files and never over them) and loaded from there,
-which re-partitions every state over this run's ranks (``parallel.deepspeed_universal``).
+which re-partitions every state over this run's ranks (``parallel.deepspeed_compat``).
 
 The tensor-parallel degree must stay what it was (checked before any engine starts); only the
 data-parallel size changes. With the same global batch (``data.batch_size`` x data-parallel ranks)
@@ -70,7 +70,7 @@ def describe_change(tag_dir: Path, saved: Topology, current: Topology) -> str:
 
 def universal_folder(tag_dir: Path) -> Path:
     """Collective: ``<tag>/universal``, converted by rank 0 unless a complete one is already there."""
-    from rwkvclip_dist.checkpoint import deepspeed_universal
+    from rwkvclip_dist.parallel import deepspeed_compat
 
     target = tag_dir / UNIVERSAL_DIR
     error = None
@@ -79,7 +79,7 @@ def universal_folder(tag_dir: Path) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         shutil.rmtree(target, ignore_errors=True)
         try:
-            output = deepspeed_universal.convert(tag_dir, partial)
+            output = deepspeed_compat.convert_to_universal(tag_dir, partial)
             (partial / COMPLETE_MARKER).write_text("converted by ds_to_universal\n")
             partial.rename(target)
         # What DeepSpeed's converter raises when it meets a checkpoint it cannot handle.
@@ -101,11 +101,11 @@ def load(engine, tag_dir: Path, record: RunRecord, current: Topology | None) -> 
     """Collective: load the DeepSpeed part of checkpoint ``tag_dir`` into ``engine``, through its
     universal form when ``record`` says it was written on another data-parallel size than ``current``
     (one log line). Returns DeepSpeed's load path (None when it could not load)."""
-    from rwkvclip_dist.checkpoint import deepspeed_universal
+    from rwkvclip_dist.parallel import deepspeed_compat
 
     saved = saved_topology(record)
     if current is None or saved is None or not needs_universal(saved, current):
         load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         return load_path
     log.info("%s", describe_change(tag_dir, saved, current))
-    return deepspeed_universal.load(engine, universal_folder(tag_dir))
+    return deepspeed_compat.load_universal(engine, universal_folder(tag_dir))

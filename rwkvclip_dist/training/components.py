@@ -17,13 +17,13 @@ from streaming import StreamingDataLoader
 from torch import nn
 
 from rwkvclip_dist import ops
-from rwkvclip_dist.checkpoint.deepspeed_universal import describe_tensor_parallel
 from rwkvclip_dist.checkpoint.manager import CheckpointManager
 from rwkvclip_dist.data.dataset import ThreeTextDataset
 from rwkvclip_dist.data.loader import build_train_dataloader
 from rwkvclip_dist.loss import build_loss
 from rwkvclip_dist.model.config import ModelConfig
 from rwkvclip_dist.model.registry import create_model
+from rwkvclip_dist.parallel.deepspeed_compat import describe_tensor_parallel
 from rwkvclip_dist.parallel.engine import create_engine, deepspeed_config
 from rwkvclip_dist.parallel.groups import ParallelGroups, init_parallel_groups
 from rwkvclip_dist.parallel.launch_env import LaunchEnv
