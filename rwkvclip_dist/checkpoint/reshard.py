@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rwkvclip_dist.checkpoint.record import RunRecord
+from rwkvclip_dist.checkpoint.safe_load import deepspeed_safe_globals, load_weights_only
 from rwkvclip_dist.parallel import collectives
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def universal_folder(tag_dir: Path) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         shutil.rmtree(target, ignore_errors=True)
         try:
-            output = deepspeed_compat.convert_to_universal(tag_dir, partial)
+            output = deepspeed_compat.convert_to_universal(tag_dir, partial, deepspeed_safe_globals())
             (partial / COMPLETE_MARKER).write_text("converted by ds_to_universal\n")
             partial.rename(target)
         # What DeepSpeed's converter raises when it meets a checkpoint it cannot handle.
@@ -108,4 +109,4 @@ def load(engine, tag_dir: Path, record: RunRecord, current: Topology | None) -> 
         load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         return load_path
     log.info("%s", describe_change(tag_dir, saved, current))
-    return deepspeed_compat.load_universal(engine, universal_folder(tag_dir))
+    return deepspeed_compat.load_universal(engine, universal_folder(tag_dir), load_weights_only)

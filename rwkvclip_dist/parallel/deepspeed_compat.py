@@ -90,11 +90,9 @@ def describe_tensor_parallel(model: nn.Module, split_dims: dict[str, int]) -> No
 
 
 @contextlib.contextmanager
-def _data_only_torch_load() -> Iterator[None]:
+def _data_only_torch_load(allowed: list) -> Iterator[None]:
     """The converter reads with ``torch.load(weights_only=False)``; here every read is data only."""
-    from rwkvclip_dist.checkpoint.safe_load import deepspeed_safe_globals
-
-    original, allowed = torch.load, deepspeed_safe_globals()
+    original = torch.load
 
     def load(path, map_location=None, **_ignored):
         with torch.serialization.safe_globals(allowed):
@@ -112,7 +110,7 @@ def _data_only_torch_load() -> Iterator[None]:
         torch.load = original
 
 
-def convert_to_universal(source: Path, target: Path) -> str:
+def convert_to_universal(source: Path, target: Path, allowed: list) -> str:
     """Write the universal form of the DeepSpeed checkpoint in ``source`` (one tag's folder) to
     ``target``; returns the converter's console output (it prints its progress)."""
     from deepspeed.checkpoint import ds_to_universal
@@ -122,12 +120,12 @@ def convert_to_universal(source: Path, target: Path) -> str:
                               num_merge_workers=1, keep_temp_folder=False, strict=True,
                               inject_missing_state=True)
     out = io.StringIO()
-    with _data_only_torch_load(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+    with _data_only_torch_load(allowed), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         ds_to_universal.main(args)
     return out.getvalue()
 
 
-def load_universal(engine, folder: Path) -> str | None:
+def load_universal(engine, folder: Path, load_weights_only: Callable[[Path], Any]) -> str | None:
     """Load the universal checkpoint in ``folder`` (``<load dir>/<tag>``) into ``engine``; returns
     DeepSpeed's load path (None when it could not load)."""
     # DeepSpeed reads the switch from its config at load time; the recipe's config cannot know it
@@ -140,11 +138,11 @@ def load_universal(engine, folder: Path) -> str | None:
     finally:
         config.load_universal_checkpoint = previous
     if load_path is not None and engine.zero_optimization_partition_weights():
-        _repair_stage3_load(engine, folder)
+        _repair_stage3_load(engine, folder, load_weights_only)
     return load_path
 
 
-def _repair_stage3_load(engine, folder: Path) -> None:
+def _repair_stage3_load(engine, folder: Path, load_weights_only: Callable[[Path], Any]) -> None:
     """Undo two slips of ZeRO-3's universal load (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``),
     each of which changes every step after the resume (tests/test_reshard.py catches both):
 
@@ -153,8 +151,6 @@ def _repair_stage3_load(engine, folder: Path) -> None:
     - one ``step`` tensor is shared by the states of all sub-groups, and torch's Adam increments it
       in place once per sub-group, so the bias correction runs ahead: each state gets its own copy.
     """
-    from rwkvclip_dist.checkpoint.safe_load import load_weights_only
-
     base = engine.optimizer.optimizer
     saved = load_weights_only(folder / "zero" / "optimizer_state.pt")["param_groups"]
     if len(saved) != len(base.param_groups):
