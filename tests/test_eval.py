@@ -142,7 +142,7 @@ def _rank_zeroshot(rank, world, port, root, model_path, out_dir):
 def _zeroshot_on(root, model_path):
     from torch.utils.data import Subset
 
-    from rwkvclip_dist.data.demo_digits import CLASSNAMES, TEMPLATES
+    from rwkvclip_dist.data.shards.demo_digits import CLASSNAMES, TEMPLATES
     from rwkvclip_dist.eval import build_zeroshot_classifier, zeroshot_scores
     from rwkvclip_dist.eval.datasets import MDSLabelledImages
     from rwkvclip_dist.eval.features import LoaderConfig, image_features
@@ -161,7 +161,7 @@ def _zeroshot_on(root, model_path):
 
 @pytest.mark.slow
 def test_zeroshot_two_ranks_equals_one_process(tmp_path, model_file):
-    from rwkvclip_dist.data.demo_digits import ensure_demo_data
+    from rwkvclip_dist.data.shards.demo_digits import ensure_demo_data
 
     root = ensure_demo_data(str(tmp_path / "digits"))
     single_clf, single, single_extra = _zeroshot_on(root, str(model_file))
@@ -205,7 +205,7 @@ def test_in_loop_zeroshot_equals_the_evaluate_tool_on_the_same_checkpoint(tmp_pa
 
     from conftest import REPO, dist_env, run_checked, torchrun_cmd, train_args
     from rwkvclip_dist.data.columns import columns
-    from rwkvclip_dist.data.demo_digits import _rows
+    from rwkvclip_dist.data.shards.demo_digits import _rows
 
     heldout, classes = tmp_path / "heldout181", demo_data / "zeroshot.json"
     with MDSWriter(out=str(heldout), columns=columns(with_label=True), compression="zstd") as writer:
