@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from rwkvclip_dist.data.demo_digits import ensure_demo_data
+from rwkvclip_dist.data.shards.demo_digits import ensure_demo_data
 from rwkvclip_dist.data.shm import clean_stale_shm
 from rwkvclip_dist.parallel.launch_env import free_port
 

@@ -149,7 +149,7 @@ def clean_shm_before_and_after():
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """The digits demo data set (MDS shards + zeroshot.json), built once per test session."""
-    from rwkvclip_dist.data.demo_digits import ensure_demo_data
+    from rwkvclip_dist.data.shards.demo_digits import ensure_demo_data
 
     return Path(ensure_demo_data(str(tmp_path_factory.mktemp("demo") / "demo_digits")))
 

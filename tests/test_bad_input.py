@@ -74,7 +74,7 @@ def test_the_train_loader_checks_the_index_before_streaming_reads_it(stream):
 ])
 def test_caption_jsonl_problems_name_the_line(tmp_path, line, expected):
     """Through the on-disk caption join that make_shards --captions uses; no index is left behind."""
-    from rwkvclip_dist.data.captions import index_captions
+    from rwkvclip_dist.data.shards.captions import index_captions
 
     captions, db = tmp_path / "caps.jsonl", tmp_path / "captions.sqlite"
     captions.write_text('{"key": "ok", "synthetic": "fine"}\n' + line)

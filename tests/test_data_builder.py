@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import add, jpeg, make_shards, read_back
-from rwkvclip_dist.data.builder import REJECTS, BuildOptions, build_shards
+from rwkvclip_dist.data.shards.builder import REJECTS, BuildOptions, build_shards
 
 
 @pytest.fixture

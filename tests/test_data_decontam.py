@@ -24,7 +24,7 @@ from PIL import Image
 
 from conftest import add, make_shards, read_back
 from eval_layouts import WORDS, classification_set, natural_picture, retrieval_set
-from rwkvclip_dist.data.decontam import VARIANTS, HashIndex, phash_bytes, write_index
+from rwkvclip_dist.data.shards.decontam import VARIANTS, HashIndex, phash_bytes, write_index
 
 pytestmark = pytest.mark.timeout(300)
 

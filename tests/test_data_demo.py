@@ -10,8 +10,8 @@ from collections import Counter
 import pytest
 from streaming import StreamingDataset
 
-from rwkvclip_dist.data.demo_digits import CLASSNAMES, build_demo_data, ensure_demo_data
-from rwkvclip_dist.data.loader import build_eval_dataloader
+from rwkvclip_dist.data.shards.demo_digits import CLASSNAMES, build_demo_data, ensure_demo_data
+from rwkvclip_dist.eval.datasets import MDSLabelledImages
 from rwkvclip_dist.data.shm import clean_stale_shm
 
 
@@ -70,12 +70,12 @@ def test_splits_texts_and_zeroshot_file(demo):
     assert zs["classnames"] == CLASSNAMES and all("{}" in t for t in zs["templates"])
 
 
-def test_eval_loader_returns_labels(demo):
-    loader, _ = build_eval_dataloader(os.path.join(demo, "heldout"), image_size=32, batch_size=128)
+def test_the_evaluation_reader_returns_the_labels(demo):
+    heldout = MDSLabelledImages(os.path.join(demo, "heldout"), transform=lambda image: image.size)
     labels = []
-    for img, tok, tid, label in loader:
-        assert img.shape[1:] == (3, 32, 32) and tok.shape[1] == 77
-        labels += label.tolist()
+    for size, label in heldout:
+        assert size == (32, 32)
+        labels.append(label)
     clean_stale_shm()
     ds = StreamingDataset(local=os.path.join(demo, "heldout"), shuffle=False, batch_size=1)
     assert labels == [ds[i]["label"] for i in range(len(ds))]  # in shard order, nothing dropped

@@ -16,7 +16,7 @@ from scipy.stats import chisquare
 from conftest import RANK_ENV, text_index, write_shards
 from rwkvclip_dist.data.columns import TEXT_ID
 from rwkvclip_dist.data.config import DataConfig, StreamConfig
-from rwkvclip_dist.data.loader import build_eval_dataloader, build_train_dataloader
+from rwkvclip_dist.data.loader import build_train_dataloader
 from rwkvclip_dist.parallel.launch_env import free_port
 from rwkvclip_dist.data.shm import clean_stale_shm
 from rwkvclip_dist.typed_config import ConfigError, build_dataclass
@@ -138,7 +138,9 @@ def test_weighted_streams_with_remote_and_local_cache(tmp_path):
 def test_corrupt_sample_is_replaced_marked_and_counted(tmp_path):
     data = str(tmp_path / "data")
     write_shards(data, 10, corrupt={0, 5})
-    loader, dataset = build_eval_dataloader(data, image_size=8, batch_size=10)
+    cfg = DataConfig(streams=[StreamConfig(remote=data)], batch_size=10, shuffle=False,
+                     text_weights={"raw": 1.0, "synthetic": 0.0, "generated": 0.0})
+    loader, dataset = build_train_dataloader(cfg, image_size=8, seed=0)
     (img, tok, tid), = list(loader)
     lookup = text_index("s", 10)
     ids = [lookup[tuple(t.tolist())][0] for t in tok]

@@ -16,9 +16,9 @@ import pytest
 from streaming import StreamingDataset
 
 from conftest import add, jpeg, make_shards, read_back
-from rwkvclip_dist.data.builder import REJECTS, REPORT, BuildOptions, build_shards
-from rwkvclip_dist.data.captions import CaptionTable, index_captions
-from rwkvclip_dist.data.parts import part_name
+from rwkvclip_dist.data.shards.builder import REJECTS, REPORT, BuildOptions, build_shards
+from rwkvclip_dist.data.shards.captions import CaptionTable, index_captions
+from rwkvclip_dist.data.shards.parts import part_name
 from rwkvclip_dist.data.shm import clean_stale_shm
 
 

@@ -49,7 +49,7 @@ def test_short_demo_run_follows_the_golden_loss_curve(tmp_path, demo_data, clean
 
 if __name__ == "__main__" and sys.argv[1:] == ["--update-golden"]:
     sys.path.insert(0, str(REPO / "tests"))
-    from rwkvclip_dist.data.demo_digits import ensure_demo_data
+    from rwkvclip_dist.data.shards.demo_digits import ensure_demo_data
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(ensure_demo_data(str(Path(tmp) / "demo_digits")))

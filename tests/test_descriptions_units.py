@@ -124,6 +124,31 @@ def test_mds_source_reads_text_columns(tmp_path):
         list(iter_samples(tmp_path / "b"))
 
 
+def test_compressed_mds_source_is_read_in_place_leaving_no_copy(tmp_path, monkeypatch):
+    """Compressed shards are decompressed in memory: no copy in the temporary folder while reading
+    (what a killed job would leave behind) nor after, and the input directory is unchanged."""
+    import tempfile
+
+    from streaming import MDSWriter
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    columns = {"key": "str", "jpg": "bytes", "raw": "str"}
+    with MDSWriter(out=str(tmp_path / "set"), columns=columns, compression="zstd", size_limit=1 << 10) as writer:
+        for i in range(12):
+            writer.write({"key": f"k{i}", "jpg": bytes([i]) * 300, "raw": f"r{i}"})
+    before = sorted(p.name for p in (tmp_path / "set").iterdir())
+    assert len(before) > 3 and all(name.endswith(".zstd") for name in before if name != "index.json")
+    samples = iter_samples(tmp_path / "set", with_image=True)
+    first = next(samples)
+    assert list(scratch.iterdir()) == []  # mid-read
+    rest = list(samples)
+    assert [(s.key, s.raw, s.image) for s in [first, *rest]] == [(f"k{i}", f"r{i}", bytes([i]) * 300)
+                                                                   for i in range(12)]
+    assert list(scratch.iterdir()) == [] and sorted(p.name for p in (tmp_path / "set").iterdir()) == before
+
+
 def test_shard_spec():
     keys = [f"key-{i}" for i in range(300)]
     parts = [ShardSpec.parse(f"{i}/4") for i in range(4)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from rwkvclip_dist.eval.linear_probe import LinearProbeConfig, linear_probe
 from rwkvclip_dist.eval.retrieval import retrieval_recall
 from rwkvclip_dist.eval.retrieval_data import load_retrieval_annotations
 from rwkvclip_dist.pretrained import load_model, save_pretrained
+from conftest import PYTHON, REPO, dist_env
 from tool_loader import tool_main
 
 pytestmark = pytest.mark.timeout(120)
@@ -131,6 +133,29 @@ def test_evaluate_cli_all_tasks_on_image_folder(tmp_path, folder, model_file, ca
     assert "i2t_R@1" in capsys.readouterr().out
 
 
+def test_evaluate_under_srun_forms_one_process_group(tmp_path, folder, model_file):
+    """The tool reads its ranks as training does (parallel/launch_env.py): two processes started with
+    srun's variables alone (no RANK/WORLD_SIZE) split the images and rank 0 alone writes the results.
+    (Before, each ran the whole set by itself and both wrote, or the second refused the first's file.)"""
+    from rwkvclip_dist.parallel.launch_env import free_port
+
+    (tmp_path / "prompts.json").write_text(json.dumps({"templates": ["a {c} square."]}))
+    out = tmp_path / "results.json"
+    cmd = [PYTHON, str(REPO / "tools" / "evaluate.py"), "--model", str(model_file), "--task", "zeroshot",
+           "--data", str(folder), "--templates", str(tmp_path / "prompts.json"), "--workers", "0",
+           "--output", str(out)]
+    port = str(free_port())
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=dist_env(SLURM_PROCID=str(r), SLURM_LOCALID=str(r), SLURM_NTASKS="2",
+                                           SLURM_NNODES="1", SLURM_JOB_NODELIST="localhost",
+                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for r in range(2)]
+    outputs = [p.communicate(timeout=100)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert ["results written to" in o for o in outputs] == [True, False], outputs
+    assert json.loads(out.read_text())["results"]["zeroshot"]["n"] == 12
+
+
 def _rank_zeroshot(rank, world, port, root, model_path, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -142,7 +167,7 @@ def _rank_zeroshot(rank, world, port, root, model_path, out_dir):
 def _zeroshot_on(root, model_path):
     from torch.utils.data import Subset
 
-    from rwkvclip_dist.data.demo_digits import CLASSNAMES, TEMPLATES
+    from rwkvclip_dist.data.shards.demo_digits import CLASSNAMES, TEMPLATES
     from rwkvclip_dist.eval import build_zeroshot_classifier, zeroshot_scores
     from rwkvclip_dist.eval.datasets import MDSLabelledImages
     from rwkvclip_dist.eval.features import LoaderConfig, image_features
@@ -161,7 +186,7 @@ def _zeroshot_on(root, model_path):
 
 @pytest.mark.slow
 def test_zeroshot_two_ranks_equals_one_process(tmp_path, model_file):
-    from rwkvclip_dist.data.demo_digits import ensure_demo_data
+    from rwkvclip_dist.data.shards.demo_digits import ensure_demo_data
 
     root = ensure_demo_data(str(tmp_path / "digits"))
     single_clf, single, single_extra = _zeroshot_on(root, str(model_file))
@@ -205,7 +230,7 @@ def test_in_loop_zeroshot_equals_the_evaluate_tool_on_the_same_checkpoint(tmp_pa
 
     from conftest import REPO, dist_env, run_checked, torchrun_cmd, train_args
     from rwkvclip_dist.data.columns import columns
-    from rwkvclip_dist.data.demo_digits import _rows
+    from rwkvclip_dist.data.shards.demo_digits import _rows
 
     heldout, classes = tmp_path / "heldout181", demo_data / "zeroshot.json"
     with MDSWriter(out=str(heldout), columns=columns(with_label=True), compression="zstd") as writer:

@@ -62,6 +62,39 @@ def test_no_import_goes_from_a_lower_layer_to_a_higher_one():
     assert not upward, "imports against the layering:\n" + "\n".join(upward)
 
 
+# The trainer's side: what training ranks import. The shard builder (data/shards/) is tools' code.
+TRAINER_SIDE = ("rwkvclip_dist.training", "rwkvclip_dist.parallel", "rwkvclip_dist.loss", "rwkvclip_dist.model",
+                "rwkvclip_dist.ops", "rwkvclip_dist.train")
+
+
+def _trainer_side(module: str) -> bool:
+    top_level_data = (module.startswith("rwkvclip_dist.data.") and module.count(".") == 2
+                      and module != "rwkvclip_dist.data.shards")
+    return top_level_data or any(module == s or module.startswith(s + ".") for s in TRAINER_SIDE)
+
+
+def test_the_trainer_side_never_reaches_the_shard_builder():
+    graph = _graph()
+    wrong = []
+    for start in sorted(m for m in graph if _trainer_side(m)):
+        seen, todo = {start: [start]}, [start]
+        while todo:  # through any chain of imports, not only direct ones
+            node = todo.pop()
+            for nxt in graph.get(node, ()):
+                if nxt not in seen:
+                    seen[nxt] = seen[node] + [nxt]
+                    todo.append(nxt)
+        reached = sorted(m for m in seen if m.startswith("rwkvclip_dist.data.shards"))
+        if reached:
+            wrong.append(" -> ".join(seen[reached[0]]))
+    assert not wrong, "the trainer's side imports the shard builder (rwkvclip_dist.data.shards):\n" + "\n".join(wrong)
+
+
+def test_no_module_of_the_package_imports_the_local_s3_harness():
+    users = sorted(m for m, deps in _graph().items() if "rwkvclip_dist.data.local_s3" in deps)
+    assert not users, f"the test and benchmark S3 server is imported by the package: {users}"
+
+
 def test_the_import_graph_has_no_cycle():
     graph = _graph()
     # Package __init__ files re-export their submodules; an edge into one's own package is not a cycle.

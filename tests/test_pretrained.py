@@ -37,7 +37,7 @@ def saved(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    from rwkvclip_dist.data.demo_digits import CLASSNAMES, TEMPLATES, ensure_demo_data
+    from rwkvclip_dist.data.shards.demo_digits import CLASSNAMES, TEMPLATES, ensure_demo_data
 
     root = ensure_demo_data(str(tmp_path_factory.mktemp("demo") / "digits"))
     return root, CLASSNAMES, TEMPLATES

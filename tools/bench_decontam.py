@@ -3,7 +3,7 @@
 
     python tools/bench_decontam.py --eval-images 730000 --queries 2000
 
-Builds an index (rwkvclip_dist/data/decontam.py) of ``--eval-images`` x VARIANTS hashes (random
+Builds an index (rwkvclip_dist/data/shards/decontam.py) of ``--eval-images`` x VARIANTS hashes (random
 64-bit values stand in for the hashes of DataComp's ~730,000 evaluation images: the index's size
 and search work depend on the count, and uniform bands are the best case for it; real hashes
 cluster somewhat, so read the query time as a lower bound), then measures per training image:
@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from rwkvclip_dist.cli import run_tool
-from rwkvclip_dist.data.decontam import VARIANTS, HashIndex, eval_hashes, phash_bytes, write_index
+from rwkvclip_dist.data.shards.decontam import VARIANTS, HashIndex, eval_hashes, phash_bytes, write_index
 
 
 def _rss_mb() -> float:

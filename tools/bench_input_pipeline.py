@@ -152,7 +152,7 @@ def object_store_pipelines(args, tars: list[str], work: str, shape: tuple, stack
     """Rows reading the same samples in --store-shard-mb shards: local disk, S3 cold cache, S3 with a
     cache of about a quarter of the data (shards evicted and fetched again) under Streaming's default
     shuffle block and under one that fits the cache; and the server, to count shard downloads."""
-    from rwkvclip_dist.data.builder import BuildOptions, build_shards
+    from rwkvclip_dist.data.shards.builder import BuildOptions, build_shards
     from rwkvclip_dist.data.local_s3 import LocalS3Server
     small = os.path.join(os.path.dirname(tars[0]), f"mds_{args.store_shard_mb}mb")
     if not os.path.exists(os.path.join(small, "index.json")):
@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from streaming.base.util import clean_stale_shared_memory
 
-    from rwkvclip_dist.data.builder import BuildOptions, build_shards
+    from rwkvclip_dist.data.shards.builder import BuildOptions, build_shards
     torch.set_num_threads(1)
     work = args.workdir or tempfile.mkdtemp(prefix="bench-input-")
     os.makedirs(work, exist_ok=True)

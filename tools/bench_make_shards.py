@@ -5,7 +5,7 @@
     python tools/bench_make_shards.py parts --tars 16 --samples-per-tar 512 --image-side 512 --parts 4
 
 ``captions``: one build of a small tar with a caption file of R rows, per R, each in a fresh process,
-once with the on-disk caption table (``rwkvclip_dist.data.captions``) and once with the in-memory dict
+once with the on-disk caption table (``rwkvclip_dist.data.shards.captions``) and once with the in-memory dict
 join the builder used before (kept below as the baseline); reports the process's peak RSS (its
 high-water mark, ``ru_maxrss``) and the time. ``parts``: the same inputs built as one part and as N
 parts plus the merge, each part in its own process (as on a cluster), timed one after another; the
@@ -93,8 +93,8 @@ def write_captions(path: str, rows: int) -> None:
 
 def child(args: argparse.Namespace) -> int:
     """One build in this process; prints peak RSS and times as JSON."""
-    from rwkvclip_dist.data.builder import BuildOptions, build_shards
-    from rwkvclip_dist.data.captions import index_captions, index_path
+    from rwkvclip_dist.data.shards.builder import BuildOptions, build_shards
+    from rwkvclip_dist.data.shards.captions import index_captions, index_path
     opts = BuildOptions(inputs=[args.input], out=args.out, captions=[args.captions], workers=1)
     with open("/proc/self/status") as f:  # resident after the imports (torch, via Streaming, is ~1 GB)
         imported = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024

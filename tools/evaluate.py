@@ -32,6 +32,9 @@ from rwkvclip_dist.eval.linear_probe import LinearProbeConfig
 from rwkvclip_dist.eval.runner import TASKS, EvalConfig, Evaluator, format_table, write_results
 from rwkvclip_dist.eval.suite import SUITES, get_suite
 from rwkvclip_dist.eval.suite_runner import evaluate_suite
+from rwkvclip_dist.parallel.collectives import is_distributed, rank
+from rwkvclip_dist.parallel.engine import init_process_group
+from rwkvclip_dist.parallel.launch_env import detect_launch_env
 from rwkvclip_dist.pretrained import create_model_and_transforms, get_tokenizer
 
 
@@ -95,19 +98,25 @@ def run(args: argparse.Namespace) -> int:
     if args.suite and not args.data_dir:
         raise ValueError("--suite needs --data-dir")
     device = _device(args.device)
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    launch = detect_launch_env()  # torchrun, the deepspeed launcher or srun, as for training
+    if launch.world_size > 1:
+        init_process_group(launch, "nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
+            device = torch.device("cuda", launch.local_rank)
+    try:
+        return _evaluate(args, device)
+    finally:
+        if is_distributed():
+            dist.destroy_process_group()
+
+
+def _evaluate(args: argparse.Namespace, device: torch.device) -> int:
     if args.suite:
         _pretrained_file(args.model)  # a wrong --model fails before the data is planned
         evaluate_suite(get_suite(args.suite), args.tasks.split(",") if args.tasks else None, args.data_dir,
                        args.model, args.output_prefix, lambda: _load(args, device),
                        LoaderConfig(args.batch_size, args.workers),
                        LinearProbeConfig(backend=args.probe_backend, max_iter=args.probe_max_iter), device)
-        if dist.is_initialized():
-            dist.destroy_process_group()
         return 0
     config = EvalConfig(tasks=args.task, data=args.data, train_data=args.train_data, templates=args.templates,
                         classnames=args.classnames, annotations=args.annotations, image_root=args.image_root,
@@ -124,12 +133,10 @@ def run(args: argparse.Namespace) -> int:
     refuse_existing(args.output, "--output", args.overwrite, "the results of an earlier evaluation")
     model, eval_tf, tokenizer = _load(args, device)
     results = Evaluator(model, eval_tf, tokenizer, config, device).run()
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if rank() == 0:
         write_results(results, config, args.output, args.model)
         print(format_table(results))
         print(f"results written to {args.output}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0
 
 

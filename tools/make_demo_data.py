@@ -11,7 +11,7 @@ import sys
 
 
 from rwkvclip_dist.cli import run_tool
-from rwkvclip_dist.data.demo_digits import ensure_demo_data
+from rwkvclip_dist.data.shards.demo_digits import ensure_demo_data
 
 
 def build_parser() -> argparse.ArgumentParser:

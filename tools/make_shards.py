@@ -36,9 +36,9 @@ import os
 import sys
 
 from rwkvclip_dist.cli import at_least, run_tool
+from rwkvclip_dist.data.shards.builder import REPORT, BuildOptions, build_shards
+from rwkvclip_dist.data.shards.parts import IncompleteBuild, build_part, merge_parts, parse_shard, prepare
 from rwkvclip_dist.outputs import check_folder_path
-from rwkvclip_dist.data.builder import REPORT, BuildOptions, build_shards
-from rwkvclip_dist.data.parts import IncompleteBuild, build_part, merge_parts, parse_shard, prepare
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,6 @@
-"""Data side: MDS shard contract and builder, three-text streaming loader, tokenizer, transforms."""
+"""The trainer's reader: MDS column contract, three-text streaming loader, tokenizer, transforms.
+
+The shard builder is the sub-package ``shards`` (tools/make_shards.py); nothing here imports it."""
 
 import importlib
 

@@ -1,6 +1,6 @@
 """StreamingDataset over the MDS column contract: decode, augment, pick one text, tokenize.
 
-Yields ``(image [3,S,S] float, tokens [77] long, text_id int)`` (plus ``label`` when asked for).
+Yields ``(image [3,S,S] float, tokens [77] long, text_id int)``.
 All per-sample randomness (crop, flip, text choice) is a function of ``(seed, epoch, sample_id)``, so
 the samples after a mid-epoch resume are bit-identical to those of the uninterrupted run.
 """
@@ -106,18 +106,13 @@ class ThreeTextDataset(EpochAwareDataset):
     """Streaming image-text dataset with per-sample text choice (SPEC section 8)."""
 
     def __init__(self, *, transform: Callable, text_weights: dict[str, float] | None = None,
-                 sample_seed: int = 0, fixed_text: str | None = None, with_label: bool = False,
-                 context_length: int = CONTEXT_LENGTH, **streaming_kwargs: Any) -> None:
+                 sample_seed: int = 0, context_length: int = CONTEXT_LENGTH, **streaming_kwargs: Any) -> None:
         self._known_local: set[int] = set()  # shards this process has seen prepared (prepare_shard)
         install_compact_spanner()  # a sample->shard map of O(shards), not O(samples), per rank
         super().__init__(**streaming_kwargs)
         self.transform = transform
         self.text_weights = dict(text_weights or {k: 1.0 for k in TEXT_COLUMNS})
         self.sample_seed = sample_seed
-        if fixed_text is not None and fixed_text not in TEXT_COLUMNS:
-            raise ValueError(f"fixed_text must be one of {TEXT_COLUMNS}, got {fixed_text!r}")
-        self.fixed_text = fixed_text
-        self.with_label = with_label
         self.context_length = context_length
         self._epoch = 0
         # Node-wide counter in shared memory, so worker processes' replacements reach the trainer.
@@ -148,10 +143,7 @@ class ThreeTextDataset(EpochAwareDataset):
         """Turn one MDS row into model inputs; raises on an undecodable image."""
         u, torch_seed = sample_seeds(self.sample_seed, self._epoch, int(sample_id))
         texts = {k: row.get(k) or "" for k in TEXT_COLUMNS}
-        if self.fixed_text is not None:
-            kind = self.fixed_text if texts[self.fixed_text] else "raw"
-        else:
-            kind = choose_text(texts, self.text_weights, u)
+        kind = choose_text(texts, self.text_weights, u)
         # Not loaded here: the transform decodes, at reduced scale where its crop allows.
         img = Image.open(io.BytesIO(row["jpg"]))
         # torchvision draws from the global CPU torch RNG; fork it so the main process's RNG (dropout,
@@ -161,10 +153,7 @@ class ThreeTextDataset(EpochAwareDataset):
             torch.default_generator.manual_seed(torch_seed)
             image = self.transform(img)
         tokens = tokenize(texts[kind], self.context_length)[0]
-        out = (image, tokens, TEXT_ID[kind])
-        if self.with_label:
-            out = out + (int(row["label"]),)
-        return out
+        return image, tokens, TEXT_ID[kind]
 
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
         row = super().get_item(sample_id, retry)

@@ -1,4 +1,4 @@
-"""Train and eval data loaders over MDS streams.
+"""The training data loader over MDS streams (evaluation reads labelled MDS through ``eval/datasets.py``).
 
 Rank and world come from the environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE) as Streaming
 reads them. The returned ``StreamingDataLoader`` counts the samples it yielded; for a checkpoint call
@@ -18,9 +18,9 @@ import torch
 
 from rwkvclip_dist.data.config import DataConfig, StreamConfig
 from rwkvclip_dist.data.dataset import ThreeTextDataset
-from rwkvclip_dist.data.index_check import check_local_index, check_local_indexes_once_per_node, safe_basename
+from rwkvclip_dist.data.index_check import check_local_indexes_once_per_node, safe_basename
 from rwkvclip_dist.data.streaming_compat import Stream, StreamingDataLoader
-from rwkvclip_dist.data.transforms import eval_transform, train_transform
+from rwkvclip_dist.data.transforms import train_transform
 
 log = logging.getLogger(__name__)
 
@@ -138,28 +138,4 @@ def build_train_dataloader(cfg: DataConfig, image_size: int, seed: int, replicat
     loader = StreamingDataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                  drop_last=True, persistent_workers=False,
                                  generator=torch.Generator().manual_seed(seed))
-    return loader, dataset
-
-
-def build_eval_dataloader(remote: str, image_size: int, batch_size: int, *, local: str | None = None,
-                          text: str = "raw", with_label: bool | None = None, num_workers: int = 0
-                          ) -> tuple[StreamingDataLoader, ThreeTextDataset]:
-    """Deterministic held-out loader: eval transform, no shuffle, one fixed text kind.
-
-    Yields ``(image, tokens, text_id)`` or, with labels (default: when the shards have a ``label``
-    column), ``(image, tokens, text_id, label)``. A sample without the asked-for text uses ``raw``.
-    Across ranks, Streaming splits the samples and pads the last ones by repetition to equal counts.
-    """
-    if not urllib.parse.urlparse(remote).scheme:
-        check_local_index(remote)
-    dataset = _open_dataset(
-        [StreamConfig(remote=remote, local=local)], transform=eval_transform(image_size), fixed_text=text,
-        with_label=False, streams=[_stream(StreamConfig(remote=remote, local=local), 60.0)],
-        batch_size=batch_size, shuffle=False)
-    has_label = all("label" in s.column_names for s in dataset.shards)
-    if with_label and not has_label:
-        raise ValueError(f"eval data {remote!r}: with_label=True but the shards have no 'label' column")
-    dataset.with_label = has_label if with_label is None else with_label
-    _check_columns(dataset, ("jpg", "raw"))
-    loader = StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers, drop_last=False)
     return loader, dataset

@@ -4,7 +4,9 @@ moto_server speaks the S3 REST API over HTTP (Flask/Werkzeug), so Streaming's ow
 (boto3, ``S3_ENDPOINT_URL``, credentials from the environment) runs unchanged against it; nothing is
 patched in-process. It runs as a subprocess so forked ranks and DataLoader workers share it, and its
 access log (one line per request) shows which objects were fetched how often. Needs ``moto[server]``
-(the ``test`` and ``bench`` extras); training itself never imports this module.
+(the ``test`` and ``bench`` extras). A harness, not part of the reader: it lives in the package only
+because ``tools/bench_input_pipeline.py`` needs it too and tools import the package alone (never
+tests/); no module of the package imports it (tests/test_layout.py).
 """
 
 from __future__ import annotations

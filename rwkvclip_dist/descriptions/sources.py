@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -155,38 +153,23 @@ def _mds_index(root: Path) -> dict[str, Any]:
 
 def iter_mds(root: Path, fields: SourceFields, with_image: bool = False) -> Iterator[Sample]:
     # Imported here: streaming pulls in torch (seconds of start-up) and only MDS input needs it.
-    from streaming.base.compression import decompress
-    from streaming.base.format import reader_from_json
+    from rwkvclip_dist.data.mds_in_place import LocalShards
 
-    index = _mds_index(root)
-    with tempfile.TemporaryDirectory(prefix="rwkvclip_desc_mds_") as scratch:
-        for shard in index["shards"]:
-            if shard.get("format") != "mds":
-                raise ValueError(f"{root}/index.json: shard format {shard.get('format')!r} is not 'mds'")
-            reader = reader_from_json(str(root), None, shard)
-            raw_name = shard["raw_data"]["basename"]
-            if not (root / raw_name).exists():
-                if not shard.get("zip_data") or not (root / shard["zip_data"]["basename"]).exists():
-                    raise FileNotFoundError(f"{root}: shard file {raw_name} (and no compressed copy) is missing")
-                # Decompress into scratch space: the dataset directory may be read-only or shared.
-                zipped = (root / shard["zip_data"]["basename"]).read_bytes()
-                os.makedirs(Path(scratch) / Path(raw_name).parent, exist_ok=True)
-                (Path(scratch) / raw_name).write_bytes(decompress(shard["compression"], zipped))
-                reader.dirname = scratch
-            columns = dict(zip(reader.column_names, reader.column_encodings, strict=True))
-            if fields.key not in columns:
-                raise ValueError(f"{root}/{raw_name}: no column {fields.key!r} (the sample key); has {sorted(columns)}")
-            if with_image and fields.image not in columns:
-                raise ValueError(f"{root}/{raw_name}: no image column {fields.image!r}; has {sorted(columns)}")
-            wanted = {fields.key, fields.raw, fields.synthetic, fields.tags} & set(columns)
-            if with_image:
-                wanted.add(fields.image)
-            for idx in range(reader.samples):
-                record = _decode_columns(reader, reader.get_sample_data(idx), wanted)
-                image = (record.get(fields.image) or b"") if with_image else b""
-                yield _sample(record, fields, f"{root}/{raw_name} sample {idx}", image)
-            if reader.dirname == scratch:
-                os.remove(Path(scratch) / raw_name)
+    shards = LocalShards(root)  # read where they lie: the dataset directory may be read-only or shared
+    for shard_id, reader in enumerate(shards.shards):
+        raw_name = reader.raw_data.basename
+        columns = dict(zip(reader.column_names, reader.column_encodings, strict=True))
+        if fields.key not in columns:
+            raise ValueError(f"{root}/{raw_name}: no column {fields.key!r} (the sample key); has {sorted(columns)}")
+        if with_image and fields.image not in columns:
+            raise ValueError(f"{root}/{raw_name}: no image column {fields.image!r}; has {sorted(columns)}")
+        wanted = {fields.key, fields.raw, fields.synthetic, fields.tags} & set(columns)
+        if with_image:
+            wanted.add(fields.image)
+        for idx in range(reader.samples):
+            record = _decode_columns(reader, shards.sample_bytes(shard_id, idx), wanted)
+            image = (record.get(fields.image) or b"") if with_image else b""
+            yield _sample(record, fields, f"{root}/{raw_name} sample {idx}", image)
 
 
 def _decode_columns(reader: Any, data: bytes, wanted: set[str]) -> dict[str, Any]:

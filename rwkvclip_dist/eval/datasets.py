@@ -7,68 +7,40 @@ as a torchvision ImageFolder (one sub-folder per class, classes in sorted order)
 
 from __future__ import annotations
 
-import bisect
 import io
-import json
 import logging
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
-from streaming.base.compression import decompress
-from streaming.base.format import reader_from_json
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
+
+from rwkvclip_dist.data.mds_in_place import LocalShards
 
 log = logging.getLogger(__name__)
 
 
 class MDSLabelledImages(Dataset):
-    """Random-access ``(image, label)`` pairs read from local MDS shards where they lie.
-
-    Nothing is written: a compressed shard is decompressed in memory when one of its samples is
-    read and kept until a sample of another shard is asked for. Evaluation reads in order, so each
-    reading process decompresses a shard once and holds at most one (a copy on disk would be the
-    whole set, per process and per evaluation, and outlive a killed process).
-    """
+    """Random-access ``(image, label)`` pairs read from local MDS shards where they lie
+    (``data/mds_in_place.py``: nothing is written, a compressed shard is decompressed in memory)."""
 
     def __init__(self, path: str | Path, transform) -> None:
         self.path, self.transform = Path(path), transform
-        self.shards, ends = [], []
-        for obj in json.loads((self.path / "index.json").read_text())["shards"]:
-            shard = reader_from_json(str(self.path), None, obj)
-            stored = (shard.zip_data or shard.raw_data).basename
-            if not (self.path / stored).is_file():
-                raise FileNotFoundError(f"{self.path}: index.json names shard file {stored}, which is missing")
-            self.shards.append(shard)
-            ends.append((ends[-1] if ends else 0) + shard.samples)
-        self._ends = ends
-        self._held: tuple[int, bytes] | None = None  # (shard, its decompressed bytes)
+        self._shards = LocalShards(self.path)
         columns = set(self.shards[0].column_names) if self.shards else set()
         if not {"jpg", "label"} <= columns:
             raise ValueError(f"{self.path}: MDS shards need 'jpg' and 'label' columns, found {sorted(columns)}")
 
-    def __len__(self) -> int:
-        return self._ends[-1] if self._ends else 0
+    @property
+    def shards(self) -> list:
+        return self._shards.shards
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_held": None}  # a worker process decompresses its own
+    def __len__(self) -> int:
+        return len(self._shards)
 
     def sample(self, index: int) -> dict:
         """The decoded MDS row ``index`` of the whole set."""
-        if not 0 <= index < len(self):
-            raise IndexError(f"{self.path}: sample {index} of {len(self)}")
-        shard_id = bisect.bisect_right(self._ends, index)
-        shard, local = self.shards[shard_id], index - (self._ends[shard_id] - self.shards[shard_id].samples)
-        if not shard.zip_data:
-            return shard.decode_sample(shard.get_sample_data(local))  # raw shard: read in place
-        if self._held is None or self._held[0] != shard_id:
-            packed = (self.path / shard.zip_data.basename).read_bytes()
-            self._held = None  # let the previous shard go before the next one is decompressed
-            self._held = (shard_id, decompress(shard.compression, packed))
-        data = self._held[1]
-        begin, end = np.frombuffer(data, np.uint32, count=2, offset=(1 + local) * 4)
-        return shard.decode_sample(data[begin:end])
+        return self._shards.sample(index)
 
     def __getitem__(self, index: int):
         sample = self.sample(index)

@@ -1,4 +1,4 @@
-"""Builds the decontamination index (``rwkvclip_dist.data.decontam``) from evaluation layouts.
+"""Builds the decontamination index (``rwkvclip_dist.data.shards.decontam``) from evaluation layouts.
 
 Reads the ``test`` split of every task directory of a suite found under an evaluation data
 directory (the layout ``tools/evaluate.py --suite`` reads), hashes each image and collects the
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rwkvclip_dist.data.decontam import VARIANTS, eval_hashes, write_index
+from rwkvclip_dist.data.shards.decontam import VARIANTS, eval_hashes, write_index
 from rwkvclip_dist.eval.hf_arrow_sets import ArrowRetrievalSplit
 from rwkvclip_dist.eval.suite import Suite
 from rwkvclip_dist.eval.suite_runner import plan

@@ -62,14 +62,9 @@ class ParallelSection:
                              "partitioned optimizer states)")
 
 
-def init_distributed(launch: LaunchEnv, backend: str = "auto", timeout_s: float = 1800.0) -> str:
-    """Create the default process group (also for world size 1: DeepSpeed needs one).
-
-    Every collective of the run, ours and DeepSpeed's, waits at most ``timeout_s`` for the other
-    ranks. gloo raises in the waiting rank; NCCL's watchdog aborts the communicator and, with torch's
-    default ``TORCH_NCCL_ASYNC_ERROR_HANDLING=3``, ends the process (docs/reliability.md).
-    """
-    import deepspeed
+def init_process_group(launch: LaunchEnv, backend: str = "auto", timeout_s: float = 1800.0) -> str:
+    """Create torch.distributed's default process group for ``launch`` and return its backend: the
+    set-up without DeepSpeed, which the evaluation tool's ranks use as they are (no engine)."""
     import torch.distributed as dist
 
     if backend == "auto":
@@ -78,7 +73,9 @@ def init_distributed(launch: LaunchEnv, backend: str = "auto", timeout_s: float 
     if torch.cuda.is_available():
         torch.cuda.set_device(launch.local_rank)
     timeout = timedelta(seconds=timeout_s)
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and not dist.is_initialized():
+    if dist.is_initialized():
+        return backend
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun's static rendezvous (--master-port) keeps one store across --max-restarts, and
         # env:// adds no per-attempt prefix: a restarted rank would read the dead attempt's addresses
         # and fail to connect. Key this attempt's process groups by the restart count.
@@ -87,6 +84,24 @@ def init_distributed(launch: LaunchEnv, backend: str = "auto", timeout_s: float 
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(backend, store=dist.PrefixStore(f"rwkvclip/attempt_{attempt}", store),
                                 rank=launch.rank, world_size=launch.world_size, timeout=timeout)
+    else:
+        dist.init_process_group(backend, init_method="env://", rank=launch.rank, world_size=launch.world_size,
+                                timeout=timeout)
+    return backend
+
+
+def init_distributed(launch: LaunchEnv, backend: str = "auto", timeout_s: float = 1800.0) -> str:
+    """The process group (``init_process_group``, also for world size 1: DeepSpeed needs one), then
+    DeepSpeed's communication layer over it.
+
+    Every collective of the run, ours and DeepSpeed's, waits at most ``timeout_s`` for the other
+    ranks. gloo raises in the waiting rank; NCCL's watchdog aborts the communicator and, with torch's
+    default ``TORCH_NCCL_ASYNC_ERROR_HANDLING=3``, ends the process (docs/reliability.md).
+    """
+    import deepspeed
+
+    backend = init_process_group(launch, backend, timeout_s)
+    timeout = timedelta(seconds=timeout_s)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     ensure_world_group(launch.world_size, timeout)
     return backend

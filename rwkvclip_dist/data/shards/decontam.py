@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 from scipy.fft import dctn
 
-from rwkvclip_dist.data.validate import Rejected
+from rwkvclip_dist.data.shards.validate import Rejected
 
 BANDS, BAND_BITS = 4, 16
 CROP_SCALES, CROP_PLACES = (0.98, 0.95, 0.92, 0.89), (0.0, 0.5, 1.0)

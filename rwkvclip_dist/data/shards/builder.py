@@ -27,14 +27,14 @@ from streaming import MDSWriter
 from streaming.base.util import merge_index
 from tqdm import tqdm
 
-from rwkvclip_dist.data.captions import CaptionLookup, CaptionTable, index_captions, index_path
+from rwkvclip_dist.data.shards.captions import CaptionLookup, CaptionTable, index_captions, index_path
 from rwkvclip_dist.data.columns import COMPRESSION, DEFAULT_SIZE_LIMIT, columns
-from rwkvclip_dist.data.decontam import Decontaminator
-from rwkvclip_dist.data.dedup import later_duplicates
-from rwkvclip_dist.data.build_record import REJECTS, REPORT, STATE_DIR, claim_output
-from rwkvclip_dist.data.labels import Labeller, LabelOptions
-from rwkvclip_dist.data.sources import Unit, discover_units, read_unit
-from rwkvclip_dist.data.validate import REASONS, ImageOptions, Rejected, to_row
+from rwkvclip_dist.data.shards.decontam import Decontaminator
+from rwkvclip_dist.data.shards.dedup import later_duplicates
+from rwkvclip_dist.data.shards.build_record import REJECTS, REPORT, STATE_DIR, claim_output
+from rwkvclip_dist.data.shards.labels import Labeller, LabelOptions
+from rwkvclip_dist.data.shards.sources import Unit, discover_units, read_unit
+from rwkvclip_dist.data.shards.validate import REASONS, ImageOptions, Rejected, to_row
 
 log = logging.getLogger(__name__)
 

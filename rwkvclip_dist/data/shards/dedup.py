@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from rwkvclip_dist.data.captions import connect
+from rwkvclip_dist.data.shards.captions import connect
 
 
 def later_duplicates(key_files: list[str], scratch: str) -> dict[int, set[str]]:

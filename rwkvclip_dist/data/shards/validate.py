@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from rwkvclip_dist.data.sources import RawSample
+from rwkvclip_dist.data.shards.sources import RawSample
 
 # Every reason a sample can be skipped for; the build report counts each of them.
 REASONS = ("missing_image", "missing_file", "corrupt_image", "missing_text", "empty_text",

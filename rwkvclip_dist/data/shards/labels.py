@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 
 from rwkvclip_dist.data.class_list import read_class_list
-from rwkvclip_dist.data.sources import RawSample, Unit
+from rwkvclip_dist.data.shards.sources import RawSample, Unit
 
 
 class LabelError(ValueError):

@@ -19,11 +19,11 @@ from dataclasses import asdict, fields
 
 from streaming.base.util import merge_index
 
-from rwkvclip_dist.data.builder import (STATE_DIR, BuildOptions, Context, build_units, done_summary,
+from rwkvclip_dist.data.shards.builder import (STATE_DIR, BuildOptions, Context, build_units, done_summary,
                                         drop_duplicates, finish, make_context, unit_indexes)
-from rwkvclip_dist.data.captions import CaptionTable
-from rwkvclip_dist.data.labels import Labeller
-from rwkvclip_dist.data.sources import Unit, discover_units
+from rwkvclip_dist.data.shards.captions import CaptionTable
+from rwkvclip_dist.data.shards.labels import Labeller
+from rwkvclip_dist.data.shards.sources import Unit, discover_units
 
 MANIFEST = "part.json"
 _PART = re.compile(r"part-(\d+)-of-(\d+)")
