@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import textwrap
+import time
 
 import pytest
 from PIL import Image
