@@ -91,9 +91,9 @@ def _run_mode(mode: str, engine, step, directory: Path, url: str, steps: int, sa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="RWKV-CLIP-B-32")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--save-at", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--save-at", type=int, default=3)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "checkpoint_upload.md"))
     args = parser.parse_args(argv)
 
