@@ -95,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench_checkpoint_upload.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="RWKV-CLIP-B-32")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--save-at", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--save-at", type=int, default=3)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "checkpoint_upload.md"))
     return parser
 

@@ -157,12 +157,15 @@ def run_case(layout: Path, ranks: int, epoch_size: int, granularity: int) -> lis
         procs.append(subprocess.Popen([sys.executable, __file__, "--rank-of", str(layout),
                                        "--epoch-size", str(epoch_size), "--granularity", str(granularity)], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
-    rows = []
-    for proc in procs:
+    rows, failed = [], []
+    for rank, proc in enumerate(procs):
         out, err = proc.communicate(timeout=1800)
         if proc.returncode != 0:
-            raise SystemExit(f"bench_index_scale: a rank failed ({proc.returncode}):\n{err[-3000:]}")
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+            failed.append(f"rank {rank} exited with {proc.returncode}:\n{err[-3000:]}")
+        else:
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+    if failed:
+        raise SystemExit("bench_index_scale: " + "\n".join(failed))
     clean_stale_shm()
     return rows
 
