@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval_layouts import classification_set, retrieval_set
+from eval_layouts import classification_set, hf_cache_winogavil_set, retrieval_set
 from rwkvclip_dist.eval.aggregate import aggregate
 from rwkvclip_dist.eval.features import LoaderConfig
 from rwkvclip_dist.eval.suite import DATACOMP, PAPER, get_suite
@@ -34,6 +34,7 @@ from rwkvclip_dist.pretrained import create_model_and_transforms, get_tokenizer,
 from tool_loader import tool_main
 
 pytestmark = pytest.mark.timeout(300)
+WINO_CANDIDATES = (5, 6, 10, 12, 5, 10, 12, 6, 10)  # row 1 has a corrupt image
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def loaded(model_file):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """A DataComp download with 5 of the 38 tasks present (one with a corrupt image)."""
+    """A DataComp download with 6 of the 38 tasks present (a corrupt image in Pets and in WinoGAViL)."""
     root = tmp_path_factory.mktemp("datacomp")
     classification_set(root / "wds_cifar10_test", 30, 6, seed=1)
     classification_set(root / "wds_vtab-pets_test", 24, 4, seed=2, corrupt=(5,))
@@ -58,6 +59,7 @@ def data_dir(tmp_path_factory):
     classification_set(root / "wds_wilds-fmow_test", 26, 5, seed=3, metadata=fmow)
     classification_set(root / "wds_geode_test", 22, 5, seed=4, metadata=np.stack([np.arange(22) % 3, np.arange(22) % 5], 1))
     retrieval_set(root / "wds_flickr30k", 12, seed=5)
+    hf_cache_winogavil_set(root / "hf_cache", WINO_CANDIDATES, seed=6, corrupt=((1, 2),))
     return root
 
 
@@ -207,15 +209,18 @@ def _run_suite(model_file, data_dir, prefix, *extra):
 def test_datacomp_suite_end_to_end(tmp_path, model_file, data_dir, loaded, capsys):
     assert _run_suite(model_file, data_dir, tmp_path / "r") == 0
     out = capsys.readouterr().out
-    assert "33 of 38 tasks have no data" in out and str(data_dir / "wds_imagenet1k_test" / "test") in out
+    assert "32 of 38 tasks have no data" in out and str(data_dir / "wds_imagenet1k_test" / "test") in out
     assert out.index("have no data") < out.index("| task |")  # listed before anything was scored
     record = json.loads((tmp_path / "r.json").read_text())
     rows = {r["dataset"]: r for r in record["tasks"]}
     assert not record["complete"] and record["aggregates"]["Average"] == pytest.approx(
         {"score": np.mean([rows[n]["metrics"]["main_metric"] for n in ("CIFAR-10", "Oxford-IIIT Pet", "FMoW",
-                                                                       "GeoDE", "Flickr")]),
-         "n": 5, "of": 38, "partial": True})
-    assert "(partial: 5 of 38)" in (tmp_path / "r.md").read_text()
+                                                                       "GeoDE", "Flickr", "WinoGAViL")]),
+         "n": 6, "of": 38, "partial": True})
+    assert record["aggregates"]["Retrieval"]["n"] == 2
+    assert rows["WinoGAViL"]["metrics"]["main_metric"] == rows["WinoGAViL"]["metrics"]["jaccard_score_10-12"]
+    assert rows["WinoGAViL"]["metrics"]["skipped_instances"] == 1
+    assert "(partial: 6 of 38)" in (tmp_path / "r.md").read_text()
     pets = rows["Oxford-IIIT Pet"]["metrics"]
     assert pets["corrupt_images"] == 1 and pets["corrupt_keys"] == ["s0000005"] and pets["n"] == 23
     assert "23 (1 corrupt)" in (tmp_path / "r.md").read_text()
@@ -250,12 +255,12 @@ def test_paper_suite_linear_probe_and_subset(tmp_path, model_file):
     assert record["aggregates"]["Zero-shot (11)"]["of"] == 1 and record["complete"]
 
 
-SUBSET = "cifar10,vtab/pets,fairness/geode"
+SUBSET = "cifar10,vtab/pets,fairness/geode,misc/winogavil"
 
 
 @pytest.fixture(scope="module")
 def subset_run(tmp_path_factory, model_file, data_dir):
-    """One uninterrupted single-process run of three tasks: what the resumed and the 2-rank runs must give."""
+    """One uninterrupted single-process run of four tasks: what the resumed and the 2-rank runs must give."""
     prefix = tmp_path_factory.mktemp("subset") / "r"
     assert _run_suite(model_file, data_dir, prefix, "--tasks", SUBSET) == 0
     return json.loads(prefix.with_suffix(".json").read_text())
@@ -276,10 +281,10 @@ def test_killed_evaluation_resumes_only_unfinished_tasks(tmp_path, model_file, d
     log = prefix.with_suffix(".jsonl")
     kill_once_written(cmd, log, lines=2, timeout_s=120)  # the header and the first task
     before = [json.loads(line) for line in log.read_text().splitlines()[1:]]
-    assert 1 <= len(before) < 3 and not prefix.with_suffix(".json").exists()
+    assert 1 <= len(before) < 4 and not prefix.with_suffix(".json").exists()
     assert _run_suite(model_file, data_dir, prefix, "--tasks", SUBSET) == 0
     rows = [json.loads(line) for line in log.read_text().splitlines()[1:]]
-    assert [r["key"] for r in rows] == ["cifar10", "vtab/pets", "fairness/geode"]  # each task once
+    assert [r["key"] for r in rows] == ["cifar10", "vtab/pets", "fairness/geode", "misc/winogavil"]  # each task once
     assert rows[: len(before)] == before  # finished tasks were not scored again (same timing record)
     assert _metrics(json.loads(prefix.with_suffix(".json").read_text())) == _metrics(subset_run)
 
@@ -352,3 +357,64 @@ def test_retrieval_from_datacomps_hugging_face_cache(tmp_path, loaded, data_dir)
     model, tf, tokenizer = loaded
     scorer = SuiteScorer(model, tf, tokenizer, torch.device("cpu"), LoaderConfig(4, 0))
     assert scorer.score(planned.task, hf) == scorer.score(planned.task, data_dir / "wds_flickr30k")
+
+
+def _datacomp_winogavil(root, model, tf, tokenizer):
+    """DataComp's ``eval_utils/wino_eval.py`` loop, written out here (DataComp is a repository, not an
+    installable package, and its loader needs the ``datasets`` library and the Hub): per instance the
+    prompt "A/An <cue>" lower-cased, normalised image and text features, the ``n_assoc`` most similar
+    candidates by ``np.argsort(logits)[-n_assoc:]``, sklearn's ``jaccard_score`` against
+    ``np.isin(candidates, associations)``, then means over all instances, over 5/6/10/12 candidates
+    and over <= 6 and >= 10. The instances are read from the Arrow file with pyarrow, not our reader."""
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+    from sklearn.metrics import jaccard_score
+
+    (path,) = root.rglob("*-test.arrow")
+    table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all().to_pylist()
+    scores, groups = [], []
+    for ex in table:
+        try:
+            imgs = [Image.open(io.BytesIO(i["bytes"]) if i["bytes"] else root / i["path"]).convert("RGB")
+                    for i in ex["candidate_images"]]
+        except OSError:
+            continue  # our reader skips (and counts) an instance with an unreadable image
+        cue = ex["cue"].lower()
+        text = tokenizer([f"An {cue}" if cue[0] in "aeiou" else f"A {cue}"])
+        y_true = np.isin(ex["candidates"], ex["associations"])
+        with torch.no_grad():
+            img_f = torch.nn.functional.normalize(model.encode_image(torch.stack([tf(i) for i in imgs])), dim=-1)
+            txt_f = torch.nn.functional.normalize(model.encode_text(text), dim=-1)
+            logits = (txt_f @ img_f.T).squeeze(0).numpy()
+        topk = np.argsort(logits)[-int(y_true.sum()):]
+        scores.append(jaccard_score(y_true, np.isin(np.arange(len(imgs)), topk)))
+        groups.append(len(imgs))
+    scores, groups = np.array(scores), np.array(groups)
+    return {"avg_jaccard_score": scores.mean(), "jaccard_score_5": scores[groups == 5].mean(),
+            "jaccard_score_6": scores[groups == 6].mean(), "jaccard_score_10": scores[groups == 10].mean(),
+            "jaccard_score_12": scores[groups == 12].mean(), "jaccard_score_5-6": scores[groups <= 6].mean(),
+            "jaccard_score_10-12": scores[groups >= 10].mean()}
+
+
+def test_winogavil_equals_datacomps_formula(loaded, data_dir):
+    """WinoGAViL from DataComp's Hugging Face cache layout: planned from the data dir, scored as
+    DataComp's wino_eval.py (reproduced in ``_datacomp_winogavil``) on the same model outputs; an
+    instance with a corrupt image is counted and reported, not scored."""
+    from rwkvclip_dist.eval.suite_runner import plan
+    from rwkvclip_dist.eval.winogavil import cue_prompt, jaccard, pick
+
+    (planned,) = plan(get_suite("datacomp").select(["WinoGAViL"]), data_dir)
+    assert planned.root == data_dir / "hf_cache" / "nlphuji___winogavil"
+    model, tf, tokenizer = loaded
+    ours = SuiteScorer(model, tf, tokenizer, torch.device("cpu"), LoaderConfig(8, 0)).score(planned.task, planned.root)
+    ref = _datacomp_winogavil(planned.root, model, tf, tokenizer)
+    assert {k: ours[k] for k in ref} == pytest.approx(ref, abs=1e-6)
+    assert 0 < ours["main_metric"] == ours["jaccard_score_10-12"] and ours["n"] == len(WINO_CANDIDATES) - 1
+    assert ours["skipped_instances"] == 1 and ours["corrupt_images"] == 1
+    assert ours["corrupt_keys"][0].startswith("row1/")
+    # The pieces on cases whose answer is known.
+    assert cue_prompt("Owl") == "An owl" and cue_prompt("Moon") == "A moon"
+    assert pick(np.array([0.1, 0.9, 0.5, 0.7]), 2).tolist() == [False, True, False, True]
+    assert jaccard(np.array([1, 1, 0, 0], bool), np.array([0, 1, 1, 0], bool)) == pytest.approx(1 / 3)
