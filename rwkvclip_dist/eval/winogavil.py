@@ -17,16 +17,12 @@ encoded once, sharded over ranks like any other set's images.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
-from PIL import Image
-from torch.utils.data import Dataset
 
-from rwkvclip_dist.eval.hf_arrow_sets import arrow_files
+from rwkvclip_dist.eval.hf_arrow_sets import ImageItems, decode_image, read_test_table
 
 COLUMNS = ("cue", "candidates", "associations", "candidate_images")
 
@@ -37,25 +33,13 @@ def cue_prompt(cue: str) -> str:
     return f"An {cue}" if cue[:1] in "aeiou" and cue else f"A {cue}"
 
 
-class WinoGavilSplit(Dataset):
+class WinoGavilSplit(ImageItems):
     """All candidate images of all instances, flattened: item ``i`` is ``(image, [i, ok])``, as the
     other readers' items, so :func:`rwkvclip_dist.eval.features.image_features` encodes each once."""
 
     def __init__(self, root: str | Path, transform, image_size: int = 224) -> None:
         self.root, self.transform, self.image_size = Path(root), transform, image_size
-        files = arrow_files(self.root)
-        if not files:
-            raise FileNotFoundError(f"{self.root}: no '*-test*.arrow' file of a Hugging Face dataset cache")
-        tables = []
-        for path in files:
-            try:
-                tables.append(pa.ipc.open_stream(pa.memory_map(str(path))).read_all())
-            except pa.ArrowInvalid as err:
-                raise ValueError(f"{path}: not an Arrow stream file ({err})") from None
-        table = pa.concat_tables(tables)
-        for column in COLUMNS:
-            if column not in table.column_names:
-                raise ValueError(f"{files[0]}: no {column!r} column (has {table.column_names})")
+        table = read_test_table(self.root, COLUMNS)
         self.cues = table.column("cue").to_pylist()
         self.candidates = table.column("candidates").to_pylist()
         self.associations = table.column("associations").to_pylist()
@@ -64,7 +48,7 @@ class WinoGavilSplit(Dataset):
         for row, names in enumerate(self.candidates):
             n_images = len(self.images[row])
             if n_images != len(names):
-                raise ValueError(f"{files[0]}: row {row} has {len(names)} candidates but {n_images} images")
+                raise ValueError(f"{self.root}: row {row} has {len(names)} candidates but {n_images} images")
             self.offsets.append(self.offsets[-1] + n_images)
 
     def __len__(self) -> int:
@@ -85,24 +69,7 @@ class WinoGavilSplit(Dataset):
 
     def image(self, index: int):
         row, candidate = self.locate(index)
-        entry = self.images[row][candidate].as_py() or {}
-        try:
-            if entry.get("bytes") is not None:
-                source = io.BytesIO(entry["bytes"])
-            else:
-                path = Path(entry["path"])
-                source = path if path.is_absolute() else self.root / path
-            with Image.open(source) as img:
-                return img.convert("RGB")
-        except (OSError, ValueError, TypeError, KeyError, AttributeError, Image.DecompressionBombError):
-            return None
-
-    def __getitem__(self, index: int):
-        img = self.image(index)
-        ok = img is not None
-        if not ok:
-            img = Image.new("RGB", (self.image_size, self.image_size))
-        return self.transform(img), torch.tensor([index, int(ok)], dtype=torch.long)
+        return decode_image(self.images[row][candidate].as_py(), self.root)
 
 
 def jaccard(truth: np.ndarray, picked: np.ndarray) -> float:
