@@ -285,7 +285,8 @@ def test_killed_evaluation_resumes_only_unfinished_tasks(tmp_path, model_file, d
     assert 1 <= len(before) < 4 and not prefix.with_suffix(".json").exists()
     assert _run_suite(model_file, data_dir, prefix, "--tasks", SUBSET) == 0
     rows = [json.loads(line) for line in log.read_text().splitlines()[1:]]
-    assert [r["key"] for r in rows] == ["cifar10", "vtab/pets", "misc/winogavil", "fairness/geode"]  # suite order, each task once
+    # Suite order, each task once.
+    assert [r["key"] for r in rows] == ["cifar10", "vtab/pets", "misc/winogavil", "fairness/geode"]
     assert rows[: len(before)] == before  # finished tasks were not scored again (same timing record)
     assert _metrics(json.loads(prefix.with_suffix(".json").read_text())) == _metrics(subset_run)
 

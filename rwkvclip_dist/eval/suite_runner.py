@@ -46,8 +46,9 @@ def plan(tasks: list[SuiteTask], data_dir: str | Path) -> list[Planned]:
     out = []
     for task in tasks:
         splits = ("train", "test") if task.kind == LINEAR_PROBE else ("test",)
+        hf_cache = task.kind in (RETRIEVAL, WINOGAVIL)  # DataComp's download keeps these as HF datasets
         found = next((c for c in task.candidates(data_dir) if all((c / s).is_dir() for s in splits)
-                      or (task.kind in (RETRIEVAL, WINOGAVIL) and c.name.startswith("nlphuji___") and arrow_files(c))), None)
+                      or (hf_cache and c.name.startswith("nlphuji___") and arrow_files(c))), None)
         looked = [str(c) if c.name.startswith("nlphuji___") else str(c / s)
                   for c in task.candidates(data_dir) for s in splits]
         out.append(Planned(task, found, looked))
