@@ -116,3 +116,38 @@ def hf_cache_retrieval_set(wds_root: Path, cache_dir: Path, name: str) -> Path:
     with pa.ipc.new_stream(str(out / f"{name}-test.arrow"), table.schema) as writer:
         writer.write_table(table)
     return cache_dir / f"nlphuji___{name}"
+
+
+def hf_cache_winogavil_set(cache_dir: Path, n_candidates: tuple[int, ...], seed: int = 0,
+                           corrupt: tuple[tuple[int, int], ...] = ()) -> Path:
+    """WinoGAViL as DataComp's download leaves it (``nlphuji/winogavil``, split test, in
+    ``DIR/hf_cache``): an Arrow stream with ``cue``, ``candidates``, ``associations`` and
+    ``candidate_images`` (Image structs) per instance. Even rows hold the images' bytes, odd rows a
+    path to an extracted file (relative to the dataset folder), the two ways ``datasets`` stores an
+    Image; ``corrupt`` lists ``(row, candidate)`` images written as garbage bytes."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    root = cache_dir / "nlphuji___winogavil"
+    out = root / "TEST" / "1.1.0" / "0123abcd"
+    (root / "extracted").mkdir(parents=True)
+    out.mkdir(parents=True)
+    rows = {"cue": [], "candidates": [], "associations": [], "candidate_images": []}
+    for row, n in enumerate(n_candidates):
+        names = [f"{WORDS[i % len(WORDS)]}{i}" for i in rng.permutation(40)[:n]]
+        rows["cue"].append(WORDS[int(rng.integers(len(WORDS)))] if row % 3 else "owl")  # "An owl"
+        rows["candidates"].append(names)
+        rows["associations"].append([str(a) for a in rng.choice(names, int(rng.integers(2, 5)), replace=False)])
+        images = []
+        for c, name in enumerate(names):
+            data = b"not an image" if (row, c) in corrupt else webp(picture(seed * 1000 + row * 20 + c))
+            if row % 2:
+                (root / "extracted" / f"{row}-{name}.webp").write_bytes(data)
+                images.append({"bytes": None, "path": f"extracted/{row}-{name}.webp"})
+            else:
+                images.append({"bytes": data, "path": None})
+        rows["candidate_images"].append(images)
+    table = pa.table(rows)
+    with pa.ipc.new_stream(str(out / "winogavil-test.arrow"), table.schema) as writer:
+        writer.write_table(table)
+    return root

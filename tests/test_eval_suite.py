@@ -10,6 +10,7 @@ published webdataset layout (tests/eval_layouts.py), checked against the referen
   ``eval_utils`` (not an installable package), so the groupings they configure (which metadata
   column, which metric, top-5 for Dollar Street, the FMoW year and region split) are set up here
   with the wilds objects directly;
+- WinoGAViL: against DataComp's formula in tests/test_eval_winogavil.py (here: part of the suite run);
 - the averages: DataComp's ``aggregate_scores.py`` is a script, not importable; its documented
   formula (ImageNet alone, plain means over the ImageNet-shift, VTAB and retrieval groups and over
   all 38) is reproduced in ``test_aggregation_is_datacomps_formula``.
@@ -24,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval_layouts import classification_set, retrieval_set
+from eval_layouts import classification_set, hf_cache_winogavil_set, retrieval_set
 from rwkvclip_dist.eval.aggregate import aggregate
 from rwkvclip_dist.eval.features import LoaderConfig
 from rwkvclip_dist.eval.suite import DATACOMP, PAPER, get_suite
@@ -34,6 +35,7 @@ from rwkvclip_dist.pretrained import create_model_and_transforms, get_tokenizer,
 from tool_loader import tool_main
 
 pytestmark = pytest.mark.timeout(300)
+WINO_CANDIDATES = (5, 6, 10, 12, 5, 10, 12, 6, 10)  # row 1 has a corrupt image
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def loaded(model_file):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """A DataComp download with 5 of the 38 tasks present (one with a corrupt image)."""
+    """A DataComp download with 6 of the 38 tasks present (a corrupt image in Pets and in WinoGAViL)."""
     root = tmp_path_factory.mktemp("datacomp")
     classification_set(root / "wds_cifar10_test", 30, 6, seed=1)
     classification_set(root / "wds_vtab-pets_test", 24, 4, seed=2, corrupt=(5,))
@@ -58,6 +60,7 @@ def data_dir(tmp_path_factory):
     classification_set(root / "wds_wilds-fmow_test", 26, 5, seed=3, metadata=fmow)
     classification_set(root / "wds_geode_test", 22, 5, seed=4, metadata=np.stack([np.arange(22) % 3, np.arange(22) % 5], 1))
     retrieval_set(root / "wds_flickr30k", 12, seed=5)
+    hf_cache_winogavil_set(root / "hf_cache", WINO_CANDIDATES, seed=6, corrupt=((1, 2),))
     return root
 
 
@@ -207,15 +210,18 @@ def _run_suite(model_file, data_dir, prefix, *extra):
 def test_datacomp_suite_end_to_end(tmp_path, model_file, data_dir, loaded, capsys):
     assert _run_suite(model_file, data_dir, tmp_path / "r") == 0
     out = capsys.readouterr().out
-    assert "33 of 38 tasks have no data" in out and str(data_dir / "wds_imagenet1k_test" / "test") in out
+    assert "32 of 38 tasks have no data" in out and str(data_dir / "wds_imagenet1k_test" / "test") in out
     assert out.index("have no data") < out.index("| task |")  # listed before anything was scored
     record = json.loads((tmp_path / "r.json").read_text())
     rows = {r["dataset"]: r for r in record["tasks"]}
     assert not record["complete"] and record["aggregates"]["Average"] == pytest.approx(
         {"score": np.mean([rows[n]["metrics"]["main_metric"] for n in ("CIFAR-10", "Oxford-IIIT Pet", "FMoW",
-                                                                       "GeoDE", "Flickr")]),
-         "n": 5, "of": 38, "partial": True})
-    assert "(partial: 5 of 38)" in (tmp_path / "r.md").read_text()
+                                                                       "GeoDE", "Flickr", "WinoGAViL")]),
+         "n": 6, "of": 38, "partial": True})
+    assert record["aggregates"]["Retrieval"]["n"] == 2
+    assert rows["WinoGAViL"]["metrics"]["main_metric"] == rows["WinoGAViL"]["metrics"]["jaccard_score_10-12"]
+    assert rows["WinoGAViL"]["metrics"]["skipped_instances"] == 1
+    assert "(partial: 6 of 38)" in (tmp_path / "r.md").read_text()
     pets = rows["Oxford-IIIT Pet"]["metrics"]
     assert pets["corrupt_images"] == 1 and pets["corrupt_keys"] == ["s0000005"] and pets["n"] == 23
     assert "23 (1 corrupt)" in (tmp_path / "r.md").read_text()
@@ -250,12 +256,12 @@ def test_paper_suite_linear_probe_and_subset(tmp_path, model_file):
     assert record["aggregates"]["Zero-shot (11)"]["of"] == 1 and record["complete"]
 
 
-SUBSET = "cifar10,vtab/pets,fairness/geode"
+SUBSET = "cifar10,vtab/pets,fairness/geode,misc/winogavil"
 
 
 @pytest.fixture(scope="module")
 def subset_run(tmp_path_factory, model_file, data_dir):
-    """One uninterrupted single-process run of three tasks: what the resumed and the 2-rank runs must give."""
+    """One uninterrupted single-process run of four tasks: what the resumed and the 2-rank runs must give."""
     prefix = tmp_path_factory.mktemp("subset") / "r"
     assert _run_suite(model_file, data_dir, prefix, "--tasks", SUBSET) == 0
     return json.loads(prefix.with_suffix(".json").read_text())
@@ -276,10 +282,11 @@ def test_killed_evaluation_resumes_only_unfinished_tasks(tmp_path, model_file, d
     log = prefix.with_suffix(".jsonl")
     kill_once_written(cmd, log, lines=2, timeout_s=120)  # the header and the first task
     before = [json.loads(line) for line in log.read_text().splitlines()[1:]]
-    assert 1 <= len(before) < 3 and not prefix.with_suffix(".json").exists()
+    assert 1 <= len(before) < 4 and not prefix.with_suffix(".json").exists()
     assert _run_suite(model_file, data_dir, prefix, "--tasks", SUBSET) == 0
     rows = [json.loads(line) for line in log.read_text().splitlines()[1:]]
-    assert [r["key"] for r in rows] == ["cifar10", "vtab/pets", "fairness/geode"]  # each task once
+    # Suite order, each task once.
+    assert [r["key"] for r in rows] == ["cifar10", "vtab/pets", "misc/winogavil", "fairness/geode"]
     assert rows[: len(before)] == before  # finished tasks were not scored again (same timing record)
     assert _metrics(json.loads(prefix.with_suffix(".json").read_text())) == _metrics(subset_run)
 
@@ -352,3 +359,4 @@ def test_retrieval_from_datacomps_hugging_face_cache(tmp_path, loaded, data_dir)
     model, tf, tokenizer = loaded
     scorer = SuiteScorer(model, tf, tokenizer, torch.device("cpu"), LoaderConfig(4, 0))
     assert scorer.score(planned.task, hf) == scorer.score(planned.task, data_dir / "wds_flickr30k")
+

@@ -56,6 +56,7 @@ MPC = "mean_per_class_recall"
 # wds_mscoco_captions: Karpathy 5k test).
 FLICKR_DIRS = ("hf_cache/nlphuji___flickr_1k_test_image_text_retrieval", "wds_flickr30k")
 COCO_DIRS = ("hf_cache/nlphuji___mscoco_2014_5k_test_image_text_retrieval", "wds_mscoco_captions")
+WINO_DIR = "hf_cache/nlphuji___winogavil"
 
 DATACOMP: tuple[SuiteTask, ...] = (
     _task("vtab/caltech101", "Caltech-101", MPC, (VTAB,)),
@@ -91,9 +92,8 @@ DATACOMP: tuple[SuiteTask, ...] = (
     _task("retrieval/flickr_1k_test_image_text_retrieval", "Flickr", "mean_recall@1", (RETR,), RETRIEVAL, FLICKR_DIRS),
     _task("retrieval/mscoco_2014_5k_test_image_text_retrieval", "MSCOCO", "mean_recall@1", (RETR,), RETRIEVAL,
           COCO_DIRS),
-    # Not implemented (a different task: pick the images associated with a cue, Jaccard score):
-    # always listed as missing, so a DataComp average from this tool says "partial, 37 of 38".
-    SuiteTask("misc/winogavil", "WinoGAViL", WINOGAVIL, "jaccard_score_10-12", (RETR,)),
+    # Pick the images associated with a cue, Jaccard score (rwkvclip_dist/eval/winogavil.py).
+    SuiteTask("misc/winogavil", "WinoGAViL", WINOGAVIL, "jaccard_score_10-12", (RETR,), (WINO_DIR,)),
     _task("wilds/iwildcam", "iWildCam", "F1-macro_all", kind=WILDS),
     _task("wilds/camelyon17", "Camelyon17", kind=WILDS),
     _task("wilds/fmow", "FMoW", "acc_worst_region", kind=WILDS),

@@ -28,6 +28,7 @@ from rwkvclip_dist.eval.retrieval import retrieval_recall
 from rwkvclip_dist.eval.suite import CLASSIFY, LINEAR_PROBE, RETRIEVAL, WILDS, WINOGAVIL, Suite, SuiteTask
 from rwkvclip_dist.eval.suite_metrics import classification_metrics, retrieval_metrics, wilds_metrics
 from rwkvclip_dist.eval.webdataset_sets import WebDatasetSplit, open_task_dir
+from rwkvclip_dist.eval.winogavil import WinoGavilSplit, cue_prompt, score_instances
 from rwkvclip_dist.eval.zeroshot import build_zeroshot_classifier, encode_texts
 from rwkvclip_dist.outputs import strict_json
 
@@ -44,12 +45,10 @@ def plan(tasks: list[SuiteTask], data_dir: str | Path) -> list[Planned]:
     """Every task with its directory (the first candidate that has the split the task reads)."""
     out = []
     for task in tasks:
-        if task.kind == WINOGAVIL:
-            out.append(Planned(task, None, ["nothing: WinoGAViL is not implemented by this tool"]))
-            continue
         splits = ("train", "test") if task.kind == LINEAR_PROBE else ("test",)
+        hf_cache = task.kind in (RETRIEVAL, WINOGAVIL)  # DataComp's download keeps these as HF datasets
         found = next((c for c in task.candidates(data_dir) if all((c / s).is_dir() for s in splits)
-                      or (task.kind == RETRIEVAL and c.name.startswith("nlphuji___") and arrow_files(c))), None)
+                      or (hf_cache and c.name.startswith("nlphuji___") and arrow_files(c))), None)
         looked = [str(c) if c.name.startswith("nlphuji___") else str(c / s)
                   for c in task.candidates(data_dir) for s in splits]
         out.append(Planned(task, found, looked))
@@ -114,6 +113,8 @@ class SuiteScorer:
             metrics, bad = self._retrieval(task, root)
         elif task.kind == LINEAR_PROBE:
             metrics, bad = self._linear_probe(root)
+        elif task.kind == WINOGAVIL:
+            metrics, bad = self._winogavil(task, root)
         else:
             raise ValueError(f"{task.key}: tasks of kind {task.kind!r} are not scored by this tool")
         metrics["corrupt_images"] = len(bad)
@@ -148,11 +149,23 @@ class SuiteScorer:
                 captions.append(task.caption_prefix + caption)
                 owner.append(position)
         # Captions outnumber images about 5:1, so their encoding is sharded over ranks too.
-        indices, n_real = padded_shard(len(captions))
-        local = encode_texts(self.model, [captions[i] for i in indices], self.tokenizer, self.device,
-                             self.text_batch_size, desc=f"{task.name} captions")[:n_real]
-        texts = all_gather_rows(local, len(captions)).cpu()
+        texts = self._sharded_texts(captions, f"{task.name} captions")
         return retrieval_metrics(retrieval_recall(feats, texts, torch.tensor(owner))), bad
+
+    def _sharded_texts(self, texts: list[str], desc: str) -> torch.Tensor:
+        indices, n_real = padded_shard(len(texts))
+        local = encode_texts(self.model, [texts[i] for i in indices], self.tokenizer, self.device,
+                             self.text_batch_size, desc=desc)[:n_real]
+        return all_gather_rows(local, len(texts)).cpu()
+
+    def _winogavil(self, task: SuiteTask, root: Path):
+        data = WinoGavilSplit(root, self.transform)
+        feats, targets = image_features(self.model, data, self.loader, self.device, desc=task.name)
+        ok = targets[:, 1].bool().cpu()
+        cues = self._sharded_texts([cue_prompt(c) for c in data.cues], f"{task.name} cues")
+        metrics, skipped = score_instances(data, feats.cpu(), ok, cues)
+        metrics["skipped_instances"] = skipped
+        return metrics, [data.key(i) for i in (~ok).nonzero().flatten().tolist()]
 
     def _linear_probe(self, root: Path):
         train_feats, train_targets, bad_train = self._features(WebDatasetSplit(root, "train", self.transform), "train")
