@@ -244,13 +244,16 @@ class Trainer:
 
     def _evaluate(self, tasks: list[ZeroShotTask], logger: TrainLogger) -> None:
         results: dict[str, float] = {}
+        use_ema = self.recipe.eval.use_ema
+        weights = self.ema.swapped_in() if use_ema else contextlib.nullcontext()
         # The ranks of a tensor-parallel group run each forward together on the same images.
-        with sharded_over(self.parts.groups.dp_group):
+        with weights, sharded_over(self.parts.groups.dp_group):
             for task in tasks:
                 results.update(task.run(self.parts.engine.module))
         self.state.evals[str(self.state.step)] = results
         logger.write_scalars(self.state.step, {f"eval/{k}": v for k, v in results.items()})
-        logger.message(f"eval at step {self.state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        label = " (EMA weights)" if use_ema else ""
+        logger.message(f"eval at step {self.state.step}{label}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
 
     # -- around the loop -----------------------------------------------------------------------
     def _stateful(self) -> dict:

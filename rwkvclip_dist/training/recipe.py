@@ -134,6 +134,11 @@ class Recipe:
         if self.train.ema.enabled and self.parallel.zero_stage == 0:
             raise FieldError("train.ema", "needs parallel.zero_stage >= 1 (the EMA lives on the optimizer's "
                              "partitions of the fp32 master weights)")
+        if self.eval.use_ema and not self.train.ema.enabled:
+            raise FieldError("eval.use_ema", "needs train.ema.enabled: true (there is no EMA to evaluate)")
+        if self.eval.use_ema and self.parallel.zero_stage not in (1, 2):
+            raise FieldError("eval.use_ema", f"needs parallel.zero_stage 1 or 2, got {self.parallel.zero_stage} "
+                             "(the EMA is swapped into ZeRO-1/2's master partitions for the evaluation)")
         if self.schedule.kind == "wsd" and self.schedule.cooldown_from > self.train.steps:
             raise FieldError("schedule.cooldown_from", f"{self.schedule.cooldown_from} is past train.steps="
                              f"{self.train.steps}: the run must end after its cool-down starts")
