@@ -126,3 +126,9 @@ class ShardedEma:
                              f"optimizer partitions {shapes} (another world size or ZeRO stage)")
         self.updates = state["updates"]
         self.partitions = [p.to(m.device, torch.float32).clone() for p, m in zip(state["partitions"], masters)]
+
+
+def evaluated_weights(ema: ShardedEma | None):
+    """The block in which the loop's evaluations run: on the EMA (``eval.use_ema``) or, with None, on
+    the trained weights as they are."""
+    return ema.swapped_in() if ema is not None else contextlib.nullcontext()
