@@ -268,7 +268,8 @@ class Trainer:
         logger = TrainLogger(recipe.logging, self.run_dir, is_main=self.is_main, total_steps=recipe.train.steps,
                              start_step=start_step, world_size=self.launch.world_size,
                              flops_per_sample=forward_flops_per_sample(cfg),
-                             tokens_per_sample=cfg.image.num_patches + cfg.text.context_length)
+                             tokens_per_sample=cfg.image.num_patches + cfg.text.context_length,
+                             run_state=self.state, recipe_plain=to_plain(recipe))
         groups = self.parts.groups
         logger.message(f"training {cfg.name} on {self.launch.world_size} rank(s) (tensor parallel "
                        f"{groups.tensor_parallel} x data parallel {groups.dp_size}), global batch "
