@@ -42,6 +42,9 @@ __all__ = [
 ]
 
 
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
 @dataclass
 class ModelSection:
     name: str = "tiny"
@@ -56,6 +59,10 @@ class ModelSection:
     lock: LockSection = field(default_factory=LockSection)
     """Frozen towers: ``{image: {locked: true, unlocked_blocks: 0, norms_trainable: false}, text: ...}``
     (``training/lock.py``)."""
+    compile: bool = False
+    """``torch.compile`` the towers' blocks (``parallel/compile.py``)."""
+    compile_backend: str = "inductor"
+    """The ``torch.compile`` backend: inductor (fused kernels), aot_eager (traced, no code generation)."""
     init_ignore: list[str] = field(default_factory=list)
     """Regular expressions of keys that init_from may leave fresh (missing, other shape) or drop
     (unexpected); any other mismatch refuses the run."""
@@ -65,6 +72,9 @@ class ModelSection:
 
         from rwkvclip_dist.model.registry import get_model_config, list_models
 
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise FieldError("compile_backend", f"must be one of {', '.join(COMPILE_BACKENDS)}, got "
+                             f"{self.compile_backend!r}")
         for pattern in self.init_ignore:
             try:
                 re.compile(pattern)
