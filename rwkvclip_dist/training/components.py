@@ -23,6 +23,7 @@ from rwkvclip_dist.data.loader import build_train_dataloader
 from rwkvclip_dist.loss import build_loss
 from rwkvclip_dist.model.config import ModelConfig
 from rwkvclip_dist.model.registry import create_model
+from rwkvclip_dist.parallel.compile import compile_blocks
 from rwkvclip_dist.parallel.deepspeed_compat import describe_tensor_parallel
 from rwkvclip_dist.parallel.engine import create_engine, deepspeed_config
 from rwkvclip_dist.parallel.groups import ParallelGroups, init_parallel_groups
@@ -104,6 +105,8 @@ def build_components(recipe: Recipe, run_dir: Path, launch: LaunchEnv, device: t
     model = parallelize(model, groups)
     describe_tensor_parallel(model, split_dims(model) if groups.tensor_parallel > 1 else {})
     model.set_activation_checkpointing(recipe.model.activation_checkpointing)
+    if recipe.model.compile:
+        compile_blocks(model, recipe.model.compile_backend)
     apply_lock(model, recipe.model.lock)  # frozen before the optimizer and ZeRO see the parameters
     optimizer = build_optimizer(model, recipe.optimizer, device, offload=section.offload_optimizer == "cpu")
     base_lrs = [group["lr"] for group in optimizer.param_groups]

@@ -12,9 +12,18 @@ Each rank saves its partitions with its train state (``checkpoint/manager.py`` r
 resumed run continues them exactly (same world size and ZeRO stage: the partitions are the
 optimizer's). ``tools/convert_checkpoint.py from-zero --ema`` consolidates them into one file with
 DeepSpeed's own merging of fp32 partitions (``convert/zero.py``).
+
+``eval.use_ema`` evaluates the EMA in the loop (:meth:`ShardedEma.swapped_in`): each rank copies its
+EMA partitions into the optimizer's master partitions (after saving those) and DeepSpeed's
+``update_lp_params`` writes them into the model's weights (the all-gather an optimizer step ends with);
+afterwards the saved master partitions go back the same way. The model weights are always the cast of
+the master, so training continues bitwise as without the evaluation. The cost is one partition-sized
+copy per rank and two all-gathers of the weights, no full fp32 copy anywhere. ZeRO-1/2 only: ZeRO-3's
+optimizer has no such method (refused at load, ``training/recipe.py``).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +91,29 @@ class ShardedEma:
             for ema, master in zip(self.partitions, masters):
                 ema.mul_(d).add_(master.detach().float(), alpha=1.0 - d)
 
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The model's weights are the EMA inside the block and the trained weights again after it
+        (every rank enters together: it all-gathers). Before the first update the EMA is, by its
+        definition, the current weights: nothing is swapped."""
+        if not self.partitions:
+            yield
+            return
+        optimizer = self.engine.optimizer
+        masters = master_partitions(self.engine)
+        with torch.no_grad():
+            saved = [m.detach().clone() for m in masters]
+            for master, ema in zip(masters, self.partitions):
+                master.copy_(ema)
+            optimizer.update_lp_params()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for master, kept in zip(masters, saved):
+                    master.copy_(kept)
+                optimizer.update_lp_params()
+
     def state_dict(self) -> dict[str, Any]:
         return {"updates": self.updates, "partitions": [p.cpu() for p in self.partitions]}
 
@@ -94,3 +126,9 @@ class ShardedEma:
                              f"optimizer partitions {shapes} (another world size or ZeRO stage)")
         self.updates = state["updates"]
         self.partitions = [p.to(m.device, torch.float32).clone() for p, m in zip(state["partitions"], masters)]
+
+
+def evaluated_weights(ema: ShardedEma | None):
+    """The block in which the loop's evaluations run: on the EMA (``eval.use_ema``) or, with None, on
+    the trained weights as they are."""
+    return ema.swapped_in() if ema is not None else contextlib.nullcontext()

@@ -60,6 +60,8 @@ class EvalSection:
     """Any subset of the DataComp or paper suite's tasks (training/suite_evals.py)."""
     at_end: bool = True
     """Run every evaluation once more after the last step."""
+    use_ema: bool = False
+    """Score the EMA weights (``train.ema``) instead of the trained ones (``training/ema.py``)."""
 
     def __post_init__(self) -> None:
         names = [section.name for section in self.zeroshot]

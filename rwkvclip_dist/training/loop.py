@@ -37,7 +37,7 @@ from rwkvclip_dist.parallel.launch_env import LaunchEnv
 from rwkvclip_dist.training.accumulation import contrastive_step, split_micro_batches
 from rwkvclip_dist.training.components import (Components, build_components, check_run_directory,
                                                checkpoint_directory)
-from rwkvclip_dist.training.ema import ShardedEma
+from rwkvclip_dist.training.ema import ShardedEma, evaluated_weights
 from rwkvclip_dist.training.evals import ZeroShotTask, open_evaluations
 from rwkvclip_dist.training.init_from import prepare_init_from
 from rwkvclip_dist.training.suite_evals import open_suite_evaluations
@@ -243,14 +243,13 @@ class Trainer:
             self._evaluate(self.parts.evals, logger)
 
     def _evaluate(self, tasks: list[ZeroShotTask], logger: TrainLogger) -> None:
-        results: dict[str, float] = {}
+        use_ema = self.recipe.eval.use_ema
         # The ranks of a tensor-parallel group run each forward together on the same images.
-        with sharded_over(self.parts.groups.dp_group):
-            for task in tasks:
-                results.update(task.run(self.parts.engine.module))
+        with evaluated_weights(self.ema if use_ema else None), sharded_over(self.parts.groups.dp_group):
+            results = {key: value for task in tasks for key, value in task.run(self.parts.engine.module).items()}
         self.state.evals[str(self.state.step)] = results
         logger.write_scalars(self.state.step, {f"eval/{k}": v for k, v in results.items()})
-        logger.message(f"eval at step {self.state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        logger.message(f"eval at step {self.state.step}{' (EMA)' * use_ema}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
 
     # -- around the loop -----------------------------------------------------------------------
     def _stateful(self) -> dict:
@@ -269,7 +268,8 @@ class Trainer:
         logger = TrainLogger(recipe.logging, self.run_dir, is_main=self.is_main, total_steps=recipe.train.steps,
                              start_step=start_step, world_size=self.launch.world_size,
                              flops_per_sample=forward_flops_per_sample(cfg),
-                             tokens_per_sample=cfg.image.num_patches + cfg.text.context_length)
+                             tokens_per_sample=cfg.image.num_patches + cfg.text.context_length,
+                             run_state=self.state, recipe_plain=to_plain(recipe))
         groups = self.parts.groups
         logger.message(f"training {cfg.name} on {self.launch.world_size} rank(s) (tensor parallel "
                        f"{groups.tensor_parallel} x data parallel {groups.dp_size}), global batch "

@@ -10,10 +10,11 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rwkvclip_dist.outputs import strict_json
+from rwkvclip_dist.training.wandb_log import WandbSection, open_wandb_run
 from rwkvclip_dist.typed_config import FieldError
 
 log = logging.getLogger("rwkvclip_dist.training")
@@ -30,6 +31,8 @@ class LoggingSection:
     """tqdm bar with ETA on rank 0 (on stderr)."""
     peak_flops_per_device: float = 0.0
     """Peak dense FLOP/s of one device for the MFU estimate; 0 picks a known value or disables MFU."""
+    wandb: WandbSection = field(default_factory=WandbSection)
+    """Weights & Biases beside TensorBoard (``training/wandb_log.py``)."""
 
     def __post_init__(self) -> None:
         if self.every_steps < 1:
@@ -55,7 +58,10 @@ def detect_peak_flops() -> float:
 
 class TrainLogger:
     def __init__(self, section: LoggingSection, run_dir: Path, *, is_main: bool, total_steps: int, start_step: int,
-                 world_size: int, flops_per_sample: float, tokens_per_sample: int) -> None:
+                 world_size: int, flops_per_sample: float, tokens_per_sample: int, run_state=None,
+                 recipe_plain: dict | None = None) -> None:
+        """``run_state`` (``TrainState``) holds the wandb run id and ``recipe_plain`` is the config
+        wandb records, both only read with ``logging.wandb``."""
         self.is_main = is_main
         self.every = section.every_steps
         self.world_size = world_size
@@ -64,6 +70,7 @@ class TrainLogger:
         self.peak_flops = section.peak_flops_per_device or detect_peak_flops()
         self.total_steps = total_steps
         self.writer = None
+        self.wandb_run = open_wandb_run(section.wandb, run_dir, run_state, recipe_plain or {}, is_main)
         self.bar = None
         self.loss_log = None
         self._reset_window()
@@ -137,6 +144,8 @@ class TrainLogger:
         return scalars
 
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in scalars.items() if v is not None}, step=step)
         if self.writer is not None:
             for key, value in scalars.items():
                 if value is not None:
@@ -163,6 +172,8 @@ class TrainLogger:
             log.info(text)
 
     def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:

@@ -42,6 +42,9 @@ __all__ = [
 ]
 
 
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
 @dataclass
 class ModelSection:
     name: str = "tiny"
@@ -56,6 +59,10 @@ class ModelSection:
     lock: LockSection = field(default_factory=LockSection)
     """Frozen towers: ``{image: {locked: true, unlocked_blocks: 0, norms_trainable: false}, text: ...}``
     (``training/lock.py``)."""
+    compile: bool = False
+    """``torch.compile`` the towers' blocks (``parallel/compile.py``)."""
+    compile_backend: str = "inductor"
+    """The ``torch.compile`` backend: inductor (fused kernels), aot_eager (traced, no code generation)."""
     init_ignore: list[str] = field(default_factory=list)
     """Regular expressions of keys that init_from may leave fresh (missing, other shape) or drop
     (unexpected); any other mismatch refuses the run."""
@@ -65,6 +72,9 @@ class ModelSection:
 
         from rwkvclip_dist.model.registry import get_model_config, list_models
 
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise FieldError("compile_backend", f"must be one of {', '.join(COMPILE_BACKENDS)}, got "
+                             f"{self.compile_backend!r}")
         for pattern in self.init_ignore:
             try:
                 re.compile(pattern)
@@ -134,6 +144,11 @@ class Recipe:
         if self.train.ema.enabled and self.parallel.zero_stage == 0:
             raise FieldError("train.ema", "needs parallel.zero_stage >= 1 (the EMA lives on the optimizer's "
                              "partitions of the fp32 master weights)")
+        if self.eval.use_ema and not self.train.ema.enabled:
+            raise FieldError("eval.use_ema", "needs train.ema.enabled: true (there is no EMA to evaluate)")
+        if self.eval.use_ema and self.parallel.zero_stage not in (1, 2):
+            raise FieldError("eval.use_ema", f"needs parallel.zero_stage 1 or 2, got {self.parallel.zero_stage} "
+                             "(the EMA is swapped into ZeRO-1/2's master partitions for the evaluation)")
         if self.schedule.kind == "wsd" and self.schedule.cooldown_from > self.train.steps:
             raise FieldError("schedule.cooldown_from", f"{self.schedule.cooldown_from} is past train.steps="
                              f"{self.train.steps}: the run must end after its cool-down starts")

@@ -31,6 +31,8 @@ class TrainState:
     """In-loop evaluation results by step (the key is the step, as a string)."""
     last_finite_loss: float = math.nan
     """Loss of the newest step whose loss was finite (``final_loss`` in ``metrics.json``)."""
+    wandb_run_id: str = ""
+    """Rank 0's wandb run (``logging.wandb``), continued by a resumed run; empty without one."""
 
     def advance(self, loss: float, finite: bool, samples: int, masked: int) -> None:
         """Count one optimizer step that consumed ``samples`` (``masked`` of them stand-ins)."""
@@ -46,6 +48,7 @@ class TrainState:
         """Counters plus this rank's random generators (each rank saves its own)."""
         return {"step": self.step, "samples": self.samples, "nonfinite_in_a_row": self.nonfinite_in_a_row,
                 "samples_masked": self.samples_masked, "last_finite_loss": self.last_finite_loss,
+                "wandb_run_id": self.wandb_run_id,
                 "evals": {k: dict(v) for k, v in self.evals.items()}, "rank": collectives.rank(),
                 "rng": rng.capture()}
 
@@ -58,6 +61,7 @@ class TrainState:
         # of its own first finite step, as it did before).
         self.last_finite_loss = float(state.get("last_finite_loss", math.nan))
         self.evals = {k: dict(v) for k, v in state["evals"].items()}
+        self.wandb_run_id = str(state.get("wandb_run_id", ""))  # absent before logging.wandb existed
         if state["rank"] == collectives.rank():
             rng.restore(state["rng"])
         else:

@@ -1,0 +1,80 @@
+"""``eval.use_ema`` on 2 gloo ranks under ZeRO-2: the in-loop evaluation scores the EMA weights (equal to
+an evaluation of the EMA that ``tools/convert_checkpoint.py from-zero --ema`` exports), and swapping
+the EMA in and out for the evaluation leaves training unchanged (the same losses as without it)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import loss_log, run_checked, torchrun_cmd, train_args
+from tool_loader import tool_main
+
+STEPS = 3
+
+
+def _args(demo_data, use_ema: bool) -> tuple[str, ...]:
+    zeroshot = (f"eval.zeroshot=[{{name: digits, data: {demo_data / 'heldout'}, "
+                f"classes: {demo_data / 'zeroshot.json'}, every_steps: 2, batch_size: 128, num_workers: 0}}]")
+    return ("parallel.zero_stage=2", "train.ema.enabled=true", "train.ema.decay=0.6", "optimizer.lr=1e-2",
+            f"train.steps={STEPS}", "checkpoint.every_steps=2", zeroshot, f"eval.use_ema={str(use_ema).lower()}")
+
+
+@pytest.fixture(scope="module")
+def runs(demo_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ema_eval")
+    out = {}
+    for use_ema in (True, False):
+        run = root / f"use_ema_{use_ema}"
+        run_checked(torchrun_cmd(2, *train_args(run, demo_data, *_args(demo_data, use_ema))), timeout=600)
+        out[use_ema] = run
+    return out
+
+
+def _evals(run) -> dict:
+    return json.loads((run / "metrics.json").read_text())["evals"]
+
+
+@pytest.mark.slow
+def test_training_is_unchanged_by_evaluating_the_ema(runs):
+    with_ema, without = loss_log(runs[True]), loss_log(runs[False])
+    assert [r["step"] for r in with_ema] == list(range(1, STEPS + 1))
+    # Bitwise: the trained weights are put back exactly, the eval at step 2 is between steps.
+    assert [r["loss"] for r in with_ema] == [r["loss"] for r in without]
+
+
+@pytest.mark.slow
+def test_logged_eval_is_an_evaluation_of_the_exported_ema(runs, demo_data, tmp_path):
+    import torch
+
+    from rwkvclip_dist.pretrained import load_model
+    from rwkvclip_dist.training.evals import ZeroShotEvalSection, ZeroShotTask
+
+    checkpoints = runs[True] / "checkpoints"
+    out = tmp_path / "ema.safetensors"
+    assert tool_main("convert_checkpoint")(["from-zero", str(checkpoints), str(out), "--ema",
+                                            "--tag", f"step_{STEPS:08d}"]) == 0
+    model = load_model(None, out)
+    section = ZeroShotEvalSection(name="digits", data=str(demo_data / "heldout"),
+                                  classes=str(demo_data / "zeroshot.json"), batch_size=128, num_workers=0)
+    task = ZeroShotTask(section, model.config.image.image_size, model.config.text.context_length,
+                        torch.device("cpu"))
+    expected = task.run(model)
+    logged = _evals(runs[True])[str(STEPS)]  # the evaluation at the end, after the last EMA update
+    assert logged.keys() == expected.keys()
+    for key in expected:  # accuracies over 360 images: a 1e-6 slack for summation order only
+        assert logged[key] == pytest.approx(expected[key], abs=1e-6), key
+    # ... and not an evaluation of the trained weights, which the run without use_ema logged.
+    assert _evals(runs[False])[str(STEPS)] != logged
+
+
+def test_use_ema_needs_an_ema_and_zero_1_or_2():
+    from conftest import DEMO_RECIPE
+    from rwkvclip_dist.training.recipe import load_recipe
+    from rwkvclip_dist.typed_config import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.use_ema.*train.ema.enabled"):
+        load_recipe(DEMO_RECIPE, ["eval.use_ema=true"], check_paths=False)
+    with pytest.raises(ConfigError, match="eval.use_ema.*zero_stage 1 or 2"):
+        load_recipe(DEMO_RECIPE, ["eval.use_ema=true", "train.ema.enabled=true", "parallel.zero_stage=3"],
+                    check_paths=False)
