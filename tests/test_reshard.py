@@ -51,7 +51,7 @@ def _assert_same_losses(run: Path, reference: Path, after: int) -> None:
 def _world_size_of(run: Path, step: int) -> int:
     from rwkvclip_dist.checkpoint.manager import CheckpointManager
 
-    return CheckpointManager(run / "checkpoints").read_record(f"step_{step:08d}")["world_size"]
+    return CheckpointManager(run / "checkpoints").read_record(f"step_{step:08d}").world_size
 
 
 @pytest.mark.slow

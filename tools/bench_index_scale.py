@@ -80,14 +80,14 @@ def write_layout(root: Path, real: Path, entries: list[dict], shards: int, strea
         stream.mkdir(parents=True, exist_ok=True)
         listed = []
         for i in range(count):
-            entry = json.loads(json.dumps(entries[i % len(entries)]))
+            entry = json.loads(json.dumps(entries[i % len(entries)], allow_nan=False))
             listed.append(entry)
         for entry in entries:
             for key in ("raw_data", "zip_data"):
                 name = (entry.get(key) or {}).get("basename")
                 if name and (real / name).is_file() and not (stream / name).exists():
                     os.link(real / name, stream / name)
-        (stream / "index.json").write_text(json.dumps({"version": 2, "shards": listed}))
+        (stream / "index.json").write_text(json.dumps({"version": 2, "shards": listed}, allow_nan=False))
         dirs.append(stream)
     return dirs
 
@@ -131,7 +131,8 @@ def _rank_main(args: argparse.Namespace) -> None:
                       "cpu_s": usage.ru_utime + usage.ru_stime - cpu_at_import,
                       "first_batch_s": first, "loader_s": first - imported,
                       "peak_rss_mib": _rss_mib(), "loader_rss_mib": _rss_mib() - rss_before,
-                      "index_opens": opened["count"], "index_bytes": opened["bytes"], "shm_bytes": shm}), flush=True)
+                      "index_opens": opened["count"], "index_bytes": opened["bytes"], "shm_bytes": shm},
+                     allow_nan=False), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     (scratch / TOKENIZER_FILE).write_text(json.dumps({
         "tokenizer": "CLIP BPE (openai/clip-vit-base-patch32 vocabulary, rwkvclip_dist.data.tokenizer)",
         "context_length": config.text.context_length, "start_token_id": 49406,
-        "end_token_id": config.text.end_token_id}, indent=1) + "\n")
+        "end_token_id": config.text.end_token_id}, indent=1, allow_nan=False) + "\n")
     (scratch / "README.md").write_text(model_card(config, recipe, metrics, str(args.src)))
     scratch.rename(args.out)  # a failed export leaves no half-written repository folder
     print(f"wrote {args.out}: {config.name} ({', '.join(sorted(p.name for p in args.out.iterdir()))})")
