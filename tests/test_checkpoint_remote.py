@@ -63,7 +63,7 @@ def test_upload_restore_and_prune_keep_only_complete_copies(remote, tmp_path, ca
 
     wiped = tmp_path / "wiped"
     with caplog.at_level(logging.WARNING, logger="rwkvclip_dist.checkpoint.remote"):
-        assert remote.restore(wiped) == "step_00000002"
+        assert remote.restore(wiped, _atomic_write_text) == "step_00000002"
     assert "step_00000006 is not used: it has no completion marker" in caplog.text
     assert "step_00000004 is not used: zero/shard.pt has 5 bytes" in caplog.text
     assert (wiped / "latest").read_text() == "step_00000002\n"

@@ -248,7 +248,7 @@ class CheckpointManager:
         if self.rank == 0:
             decision = newest_intact(self.directory, self.complete_tags(), _atomic_write_text)
             if decision == (None, None) and self.remote is not None:
-                decision = (self.remote.try_restore(self.directory)
+                decision = (self.remote.try_restore(self.directory, _atomic_write_text)
                             or newest_intact(self.directory, self.complete_tags(), _atomic_write_text))
         tag, error = collectives.broadcast_object(decision)
         if error is not None:

@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from rwkvclip_dist.checkpoint.integrity import MANIFEST_FILE, TAG_PATTERN, CheckpointError, verify
@@ -146,9 +147,9 @@ class RemoteCheckpoints:
         return None
 
     # -- download ------------------------------------------------------------------------------
-    def restore(self, directory: Path) -> str | None:
-        """Download the newest complete remote copy into ``directory`` and name it in ``latest``;
-        returns its tag (None when there is none)."""
+    def restore(self, directory: Path, write_text: Callable[[Path, str], None]) -> str | None:
+        """Download the newest complete remote copy into ``directory`` and name it in ``latest``
+        (through the manager's atomic ``write_text``); returns its tag (None when there is none)."""
         tag = self.newest_complete()
         if tag is None:
             return None
@@ -168,20 +169,18 @@ class RemoteCheckpoints:
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)
-        tmp = directory / (LATEST + ".tmp")
-        tmp.write_text(tag + "\n")
-        os.replace(tmp, directory / LATEST)
+        write_text(directory / LATEST, tag + "\n")
         log.info("downloaded checkpoint %s/%s into %s (the local directory had no complete checkpoint)",
                  self.url, tag, final)
         return tag
 
-    def try_restore(self, directory: Path) -> str | None:
+    def try_restore(self, directory: Path, write_text: Callable[[Path, str], None]) -> str | None:
         """:meth:`restore`, with any failure as one line (None: restored, or nothing to restore)."""
         from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            self.restore(directory)
+            self.restore(directory, write_text)
         except (CheckpointError, OSError, Boto3Error, BotoCoreError, ClientError) as err:
             return (f"{directory} has no complete checkpoint and restoring one from {self.url} failed: "
                     f"{type(err).__name__}: {err}")
@@ -231,9 +230,9 @@ class Uploader:
         with self._lock:
             return {p.name for p in (self._pending, self._busy) if p is not None}
 
-    def try_restore(self, directory: Path) -> tuple[None, str] | None:
+    def try_restore(self, directory: Path, write_text: Callable[[Path, str], None]) -> tuple[None, str] | None:
         """Restore the newest complete remote copy into ``directory``: ``(None, reason)`` if that failed."""
-        error = self.remote.try_restore(directory)
+        error = self.remote.try_restore(directory, write_text)
         return (None, error) if error else None
 
     def close(self) -> None:
