@@ -35,25 +35,46 @@ def test_a_version_outside_the_range_is_one_line_naming_both():
 
 
 def test_streaming_imports_light_and_whole():
-    """``from streaming import X`` gives streaming.base's objects; the ready-made datasets still import."""
+    """``from streaming import X`` gives streaming.base's objects (all of its ``__all__``, checked against
+    a stock import in another process); what the light import skips still imports on request."""
     import streaming
     import streaming.base
 
     assert streaming.StreamingDataset is streaming.base.StreamingDataset is streaming_compat.StreamingDataset
     assert streaming.MDSWriter is streaming.base.MDSWriter and streaming.__version__
+    stock = subprocess.run([sys.executable, "-c", "import json, streaming.base as b; print(json.dumps(b.__all__))"],
+                           capture_output=True, text=True, check=True).stdout
+    assert sorted(streaming.base.__all__) == sorted(json.loads(stock))
+    from streaming import StreamingDataLoader  # Streaming's own, imported on first access
     import streaming.vision
 
-    assert streaming.vision.__name__ == "streaming.vision"
+    assert streaming.vision.__name__ == "streaming.vision" and streaming.text.__name__ == "streaming.text"
+    assert StreamingDataLoader.__module__ == "streaming.base.dataloader"
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        streaming.nothing  # noqa: B018
 
 
-def test_neither_the_tokenizer_nor_a_training_rank_imports_scikit_learn_or_open_clip():
-    """Both cost seconds per process (open_clip's tokenizer, Streaming's C4 dataset) and neither is used;
-    the tokenizer alone imports no transformers either (Streaming's DataLoader still does)."""
+@pytest.mark.parametrize("first", ["rwkvclip_dist.training.runner", "rwkvclip_dist.data.shards.builder"])
+def test_no_training_rank_or_tool_imports_transformers_scikit_learn_or_open_clip(first):
+    """Each costs seconds and hundreds of MB per process (open_clip's tokenizer; Streaming's C4 dataset
+    and its DataLoader's module import transformers and scikit-learn) and none is used, whichever
+    module a process imports first (train.py imports the runner, make_shards the builder)."""
     code = ("import json, sys\n"
-            "heavy = lambda names: sorted(m for m in names if m in sys.modules)\n"
+            "heavy = lambda: sorted(m for m in ('open_clip', 'transformers', 'sklearn') if m in sys.modules)\n"
             "from rwkvclip_dist.data.tokenizer import tokenize; tokenize('a cat')\n"
-            "alone = heavy(('open_clip', 'transformers', 'sklearn'))\n"
+            "alone = heavy()\n"
+            f"import {first}\n"
             "import rwkvclip_dist.data.loader, rwkvclip_dist.training.runner, rwkvclip_dist.training.loop\n"
-            "print(json.dumps([alone, heavy(('open_clip', 'sklearn'))]))")
+            "print(json.dumps([alone, heavy()]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == [[], []]
+
+
+def test_the_loader_counts_samples_as_streamings_does():
+    """The trainer's ``StreamingDataLoader`` (no transformers) counts a batch's samples by Streaming's
+    rule: a mapping by its first value, a tensor by its length, a sequence by its first member."""
+    import torch
+
+    count = streaming_compat._batch_size
+    assert count({"image": torch.zeros(5, 3), "text": torch.zeros(5)}) == 5
+    assert count(torch.zeros(4, 2)) == 4 and count((torch.zeros(3, 2), torch.zeros(3))) == 3

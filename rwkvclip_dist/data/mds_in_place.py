@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from streaming.base.compression import decompress
-from streaming.base.format import reader_from_json
+from rwkvclip_dist.data.streaming_compat import decompress, reader_from_json
 
 
 class LocalShards:

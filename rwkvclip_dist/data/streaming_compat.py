@@ -5,11 +5,15 @@ Importing this module checks the installed version against ``WRITTEN_FOR`` and r
 naming both, when it is outside (tests/test_layout.py checks that no other module touches Streaming's
 private names). Widen the range after reading the new release's code for each name here.
 
-The light import: ``streaming/__init__.py`` also imports Streaming's ready-made datasets, and its C4
-dataset imports transformers' ``AutoTokenizer`` and with it scikit-learn, ~1.3 s and ~200 MB in every
-training rank and DataLoader worker for classes no run uses. :func:`_import_streaming` creates the
-package without running that file and then imports ``streaming.base``, which it exports, so
-``from streaming import X`` gives the same objects; ``streaming.text`` & co. still import on request.
+The light import: ``streaming/__init__.py`` imports Streaming's ready-made datasets (its C4 dataset
+imports transformers' ``AutoTokenizer`` and with it scikit-learn) and ``streaming/base/__init__.py``
+imports its DataLoader, whose module imports transformers for two ``isinstance`` checks: together
+~1.5-2.5 s and ~300 MB in every training rank, tool and DataLoader worker, for classes no run uses.
+:func:`_import_streaming` creates both packages without running those files and imports the modules
+the trainer and tools use; ``from streaming import X`` gives the same objects, and what was skipped
+(``StreamingDataLoader``, ``streaming.text`` & co.) still imports on first access. The trainer's loader
+is :class:`StreamingDataLoader` here: Streaming's interface (samples counted per rank, the dataset's
+``state_dict`` at that count), without transformers.
 
 The one private piece replaced: Streaming 0.13 builds its ``Spanner`` (global sample index -> shard
 and index in it) on every rank as ``np.repeat(arange(shards), shard_sizes)``: one int64 per sample,
@@ -23,10 +27,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
+from torch.utils.data import DataLoader
 
 from rwkvclip_dist.versions import require_version
 
@@ -36,32 +43,101 @@ WRITTEN_FOR = ("0.13", "0.14")
 require_version("mosaicml-streaming", WRITTEN_FOR, "rwkvclip_dist/data/streaming_compat.py")
 
 
+_BASE = {"StreamingDataset": "dataset", "Stream": "stream", "LocalDataset": "local", "CSVWriter": "format",
+         "JSONWriter": "format", "MDSWriter": "format", "TSVWriter": "format", "XSVWriter": "format"}
+"""``streaming.base``'s exports (its ``__all__``) by the module that defines them, ..."""
+_SKIPPED = {"StreamingDataLoader": "streaming.base.dataloader"}
+"""... but for those imported only when asked for."""
+
+
+def _bare_package(name: str):
+    """``name``'s package module, registered without running its ``__init__.py``."""
+    package = importlib.util.module_from_spec(importlib.util.find_spec(name))
+    sys.modules[name] = package
+    return package
+
+
 def _import_streaming() -> None:
     if "streaming" in sys.modules:
         return
-    spec = importlib.util.find_spec("streaming")
-    package = importlib.util.module_from_spec(spec)
-    sys.modules["streaming"] = package
     try:
-        base = importlib.import_module("streaming.base")
+        package, base = _bare_package("streaming"), _bare_package("streaming.base")
+        # streaming/base/__init__.py's own imports, but for the DataLoader's (transformers).
+        for module in ("dataset", "format", "local", "stream"):
+            importlib.import_module(f"streaming.base.{module}")
         package.__version__ = importlib.import_module("streaming._version").__version__
     except BaseException:
-        sys.modules.pop("streaming", None)
+        for name in [n for n in sys.modules if n == "streaming" or n.startswith("streaming.")]:
+            del sys.modules[name]
         raise
+    for name, module in _BASE.items():
+        value = getattr(sys.modules[f"streaming.base.{module}"], name)
+        setattr(base, name, value)
+        setattr(package, name, value)
+    base.__all__ = [*_BASE, *_SKIPPED]
     package.base = base
-    for name in base.__all__:
-        setattr(package, name, getattr(base, name))
+
+    def skipped(attr: str, prefix: str):
+        if attr in _SKIPPED:
+            return getattr(importlib.import_module(_SKIPPED[attr]), attr)
+        try:  # a submodule not imported yet (streaming.text, streaming.base.util, ...)
+            return importlib.import_module(f"{prefix}.{attr}")
+        except ModuleNotFoundError as err:
+            raise AttributeError(f"module {prefix!r} has no attribute {attr!r}") from err
+
+    package.__getattr__ = lambda attr: skipped(attr, "streaming")
+    base.__getattr__ = lambda attr: skipped(attr, "streaming.base")
 
 
 _import_streaming()
 
-from streaming.base import LocalDataset, MDSWriter, Stream, StreamingDataLoader, StreamingDataset  # noqa: E402
+from streaming.base import LocalDataset, MDSWriter, Stream, StreamingDataset  # noqa: E402
 from streaming.base.dataset import _ShardState  # noqa: E402
 from streaming.base.shared import SharedScalar  # noqa: E402
 from streaming.base.shared.prefix import _get_path  # noqa: E402
+from streaming.base.compression import decompress  # noqa: E402
+from streaming.base.format import reader_from_json  # noqa: E402
+from streaming.base.format.mds.encodings import mds_decode  # noqa: E402
+from streaming.base.util import merge_index  # noqa: E402
+from streaming.base.world import World  # noqa: E402
 
 __all__ = ["LocalDataset", "MDSWriter", "Stream", "StreamingDataLoader", "StreamingDataset", "SharedScalar",
+           "decompress", "mds_decode", "merge_index", "reader_from_json",
            "CompactSpanner", "EpochAwareDataset", "install_compact_spanner", "node_shared_name", "shard_is_local"]
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, Mapping):
+        return len(next(iter(batch.values())))
+    return len(batch if isinstance(batch, torch.Tensor) else batch[0])
+
+
+class StreamingDataLoader(DataLoader):
+    """A DataLoader over a ``StreamingDataset`` that counts the samples it yielded on this rank, so that
+    ``state_dict()`` is the dataset's position after them (Streaming's ``StreamingDataLoader``
+    interface; its module imports transformers)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.num_samples_yielded = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self.num_samples_yielded = 0
+        for batch in super().__iter__():
+            self.num_samples_yielded += _batch_size(batch)
+            yield batch
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The dataset's resumption state after the samples every rank has yielded so far."""
+        if not isinstance(self.dataset, StreamingDataset):
+            return None
+        seen = self.num_samples_yielded * World.detect().num_ranks
+        # Ranks that share samples (``replication``) count each of them once.
+        return self.dataset.state_dict(seen // (self.dataset.replication or 1), False)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if isinstance(self.dataset, StreamingDataset):
+            self.dataset.load_state_dict(state)
 
 
 class EpochAwareDataset(StreamingDataset):

@@ -174,7 +174,7 @@ def iter_mds(root: Path, fields: SourceFields, with_image: bool = False) -> Iter
 
 def _decode_columns(reader: Any, data: bytes, wanted: set[str]) -> dict[str, Any]:
     """Decode only the wanted columns of one MDS sample (layout: variable sizes first, then values)."""
-    from streaming.base.format.mds.encodings import mds_decode
+    from rwkvclip_dist.data.streaming_compat import mds_decode
 
     sizes = []
     pos = 0

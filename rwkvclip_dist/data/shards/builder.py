@@ -23,8 +23,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from streaming import MDSWriter
-from streaming.base.util import merge_index
+from rwkvclip_dist.data.streaming_compat import MDSWriter, merge_index
 from tqdm import tqdm
 
 from rwkvclip_dist.data.shards.captions import CaptionLookup, CaptionTable, index_captions, index_path

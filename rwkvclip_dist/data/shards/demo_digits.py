@@ -15,7 +15,7 @@ import tempfile
 
 import numpy as np
 from PIL import Image
-from streaming import MDSWriter
+from rwkvclip_dist.data.streaming_compat import MDSWriter
 
 from rwkvclip_dist.data.columns import COMPRESSION, columns
 

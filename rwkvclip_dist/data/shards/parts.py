@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import asdict, fields
 
-from streaming.base.util import merge_index
+from rwkvclip_dist.data.streaming_compat import merge_index
 
 from rwkvclip_dist.data.shards.builder import (STATE_DIR, BuildOptions, Context, build_units, done_summary,
                                         drop_duplicates, finish, make_context, unit_indexes)
