@@ -231,3 +231,18 @@ def test_only_the_compat_modules_use_deepspeeds_and_streamings_private_names():
                 wrong += [f"{where}:{f.lineno}: overrides {f.name} of a third-party class" for f in node.body
                           if isinstance(f, ast.FunctionDef) and _private(f.name)]
     assert not wrong, "go through parallel/deepspeed_compat.py or data/streaming_compat.py:\n" + "\n".join(wrong)
+
+
+def test_the_package_imports_streaming_only_through_its_compat_module():
+    """Streaming's package ``__init__`` imports transformers and scikit-learn (seconds per process): the
+    package's modules import it through data/streaming_compat.py, which imports it light."""
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        where = str(path.relative_to(REPO))
+        if where in COMPAT:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else (
+                [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            wrong += [f"{where}:{node.lineno}: {name}" for name in names if name.split(".")[0] == "streaming"]
+    assert not wrong, "import Streaming through rwkvclip_dist/data/streaming_compat.py:\n" + "\n".join(wrong)
