@@ -36,6 +36,14 @@ DEMO_RECIPE = str(REPO / "recipes" / "demo_digits.yaml")
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``make test`` runs two workers) the Slurm test clusters, which listen on fixed
+    ports, run in one worker, one after the other."""
+    for item in items:
+        if item.path.name.startswith("test_slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
 def dist_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")
