@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PYTHON, dist_env, loss_log, run_checked, torchrun_cmd, train_args
+from conftest import PYTHON, digits_zeroshot, dist_env, loss_log, run_checked, torchrun_cmd, train_args
 from tool_loader import tool_main
 
 OVERRIDES = {"text.pool": "masked_mean"}  # the demo recipe's
@@ -145,14 +145,8 @@ def test_tp2_ema_equals_a_single_process_ema_across_a_resume(runs, exported_ema)
 @pytest.mark.slow
 def test_use_ema_under_tp2_evaluates_the_exported_ema(runs, exported_ema, demo_data):
     from rwkvclip_dist.pretrained import load_model
-    from rwkvclip_dist.training.evals import ZeroShotEvalSection, ZeroShotTask
 
-    model = load_model(None, exported_ema)
-    section = ZeroShotEvalSection(name="digits", data=str(demo_data / "heldout"),
-                                  classes=str(demo_data / "zeroshot.json"), batch_size=128, num_workers=0)
-    task = ZeroShotTask(section, model.config.image.image_size, model.config.text.context_length,
-                        torch.device("cpu"))
-    expected = task.run(model)
+    expected = digits_zeroshot(load_model(None, exported_ema), demo_data)
     logged = json.loads((runs["tp2"] / "metrics.json").read_text())["evals"][str(STEPS)]
     assert logged.keys() == expected.keys()
     for key in expected:  # TP's partial sums round differently from one process: one image of 360 at most
