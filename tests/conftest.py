@@ -81,6 +81,19 @@ def loss_log(run_dir: Path) -> list[dict]:
     return read_rows(path) if path.is_file() else []
 
 
+def digits_zeroshot(model, data: Path) -> dict[str, float]:
+    """A single-process zero-shot evaluation of ``model`` on the demo's held-out digits, with the
+    metric names of an in-loop ``eval.zeroshot`` task named ``digits``."""
+    import torch
+
+    from rwkvclip_dist.training.evals import ZeroShotEvalSection, ZeroShotTask
+
+    section = ZeroShotEvalSection(name="digits", data=str(data / "heldout"), classes=str(data / "zeroshot.json"),
+                                  batch_size=128, num_workers=0)
+    return ZeroShotTask(section, model.config.image.image_size, model.config.text.context_length,
+                        torch.device("cpu")).run(model)
+
+
 def train_args(run_dir: Path, data: Path, *extra: str) -> list[str]:
     """train.py arguments: the demo recipe on ``data``'s training split, small batches, quiet logs."""
     return [TRAIN, "--recipe", DEMO_RECIPE, "--run-dir", str(run_dir),

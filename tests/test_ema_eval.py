@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import loss_log, run_checked, torchrun_cmd, train_args
+from conftest import digits_zeroshot, loss_log, run_checked, torchrun_cmd, train_args
 from tool_loader import tool_main
 
 STEPS = 3
@@ -45,21 +45,13 @@ def test_training_is_unchanged_by_evaluating_the_ema(runs):
 
 @pytest.mark.slow
 def test_logged_eval_is_an_evaluation_of_the_exported_ema(runs, demo_data, tmp_path):
-    import torch
-
     from rwkvclip_dist.pretrained import load_model
-    from rwkvclip_dist.training.evals import ZeroShotEvalSection, ZeroShotTask
 
     checkpoints = runs[True] / "checkpoints"
     out = tmp_path / "ema.safetensors"
     assert tool_main("convert_checkpoint")(["from-zero", str(checkpoints), str(out), "--ema",
                                             "--tag", f"step_{STEPS:08d}"]) == 0
-    model = load_model(None, out)
-    section = ZeroShotEvalSection(name="digits", data=str(demo_data / "heldout"),
-                                  classes=str(demo_data / "zeroshot.json"), batch_size=128, num_workers=0)
-    task = ZeroShotTask(section, model.config.image.image_size, model.config.text.context_length,
-                        torch.device("cpu"))
-    expected = task.run(model)
+    expected = digits_zeroshot(load_model(None, out), demo_data)
     logged = _evals(runs[True])[str(STEPS)]  # the evaluation at the end, after the last EMA update
     assert logged.keys() == expected.keys()
     for key in expected:  # accuracies over 360 images: a 1e-6 slack for summation order only

@@ -21,7 +21,9 @@ STEPS = ["train.steps=3", "checkpoint.every_steps=2", "checkpoint.keep_last=3",
          "model.overrides={text.pool: masked_mean, image.drop_path_rate: 0.2}"]
 RUNS = {  # name: (ranks, extra overrides); "eval" becomes the held-out zero-shot evaluation at the end
     "plain": (1, ["eval"]), "tp2": (2, ["parallel.tensor_parallel=2", "eval"]),
-    "dp2": (2, []), "tp2_dp2": (4, ["parallel.tensor_parallel=2"]),
+    "dp2": (2, []),
+    # The EMA (one update, at step 2) does not change training; its export is checked below.
+    "tp2_dp2": (4, ["parallel.tensor_parallel=2", "train.ema.enabled=true", "train.ema.every_steps=2"]),
     "offload": (1, ["parallel.offload_optimizer=cpu"]),
 }
 # fp32 on CPU: the TP ranks' partial sums and all-reduces round differently from one process's matmuls.
@@ -77,6 +79,25 @@ def test_zero_shot_evaluation_under_tp_equals_the_plain_one(runs, clean_shm):
 
 def test_tp2_times_dp2_on_four_ranks_equals_dp2(runs, clean_shm):
     _assert_same_curve(runs("tp2_dp2"), runs("dp2"))
+
+
+def test_ema_of_tp_times_dp_is_exported_from_each_ranks_partitions(runs):
+    """TP 2 x DP 2: data-parallel rank d of TP rank t keeps its EMA partitions in global rank d * 2 + t's
+    file. With one EMA update, at step 2, step 3's checkpoint holds the weights of step 2 as its EMA:
+    the export, merged over both TP and DP, must equal them exactly."""
+    from rwkvclip_dist.convert.zero import load_zero_checkpoint, trained_model
+    from rwkvclip_dist.model.clip import RWKVCLIP
+    from rwkvclip_dist.model.registry import get_model_config
+    from rwkvclip_dist.parallel.tensor_parallel import split_dims
+
+    checkpoints = runs("tp2_dp2") / "checkpoints"
+    name, overrides = trained_model(checkpoints)
+    with torch.device("meta"):
+        dims = split_dims(RWKVCLIP(get_model_config(name, **overrides), initialize=False))
+    ema = load_zero_checkpoint(checkpoints, "step_00000003", dims, ema=True)
+    step2, step3 = (load_zero_checkpoint(checkpoints, f"step_0000000{s}", dims) for s in (2, 3))
+    assert all(torch.equal(ema[k], step2[k]) for k in step2)
+    assert not torch.equal(ema["visual.blocks.0.att.key.weight"], step3["visual.blocks.0.att.key.weight"])
 
 
 def test_zero_offload_equals_the_optimizer_on_the_device(runs, clean_shm):

@@ -9,6 +9,7 @@ refused with an error that names the file and the foreign object.
 """
 from __future__ import annotations
 
+import contextlib
 import pickle
 import re
 from pathlib import Path
@@ -29,10 +30,20 @@ def deepspeed_safe_globals() -> list:
     return checkpoint_classes()
 
 
+@contextlib.contextmanager
+def deepspeed_types_allowed():
+    """Weights-only loads inside the block accept :func:`deepspeed_safe_globals`. Only the classes not
+    allowed already are added, and removed on exit: torch's ``safe_globals`` removes its whole list on
+    exit, so a nested block with the same list would disallow them for the rest of the outer block."""
+    present = torch.serialization.get_safe_globals()
+    with torch.serialization.safe_globals([c for c in deepspeed_safe_globals() if c not in present]):
+        yield
+
+
 def load_weights_only(path: str | Path, map_location: Any = "cpu") -> Any:
     """``torch.load`` restricted to data; :class:`UnsafeCheckpointError` names anything else."""
     try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        with deepspeed_types_allowed():
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         # Not torch's advice to allow-list the global: that is exactly what must not happen here.

@@ -8,7 +8,8 @@ never execute code while it is read.
 Under tensor parallelism every TP rank has its own files (``..._mp_rank_XX_...``) and ``zero_to_fp32``
 handles one TP rank at a time: each rank's files are linked into a scratch directory under the names
 of TP rank 0, consolidated there, and the TP ranks' state dicts are merged by
-``parallel.tensor_parallel.merge_shards``.
+``parallel.tensor_parallel.merge_shards``. The EMA (``ema=True``) goes the same way, each TP rank's
+consolidation fed the EMA partitions of that TP rank's data-parallel ranks.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from rwkvclip_dist.checkpoint.integrity import CheckpointError
 from rwkvclip_dist.checkpoint.manager import CLIENT_FILE, CheckpointManager, read_latest
-from rwkvclip_dist.checkpoint.safe_load import deepspeed_safe_globals
+from rwkvclip_dist.checkpoint.safe_load import deepspeed_types_allowed
 from rwkvclip_dist.parallel.tensor_parallel import merge_shards
 from rwkvclip_dist.pretrained_format import strip_prefixes
 
@@ -42,7 +43,7 @@ def _weights_only_loads():
 
     torch.load = safe_load
     try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        with deepspeed_types_allowed():
             yield
     finally:
         torch.load = original
@@ -56,7 +57,8 @@ def tensor_parallel_size(tag_dir: Path) -> int:
     return max(len(ranks), 1)
 
 
-def _tensor_parallel_rank_state(checkpoint_dir: Path, tag: str, tp_rank: int) -> dict[str, torch.Tensor]:
+def _tensor_parallel_rank_state(checkpoint_dir: Path, tag: str, tp_rank: int, tp_size: int,
+                                ema: bool) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     marker = f"mp_rank_{tp_rank:02d}_"
@@ -64,13 +66,16 @@ def _tensor_parallel_rank_state(checkpoint_dir: Path, tag: str, tp_rank: int) ->
         (Path(scratch) / tag).mkdir()
         for path in (checkpoint_dir / tag).glob(f"*{marker}*"):
             (Path(scratch) / tag / path.name.replace(marker, "mp_rank_00_")).symlink_to(path.resolve())
-        return get_fp32_state_dict_from_zero_checkpoint(scratch, tag=tag)
+        with _ema_in_place_of_master(checkpoint_dir / tag, tp_rank, tp_size) if ema else contextlib.nullcontext():
+            return get_fp32_state_dict_from_zero_checkpoint(scratch, tag=tag)
 
 
 @contextlib.contextmanager
-def _ema_in_place_of_master(tag_dir: Path):
+def _ema_in_place_of_master(tag_dir: Path, tp_rank: int = 0, tp_size: int = 1):
     """DeepSpeed's merging of fp32 partitions, fed each rank's EMA partitions (``training/ema.py``,
-    saved in the rank files) instead of its master weights: the EMA has the master's layout."""
+    saved in the rank files) instead of its master weights: the EMA has the master's layout. Under
+    tensor parallelism DeepSpeed merges one TP rank's data-parallel partitions at a time; data-parallel
+    rank ``d`` of TP rank ``t`` is global rank ``d * tp_size + t`` (TP innermost, ``parallel/groups.py``)."""
     from deepspeed.utils import zero_to_fp32
 
     from rwkvclip_dist.checkpoint.manager import rank_file
@@ -81,8 +86,8 @@ def _ema_in_place_of_master(tag_dir: Path):
     def parse_with_ema(files, ds_checkpoint_dir):
         stage, world, groups, paddings = original(files, ds_checkpoint_dir)
         ema = []
-        for rank in range(world):
-            path = tag_dir / rank_file(rank)
+        for dp_rank in range(world):
+            path = tag_dir / rank_file(dp_rank * tp_size + tp_rank)
             state = load_weights_only(path) if path.is_file() else {}
             if not (state.get("ema") or {}).get("partitions"):
                 raise ValueError(f"{tag_dir}: no EMA in {path.name} (the run had no train.ema, or it had not "
@@ -109,7 +114,7 @@ def load_zero_checkpoint(checkpoint_dir: str | Path, tag: str | None = None,
 
     A checkpoint written by several tensor-parallel ranks needs ``split_dims``
     (``parallel.tensor_parallel.split_dims`` of the trained model) to merge their shards. ``ema``:
-    the run's EMA of the weights (``train.ema``) instead of the weights (tensor parallel 1 only)."""
+    the run's EMA of the weights (``train.ema``) instead of the weights."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     checkpoint_dir = Path(checkpoint_dir)
@@ -125,14 +130,14 @@ def load_zero_checkpoint(checkpoint_dir: str | Path, tag: str | None = None,
     if tp > 1 and split_dims is None:
         raise ValueError(f"{checkpoint_dir / tag} holds {tp} tensor-parallel shards; merging them needs the "
                          f"model that was trained (the run's client_state.pt record, or --model)")
-    if ema and tp > 1:
-        raise ValueError(f"{checkpoint_dir / tag}: exporting the EMA of a tensor-parallel run is not supported")
     try:
-        with _weights_only_loads(), (_ema_in_place_of_master(checkpoint_dir / tag) if ema else contextlib.nullcontext()):
+        with _weights_only_loads():
             if tp == 1:
-                state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+                with _ema_in_place_of_master(checkpoint_dir / tag) if ema else contextlib.nullcontext():
+                    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
             else:
-                shards = [strip_prefixes(_tensor_parallel_rank_state(checkpoint_dir, tag, r)) for r in range(tp)]
+                shards = [strip_prefixes(_tensor_parallel_rank_state(checkpoint_dir, tag, r, tp, ema))
+                          for r in range(tp)]
                 state = merge_shards(shards, split_dims)
     except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
         raise ValueError(f"{checkpoint_dir}: DeepSpeed could not read the checkpoint (truncated or corrupt, or "

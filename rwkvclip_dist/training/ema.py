@@ -11,7 +11,8 @@ first such step. With ``warmup`` the decay of update ``n`` (1-based) is ``min(de
 Each rank saves its partitions with its train state (``checkpoint/manager.py`` rank files) and a
 resumed run continues them exactly (same world size and ZeRO stage: the partitions are the
 optimizer's). ``tools/convert_checkpoint.py from-zero --ema`` consolidates them into one file with
-DeepSpeed's own merging of fp32 partitions (``convert/zero.py``).
+DeepSpeed's own merging of fp32 partitions (``convert/zero.py``; under tensor parallelism per TP rank,
+then the TP shards merged as the weights are).
 
 ``eval.use_ema`` evaluates the EMA in the loop (:meth:`ShardedEma.swapped_in`): each rank copies its
 EMA partitions into the optimizer's master partitions (after saving those) and DeepSpeed's

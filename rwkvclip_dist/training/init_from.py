@@ -5,7 +5,8 @@ authors' released ``.pt`` (through the converter's key mapping, ``convert/author
 run (its run directory or its checkpoint directory: the newest complete checkpoint, any ZeRO stage or
 tensor-parallel size, consolidated by ``convert/zero.py``). The weights go into the plain model before
 tensor parallelism slices it and before the DeepSpeed engine is built, so every ZeRO stage and
-partition sees them as its initial weights.
+partition sees them as its initial weights, and the source's TP size need not be the run's. Every
+rank reads the whole source itself: this runs before any process group exists.
 
 Nothing is loaded by halves: every key of the model must come from the source and every key of the
 source must have a place in the model, except those the recipe names in ``model.init_ignore``
