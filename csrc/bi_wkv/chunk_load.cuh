@@ -31,12 +31,14 @@ __device__ __forceinline__ void with_element_type(InputType type, F&& f) {
   }
 }
 
-// A plain store to global memory, through one function so that the CPU emulation can count it
-// (csrc/testing/cpu_emulation.cpp defines the host version; loads go through __ldg and atomicAdd).
+// Plain stores to and loads from global memory (loads of data this kernel wrote, which must not go
+// through the read-only cache of __ldg), through functions so that the CPU emulation can count them
+// (csrc/testing/cpu_emulation.cpp defines the host versions before including this).
 #if defined(__CUDACC__)
-__device__ __forceinline__ void store_global(float* p, float x) { *p = x; }
-#else
-void store_global(float* p, float x);
+template <class T>
+__device__ __forceinline__ void store_global(T* p, T x) { *p = x; }
+template <class T>
+__device__ __forceinline__ T read_global(const T* p) { return *p; }
 #endif
 
 // Where a block is: its (batch, head), direction and chunk on the time grid.
