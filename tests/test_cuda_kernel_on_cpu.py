@@ -19,6 +19,7 @@ from rwkvclip_dist.ops.bi_wkv_reference import bi_wkv_float64
 from rwkvclip_dist.ops.build import ToolkitNotFound, build_cpu_emulation
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 5e-3, torch.float16: 5e-3}
+VERSIONS = ("v1", "v2")  # RWKVCLIP_BI_WKV_KERNEL: both are compiled, both must pass
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,12 @@ def _inputs(batch, tokens, heads, size, dtype, seed):
     w = torch.where(torch.rand(shape, generator=g) < 0.02, torch.full_like(w, 4.5), w)  # past the clamp
     u = torch.randn(heads, size, generator=g)
     return [x.to(dtype) for x in (r, k, v, w, dy)] + [u]
+
+
+def _versioned(kernels, version):
+    """(forward, backward) of one kernel version: v1's bindings, or v2's (sweep_fused.cuh)."""
+    suffix = "_v2" if version == "v2" else ""
+    return getattr(kernels, "forward" + suffix), getattr(kernels, "backward" + suffix)
 
 
 def _chunked_reference(r, k, v, w, u, dy):
@@ -59,14 +66,16 @@ def _rel(got, want, floor=1e-6):
      # long enough that the fp32 state crosses 36-64 chunk boundaries
      (577, 64, torch.float32), (1025, 80, torch.float32), (1025, 64, torch.bfloat16)],
 )
-def test_kernel_source_matches_reference(kernels, tokens, size, dtype):
+@pytest.mark.parametrize("version", VERSIONS)
+def test_kernel_source_matches_reference(kernels, version, tokens, size, dtype):
     pairs = 2 if tokens <= 256 else 1  # long sequences: one (batch, head) keeps the float64 reference quick
     r, k, v, w, dy, u = _inputs(pairs, tokens, pairs, size, dtype, seed=tokens * 100 + size)
     _, want_grads = _chunked_reference(r, k, v, w, u, dy)
     want_y = bi_wkv_float64(r, k, v, w, u)
 
-    y = kernels.forward(r, k, v, w, u)
-    grads = kernels.backward(dy, r, k, v, w, u)
+    forward, backward = _versioned(kernels, version)
+    y = forward(r, k, v, w, u)
+    grads = backward(dy, r, k, v, w, u)
     tol = TOLERANCE[dtype]
     assert y.dtype == dtype and _rel(y, want_y) <= tol, f"y: {_rel(y, want_y):.2e}"
     for name, got, want in zip("rkvwu", grads, want_grads):
@@ -74,21 +83,24 @@ def test_kernel_source_matches_reference(kernels, tokens, size, dtype):
         assert _rel(got, want) <= tol, f"d{name}: {_rel(got, want):.2e} (T={tokens}, N={size}, {dtype})"
 
 
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("raw_decay", [6.0, -12.0])
-def test_kernel_source_at_decay_extremes(kernels, raw_decay):
+def test_kernel_source_at_decay_extremes(kernels, version, raw_decay):
     """Every step at the clamp (log decay -60: the in-chunk reference factors span e^-900) or with
     almost no decay (log decay -6e-6: the state only grows): finite and exact."""
     r, k, v, _, dy, u = _inputs(1, 70, 2, 64, torch.float32, seed=7)
     w = torch.full_like(r, raw_decay)
     want_y, want_grads = _chunked_reference(r, k, v, w, u, dy)
-    y = kernels.forward(r, k, v, w, u)
-    grads = kernels.backward(dy, r, k, v, w, u)
+    forward, backward = _versioned(kernels, version)
+    y = forward(r, k, v, w, u)
+    grads = backward(dy, r, k, v, w, u)
     assert _rel(y, want_y) <= 1e-5
     for name, got, want in zip("rkvwu", grads, want_grads):
         assert torch.isfinite(got).all() and _rel(got, want) <= 1e-5, f"d{name}: {_rel(got, want):.2e}"
 
 
-def test_slow_decays_over_long_sequences_keep_fp32_accuracy(kernels):
+@pytest.mark.parametrize("version", VERSIONS)
+def test_slow_decays_over_long_sequences_keep_fp32_accuracy(kernels, version):
     """Channels that barely decay (per-step decay ~0.99988) carry the state through 64 chunks. With
     the tensor cores' truncating sums (the emulation's default, as measured on the hardware),
     accumulating each chunk's update straight onto the state biased it towards zero by ~12
@@ -98,8 +110,9 @@ def test_slow_decays_over_long_sequences_keep_fp32_accuracy(kernels):
     g = torch.Generator().manual_seed(6)
     w = -9.0 + 0.1 * torch.randn(r.shape, generator=g)
     want_y, want_grads = _chunked_reference(r, k, v, w, u, dy)
-    y = kernels.forward(r, k, v, w, u)
-    grads = kernels.backward(dy, r, k, v, w, u)
+    forward, backward = _versioned(kernels, version)
+    y = forward(r, k, v, w, u)
+    grads = backward(dy, r, k, v, w, u)
     assert _rel(y, want_y) <= 1e-5, f"y: {_rel(y, want_y):.2e}"
     for name, got, want in zip("rkvwu", grads, want_grads):
         assert _rel(got, want) <= 1e-5, f"d{name}: {_rel(got, want):.2e}"
@@ -124,7 +137,8 @@ def test_truncating_accumulation_model(kernels):
     assert (nearest > want).any() and (nearest < want).any()
 
 
-def test_misaligned_inputs_are_copied_before_the_vector_loads(kernels):
+@pytest.mark.parametrize("version", VERSIONS)
+def test_misaligned_inputs_are_copied_before_the_vector_loads(kernels, version):
     """The chunk loads read 16-byte vectors (the stand-in of __ldg reports a misaligned one): the
     host copies a tensor whose data starts off a 16-byte boundary, and the result is unchanged."""
     r, k, v, w, dy, u = _inputs(1, 20, 2, 16, torch.float32, seed=4)
@@ -136,28 +150,33 @@ def test_misaligned_inputs_are_copied_before_the_vector_loads(kernels):
         assert view.data_ptr() % 16 != 0
         return view
 
-    want = [kernels.forward(r, k, v, w, u), *kernels.backward(dy, r, k, v, w, u)]
+    forward, backward = _versioned(kernels, version)
+    want = [forward(r, k, v, w, u), *backward(dy, r, k, v, w, u)]
     moved = [shifted(x) for x in (r, k, v, w, dy)]
-    got = [kernels.forward(*moved[:4], u), *kernels.backward(moved[4], *moved[:4], u)]
+    got = [forward(*moved[:4], u), *backward(moved[4], *moved[:4], u)]
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-def test_empty_batch_launches_no_grid(kernels):
+@pytest.mark.parametrize("version", VERSIONS)
+def test_empty_batch_launches_no_grid(kernels, version):
     """B = 0: zero-size outputs, and no launch (CUDA refuses a grid of zero blocks; so does the
     stand-in)."""
-    r, k, v, w, dy, u = _inputs(0, 5, 2, 16, torch.float32, seed=0)
-    y = kernels.forward(r, k, v, w, u)
-    grads = kernels.backward(dy, r, k, v, w, u)
+    r, k, v, w, dy, u = _inputs(0, 5, 2, 16, torch.bfloat16, seed=0)
+    forward, backward = _versioned(kernels, version)
+    y = forward(r, k, v, w, u)
+    grads = backward(dy, r, k, v, w, u)
     assert y.shape == r.shape and [g.shape for g in grads] == [r.shape] * 4 + [u.shape]
     assert not grads[4].any()
 
 
-def test_kernel_source_is_bitwise_repeatable(kernels):
+@pytest.mark.parametrize("version", VERSIONS)
+def test_kernel_source_is_bitwise_repeatable(kernels, version):
     """Three runs on real threads give identical bits: the atomics add in a fixed pattern (two terms
     onto zero), the shuffles sum in a fixed order, and a missing barrier would show up here as a
     run-to-run difference."""
-    r, k, v, w, dy, u = _inputs(2, 65, 2, 64, torch.float32, seed=11)
-    runs = [(kernels.forward(r, k, v, w, u), *kernels.backward(dy, r, k, v, w, u)) for _ in range(3)]
+    r, k, v, w, dy, u = _inputs(2, 65, 2, 64, torch.float32 if version == "v1" else torch.bfloat16, seed=11)
+    forward, backward = _versioned(kernels, version)
+    runs = [(forward(r, k, v, w, u), *backward(dy, r, k, v, w, u)) for _ in range(3)]
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 

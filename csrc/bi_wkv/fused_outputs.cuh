@@ -31,8 +31,9 @@ __device__ __forceinline__ __half from_float(float x, __half) { return __float2h
 // Output element `offset` of a [B, T, H, N] tensor in the input dtype: the first writer stores,
 // the second adds onto what the first stored (a plain load: the data were written in this kernel,
 // so not through the read-only cache).
+template <int kType>
 __device__ __forceinline__ void emit(void* out, InputType type, int64_t offset, float value, bool first) {
-  with_element_type(type, [&](auto tag) {
+  with_element_type<kType>(type, [&](auto tag) {
     using T = decltype(tag);
     T* p = static_cast<T*>(out) + offset;
     store_global(p, from_float(first ? value : value + to_float(read_global(p)), tag));
@@ -43,10 +44,11 @@ __device__ __forceinline__ void emit(void* out, InputType type, int64_t offset, 
 // entering the chunk, `carry` of thread j < N the same in a register): every thread takes chunk
 // elements, sums its channel up to its position and applies it to G (stage 0 stores, 1 and 2 add,
 // 3 writes d(w)); thread j < N then carries its channel's chunk total into the next chunk.
-template <int N>
+template <int N, int kType>
 __device__ __forceinline__ void decay_gradient_running_sums(const SweepParams& prm, const Tiles<N>& s,
                                                             const Position& pos, int tid, int stage, float& carry) {
   constexpr int LD = Tiles<N>::LD;
+#pragma unroll 1
   for (int idx = tid; idx < kChunk * N; idx += kThreads) {
     const int i = idx / N, j = idx % N;
     if (pos.time_of(i) >= pos.T) continue;
@@ -60,7 +62,7 @@ __device__ __forceinline__ void decay_gradient_running_sums(const SweepParams& p
     } else {
       const float lw = s.lw[i * LD + j];
       const float dlw_dw = lw > kLogDecayMin ? lw : 0.f;  // d(log w)/d(w_raw) = log w; 0 where clamped
-      emit(prm.dw_typed, prm.type, pos.offset(i, j), -(read_global(g) + run) * dlw_dw, true);
+      emit<kType>(prm.dw_typed, prm.type, pos.offset(i, j), -(read_global(g) + run) * dlw_dw, true);
     }
   }
   if (tid < N)

@@ -5,12 +5,16 @@ namespace rwkvclip {
 
 template <int N, Fused KIND>
 cudaError_t launch_fused_sized(const SweepParams& query, const SweepParams& key, cudaStream_t stream) {
-  auto kernel = fused_kernel<N, KIND>;
-  constexpr size_t bytes = SweepSmem<N>::kBytes;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-  if (err != cudaSuccess) return err;
-  kernel<<<dim3(unsigned(query.BH)), kThreads, bytes, stream>>>(query, key);
-  return cudaGetLastError();
+  cudaError_t err = cudaErrorInvalidValue;  // no kernel for the type (the fp32 backward is v1's)
+  with_fused_type<KIND>(query.type, [&](auto type) {
+    auto kernel = fused_kernel<N, KIND, decltype(type)::value>;
+    constexpr size_t bytes = SweepSmem<N>::kBytes;
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+    if (err != cudaSuccess) return;
+    kernel<<<dim3(unsigned(query.BH)), kThreads, bytes, stream>>>(query, key);
+    err = cudaGetLastError();
+  });
+  return err;
 }
 
 template <Fused KIND>

@@ -6,27 +6,55 @@
 //             z', du, and d(w) from the four running sums); no stored states.
 #pragma once
 
+#include <type_traits>
+
 #include "sweep_kernel.cuh"
 
 namespace rwkvclip {
 
-template <int N, Fused KIND>
-__global__ void __launch_bounds__(kThreads, 2) fused_kernel(SweepParams query, SweepParams key) {
+// Blocks per SM asked of ptxas: at N=64 the three that its 70 KiB of shared memory allow on sm_90
+// (227 KiB), which caps the registers at 80 per thread (the ptxas report shows no spills); N=80 and
+// 128 get what their shared memory allows (2 and 1); N=16 two, since 80 registers spill there.
+template <int N>
+constexpr int kFusedMinBlocks = N == 64 ? 3 : (N <= 80 ? 2 : 1);
+
+// kType: the input dtype (an InputType), one kernel each; the backward has no fp32 kernel (fp32
+// inputs take v1's backward, bi_wkv_host.h).
+template <int N, Fused KIND, int kType>
+__global__ void __launch_bounds__(kThreads, kFusedMinBlocks<N>) fused_kernel(SweepParams query, SweepParams key) {
   extern __shared__ __align__(128) float smem[];
   const Tiles<N> s(smem);
+  static_assert(KIND == Fused::kForward || kType != int(InputType::kFloat), "fp32 takes v1's backward");
   float du_acc = 0.f, carry = 0.f, totals = 0.f;  // thread j < N owns channel j of du and the running sums
   if constexpr (KIND == Fused::kForward) {
-    sweep_pass<N, Sweep::kForward, true>(query, s, 0, 0, du_acc, carry);
-    sweep_pass<N, Sweep::kForward, true>(query, s, 1, 1, du_acc, carry);
+    sweep_pass<N, Sweep::kForward, true, kType>(query, s, 0, 0, du_acc, carry);
+    sweep_pass<N, Sweep::kForward, true, kType>(query, s, 1, 1, du_acc, carry);
   } else {
-    sweep_pass<N, Sweep::kQuery, true>(query, s, 0, 0, du_acc, carry);
+    sweep_pass<N, Sweep::kQuery, true, kType>(query, s, 0, 0, du_acc, carry);
     carry = 0.f;
-    sweep_pass<N, Sweep::kQuery, true>(query, s, 1, 1, du_acc, carry);
+    sweep_pass<N, Sweep::kQuery, true, kType>(query, s, 1, 1, du_acc, carry);
     totals = carry, carry = 0.f;  // X', the total of x'
-    sweep_pass<N, Sweep::kKey, true>(key, s, 1, 2, du_acc, carry);
+    sweep_pass<N, Sweep::kKey, true, kType>(key, s, 1, 2, du_acc, carry);
     carry = -(totals + carry);  // -(X' + Z): the last sweep's sum starts there
-    sweep_pass<N, Sweep::kKey, true>(key, s, 0, 3, du_acc, carry);
+    sweep_pass<N, Sweep::kKey, true, kType>(key, s, 0, 3, du_acc, carry);
     if (threadIdx.x < N) store_global(key.du_part + int64_t(blockIdx.x) * N + threadIdx.x, du_acc);
+  }
+}
+
+// Calls f(std::integral_constant<int, kType>) for the input type of `type` that a v2 kernel of
+// KIND exists for; false when there is none (the fp32 backward).
+template <Fused KIND, class F>
+bool with_fused_type(InputType type, F&& f) {
+  switch (type) {
+    case InputType::kBFloat16:
+      f(std::integral_constant<int, int(InputType::kBFloat16)>{});
+      return true;
+    case InputType::kHalf:
+      f(std::integral_constant<int, int(InputType::kHalf)>{});
+      return true;
+    default:
+      if constexpr (KIND == Fused::kForward) f(std::integral_constant<int, int(InputType::kFloat)>{});
+      return KIND == Fused::kForward;
   }
 }
 

@@ -104,7 +104,7 @@ __device__ void key_products(const SweepParams& prm, const Tiles<N>& s, const Po
 // v2 (kFused true, sweep_fused.cuh): one of the sweeps a block runs in a row for its (batch, head),
 // `stage` saying which (fused_outputs.cuh): outputs written in the input dtype by the first sweep
 // that produces them and read-modified-written by the second, d(w) from the row outputs.
-template <int N, Sweep KIND, bool kFused>
+template <int N, Sweep KIND, bool kFused, int kType = kAnyType>
 __device__ __forceinline__ void sweep_pass(const SweepParams& prm, const Tiles<N>& s, int dir, int stage,
                                            float& du_acc, float& carry) {
   constexpr int L = kChunk;
@@ -128,7 +128,8 @@ __device__ __forceinline__ void sweep_pass(const SweepParams& prm, const Tiles<N
   // fp32 inputs need the three-product TF32 split to stay at fp32 accuracy; bf16/fp16 do not
   // (v2's backward splits for every dtype: its d(w) subtracts long sums of the row outputs, which
   // magnifies their error; one TF32 product each gives 2e-2 in bf16 at T=197, the split 2e-3)
-  const bool split = prm.type == InputType::kFloat || (kFused && KIND != Sweep::kForward);
+  const bool split = kType == kAnyType ? prm.type == InputType::kFloat
+                                       : kType == int(InputType::kFloat) || (kFused && KIND != Sweep::kForward);
   Position pos;
   pos.bh = kFused ? int(blockIdx.x) : int(blockIdx.x / 2);
   pos.dir = dir;
@@ -152,9 +153,9 @@ __device__ __forceinline__ void sweep_pass(const SweepParams& prm, const Tiles<N
     if constexpr (kRow) sources[t] = prm.q, tiles[t++] = s.q;
     sources[t] = prm.w;
   }
-  ChunkPrefetch<N, kSources> prefetch;
+  ChunkPrefetch<N, kSources, kType> prefetch;
   const auto first_chunk = [&](int step) { return pos.dir == 0 ? step : pos.chunks - 1 - step; };
-  with_element_type(prm.type, [&](auto tag) { prefetch.template load<decltype(tag)>(sources, pos, first_chunk(0), tid); });
+  with_element_type<kType>(prm.type, [&](auto tag) { prefetch.template load<decltype(tag)>(sources, pos, first_chunk(0), tid); });
   for (int idx = tid; idx < N * LD; idx += kThreads) s.M[idx] = 0.f;
   __syncthreads();
 
@@ -163,7 +164,7 @@ __device__ __forceinline__ void sweep_pass(const SweepParams& prm, const Tiles<N
 
     // -- the chunk's inputs (loaded during the previous chunk) into the tiles, then the next
     //    chunk's loads, which stay in flight during this chunk's math
-    with_element_type(prm.type, [&](auto tag) {
+    with_element_type<kType>(prm.type, [&](auto tag) {
       using T = decltype(tag);
       prefetch.template store<T, LD>(tiles, s.lw, s.w, pos, tid);
       if (step + 1 < pos.chunks) prefetch.template load<T>(sources, pos, first_chunk(step + 1), tid);
@@ -196,6 +197,7 @@ __device__ __forceinline__ void sweep_pass(const SweepParams& prm, const Tiles<N
       mma_accumulate<N, wmma::row_major, wmma::col_major>(acc, s.q, LD, s.b, LD, split);
       store_shared(s.dots, acc, L);
     }
+    #pragma unroll 1  // one element at a time: unrolled, N=80 and the v2 outputs spill
     for (int idx = tid; idx < L * N; idx += kThreads) {
       const int i = idx / N, j = idx % N;
       const int o = i * LD + j;
@@ -219,6 +221,7 @@ __device__ __forceinline__ void sweep_pass(const SweepParams& prm, const Tiles<N
       i += first;
       m += first;
       float acc = 0.f;
+#pragma unroll 4
       for (int j = part; j < N; j += kLanesPerPair)
         acc += s.p[i * LD + j] * s.a[m * LD + j] * expf(s.cb[(i - 1) * LD + j] - s.cb[m * LD + j]);
       acc += __shfl_xor_sync(0xffffffffu, acc, 1);
@@ -227,6 +230,7 @@ __device__ __forceinline__ void sweep_pass(const SweepParams& prm, const Tiles<N
     }
     if (kCol && pos.dir == 0 && tid < L) {
       float acc = 0.f;
+#pragma unroll 4  // fully unrolled, the N loads of u in flight at once took 64 registers
       for (int j = 0; j < N; ++j) acc += s.a[tid * LD + j] * __ldg(u + j) * s.p[tid * LD + j];
       s.beta[tid] = acc;
     }
@@ -267,6 +271,7 @@ __device__ __forceinline__ void sweep_pass(const SweepParams& prm, const Tiles<N
 
     // -- outputs of this chunk: column (y or dv) and row (dr or dk), bonus in direction 0; the
     //    state is consumed, so decay it to the chunk end in the same pass
+    #pragma unroll 1  // one element at a time: unrolled, N=80 and the v2 outputs spill
     for (int idx = tid; idx < L * N; idx += kThreads) {
       const int i = idx / N, col = idx % N;
       const bool ok = pos.time_of(i) < pos.T;
@@ -274,7 +279,7 @@ __device__ __forceinline__ void sweep_pass(const SweepParams& prm, const Tiles<N
         float y = s.col[i * LD + col];
         if (pos.dir == 0) y += s.beta[i] * s.b[i * LD + col];
         if constexpr (kFused) {
-          if (ok) emit(prm.col_typed, prm.type, pos.offset(i, col), y, stage % 2 == 0);
+          if (ok) emit<kType>(prm.col_typed, prm.type, pos.offset(i, col), y, stage % 2 == 0);
         } else if (ok) {
           atomicAdd(prm.col_out + pos.offset(i, col), y);
         }
@@ -289,7 +294,7 @@ __device__ __forceinline__ void sweep_pass(const SweepParams& prm, const Tiles<N
         s.inter[i * LD + j] = kFused ? s.p[i * LD + j] * x : inter;
         if (pos.dir == 0) x += __ldg(u + j) * s.a[i * LD + j] * s.dots[i * L + i];
         if constexpr (kFused) {
-          if (ok) emit(prm.row_typed, prm.type, pos.offset(i, j), x, stage % 2 == 0);
+          if (ok) emit<kType>(prm.row_typed, prm.type, pos.offset(i, j), x, stage % 2 == 0);
         } else if (ok) {
           atomicAdd(prm.row_out + pos.offset(i, j), x);
         }
@@ -302,7 +307,7 @@ __device__ __forceinline__ void sweep_pass(const SweepParams& prm, const Tiles<N
     __syncthreads();
 
     if constexpr (kFused && kRow) {
-      decay_gradient_running_sums<N>(prm, s, pos, tid, stage, carry);
+      decay_gradient_running_sums<N, kType>(prm, s, pos, tid, stage, carry);
       if (KIND == Sweep::kKey && pos.dir == 0 && tid < N)
         for (int i = 0; i < L; ++i) du_acc += s.a[i * LD + tid] * s.p[i * LD + tid] * s.dots[i * L + i];
       // no barrier: the state carry below writes only M, which these read not

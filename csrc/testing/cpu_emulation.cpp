@@ -200,7 +200,7 @@ void run_grid(const SweepParams& prm) {
 }
 
 // The v2 kernels: one block per (batch, head), the blocks one after another.
-template <int N, Fused KIND>
+template <int N, Fused KIND, int kType>
 void run_fused_grid(const SweepParams& query, const SweepParams& key) {
   rwkvclip_emulation::start_pass(KIND == Fused::kForward ? "forward: v2 kernel" : "backward: v2 kernel");
   std::barrier<> barrier(kThreads);
@@ -215,7 +215,7 @@ void run_fused_grid(const SweepParams& query, const SweepParams& key) {
       threads.emplace_back([&query, &key, t, bh] {
         rwkvclip_emulation::thread_index = {t, 0, 0};
         rwkvclip_emulation::block_index = {bh, 0, 0};
-        fused_kernel<N, KIND>(query, key);
+        fused_kernel<N, KIND, kType>(query, key);
         rwkvclip_emulation::flush_thread_bytes();
       });
     }
@@ -223,6 +223,12 @@ void run_fused_grid(const SweepParams& query, const SweepParams& key) {
     const std::string error = rwkvclip_emulation::take_error();
     TORCH_CHECK(error.empty(), "bi_wkv emulation, N=", N, ", v2 kernel ", int(KIND), ": ", error);
   }
+}
+
+template <int N, Fused KIND>
+void run_typed(const SweepParams& query, const SweepParams& key) {
+  const bool launched = with_fused_type<KIND>(query.type, [&](auto type) { run_fused_grid<N, KIND, decltype(type)::value>(query, key); });
+  TORCH_CHECK(launched, "bi_wkv emulation: no v2 kernel for this input type");
 }
 
 struct EmulatedDevice {
@@ -245,7 +251,7 @@ struct EmulatedDevice {
     switch (head_size) {
 #define RWKVCLIP_CASE(n) \
   case n:                \
-    return run_fused_grid<n, KIND>(query, key);
+    return run_typed<n, KIND>(query, key);
       RWKVCLIP_FOR_EACH_HEAD_SIZE(RWKVCLIP_CASE)
 #undef RWKVCLIP_CASE
       default:
