@@ -14,49 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rwkvclip_dist.ops.bi_wkv_chunked import bi_wkv_chunked
+from wkv_emulation import TOLERANCE, VERSIONS, chunked_reference, inputs, kernels, rel, versioned  # noqa: F401
+
 from rwkvclip_dist.ops.bi_wkv_reference import bi_wkv_float64
-from rwkvclip_dist.ops.build import ToolkitNotFound, build_cpu_emulation
-
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 5e-3, torch.float16: 5e-3}
-VERSIONS = ("v1", "v2")  # RWKVCLIP_BI_WKV_KERNEL: both are compiled, both must pass
-
-
-@pytest.fixture(scope="module")
-def kernels():
-    try:
-        return build_cpu_emulation()
-    except ToolkitNotFound as err:
-        pytest.skip(f"the emulation needs the CUDA headers of a toolkit: {err}")
-
-
-def _inputs(batch, tokens, heads, size, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    shape = (batch, tokens, heads, size)
-    r, k, v, dy = (torch.randn(shape, generator=g) for _ in range(4))
-    w = torch.rand(shape, generator=g) * 9 - 6  # per-step decays from ~1 down to e^-20
-    w = torch.where(torch.rand(shape, generator=g) < 0.02, torch.full_like(w, 4.5), w)  # past the clamp
-    u = torch.randn(heads, size, generator=g)
-    return [x.to(dtype) for x in (r, k, v, w, dy)] + [u]
-
-
-def _versioned(kernels, version):
-    """(forward, backward) of one kernel version: v1's bindings, or v2's (sweep_fused.cuh)."""
-    suffix = "_v2" if version == "v2" else ""
-    return getattr(kernels, "forward" + suffix), getattr(kernels, "backward" + suffix)
-
-
-def _chunked_reference(r, k, v, w, u, dy):
-    """(y, [dr, dk, dv, dw, du]) of the exact chunked path in float64, gradients by autograd."""
-    leaves = [x.double().requires_grad_() for x in (r, k, v, w, u)]
-    y = bi_wkv_chunked(*leaves)
-    return y.detach(), torch.autograd.grad(y, leaves, dy.double())
-
-
-def _rel(got, want, floor=1e-6):
-    scale = max(want.double().norm().item(), floor * want.numel() ** 0.5)
-    return (got.double() - want.double()).norm().item() / scale
-
 
 @pytest.mark.parametrize(
     "tokens, size, dtype",
@@ -69,18 +29,18 @@ def _rel(got, want, floor=1e-6):
 @pytest.mark.parametrize("version", VERSIONS)
 def test_kernel_source_matches_reference(kernels, version, tokens, size, dtype):
     pairs = 2 if tokens <= 256 else 1  # long sequences: one (batch, head) keeps the float64 reference quick
-    r, k, v, w, dy, u = _inputs(pairs, tokens, pairs, size, dtype, seed=tokens * 100 + size)
-    _, want_grads = _chunked_reference(r, k, v, w, u, dy)
+    r, k, v, w, dy, u = inputs(pairs, tokens, pairs, size, dtype, seed=tokens * 100 + size)
+    _, want_grads = chunked_reference(r, k, v, w, u, dy)
     want_y = bi_wkv_float64(r, k, v, w, u)
 
-    forward, backward = _versioned(kernels, version)
+    forward, backward = versioned(kernels, version)
     y = forward(r, k, v, w, u)
     grads = backward(dy, r, k, v, w, u)
     tol = TOLERANCE[dtype]
-    assert y.dtype == dtype and _rel(y, want_y) <= tol, f"y: {_rel(y, want_y):.2e}"
+    assert y.dtype == dtype and rel(y, want_y) <= tol, f"y: {rel(y, want_y):.2e}"
     for name, got, want in zip("rkvwu", grads, want_grads):
         assert got.dtype == (torch.float32 if name == "u" else dtype)
-        assert _rel(got, want) <= tol, f"d{name}: {_rel(got, want):.2e} (T={tokens}, N={size}, {dtype})"
+        assert rel(got, want) <= tol, f"d{name}: {rel(got, want):.2e} (T={tokens}, N={size}, {dtype})"
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -88,15 +48,15 @@ def test_kernel_source_matches_reference(kernels, version, tokens, size, dtype):
 def test_kernel_source_at_decay_extremes(kernels, version, raw_decay):
     """Every step at the clamp (log decay -60: the in-chunk reference factors span e^-900) or with
     almost no decay (log decay -6e-6: the state only grows): finite and exact."""
-    r, k, v, _, dy, u = _inputs(1, 70, 2, 64, torch.float32, seed=7)
+    r, k, v, _, dy, u = inputs(1, 70, 2, 64, torch.float32, seed=7)
     w = torch.full_like(r, raw_decay)
-    want_y, want_grads = _chunked_reference(r, k, v, w, u, dy)
-    forward, backward = _versioned(kernels, version)
+    want_y, want_grads = chunked_reference(r, k, v, w, u, dy)
+    forward, backward = versioned(kernels, version)
     y = forward(r, k, v, w, u)
     grads = backward(dy, r, k, v, w, u)
-    assert _rel(y, want_y) <= 1e-5
+    assert rel(y, want_y) <= 1e-5
     for name, got, want in zip("rkvwu", grads, want_grads):
-        assert torch.isfinite(got).all() and _rel(got, want) <= 1e-5, f"d{name}: {_rel(got, want):.2e}"
+        assert torch.isfinite(got).all() and rel(got, want) <= 1e-5, f"d{name}: {rel(got, want):.2e}"
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -106,16 +66,16 @@ def test_slow_decays_over_long_sequences_keep_fp32_accuracy(kernels, version):
     accumulating each chunk's update straight onto the state biased it towards zero by ~12
     truncations per chunk: 1.3e-5 at T=1025 (2.5e-5 at 2049), over the fp32 target. The update is
     now summed apart and added in fp32 (tile_mma.cuh, mma_add_to): ~7e-7."""
-    r, k, v, _, dy, u = _inputs(1, 1025, 1, 16, torch.float32, seed=5)
+    r, k, v, _, dy, u = inputs(1, 1025, 1, 16, torch.float32, seed=5)
     g = torch.Generator().manual_seed(6)
     w = -9.0 + 0.1 * torch.randn(r.shape, generator=g)
-    want_y, want_grads = _chunked_reference(r, k, v, w, u, dy)
-    forward, backward = _versioned(kernels, version)
+    want_y, want_grads = chunked_reference(r, k, v, w, u, dy)
+    forward, backward = versioned(kernels, version)
     y = forward(r, k, v, w, u)
     grads = backward(dy, r, k, v, w, u)
-    assert _rel(y, want_y) <= 1e-5, f"y: {_rel(y, want_y):.2e}"
+    assert rel(y, want_y) <= 1e-5, f"y: {rel(y, want_y):.2e}"
     for name, got, want in zip("rkvwu", grads, want_grads):
-        assert _rel(got, want) <= 1e-5, f"d{name}: {_rel(got, want):.2e}"
+        assert rel(got, want) <= 1e-5, f"d{name}: {rel(got, want):.2e}"
 
 
 def test_truncating_accumulation_model(kernels):
@@ -141,7 +101,7 @@ def test_truncating_accumulation_model(kernels):
 def test_misaligned_inputs_are_copied_before_the_vector_loads(kernels, version):
     """The chunk loads read 16-byte vectors (the stand-in of __ldg reports a misaligned one): the
     host copies a tensor whose data starts off a 16-byte boundary, and the result is unchanged."""
-    r, k, v, w, dy, u = _inputs(1, 20, 2, 16, torch.float32, seed=4)
+    r, k, v, w, dy, u = inputs(1, 20, 2, 16, torch.float32, seed=4)
 
     def shifted(x):  # same values, data 4 bytes past an aligned start
         storage = torch.empty(x.numel() + 1, dtype=x.dtype)
@@ -150,7 +110,7 @@ def test_misaligned_inputs_are_copied_before_the_vector_loads(kernels, version):
         assert view.data_ptr() % 16 != 0
         return view
 
-    forward, backward = _versioned(kernels, version)
+    forward, backward = versioned(kernels, version)
     want = [forward(r, k, v, w, u), *backward(dy, r, k, v, w, u)]
     moved = [shifted(x) for x in (r, k, v, w, dy)]
     got = [forward(*moved[:4], u), *backward(moved[4], *moved[:4], u)]
@@ -161,8 +121,8 @@ def test_misaligned_inputs_are_copied_before_the_vector_loads(kernels, version):
 def test_empty_batch_launches_no_grid(kernels, version):
     """B = 0: zero-size outputs, and no launch (CUDA refuses a grid of zero blocks; so does the
     stand-in)."""
-    r, k, v, w, dy, u = _inputs(0, 5, 2, 16, torch.bfloat16, seed=0)
-    forward, backward = _versioned(kernels, version)
+    r, k, v, w, dy, u = inputs(0, 5, 2, 16, torch.bfloat16, seed=0)
+    forward, backward = versioned(kernels, version)
     y = forward(r, k, v, w, u)
     grads = backward(dy, r, k, v, w, u)
     assert y.shape == r.shape and [g.shape for g in grads] == [r.shape] * 4 + [u.shape]
@@ -174,8 +134,8 @@ def test_kernel_source_is_bitwise_repeatable(kernels, version):
     """Three runs on real threads give identical bits: the atomics add in a fixed pattern (two terms
     onto zero), the shuffles sum in a fixed order, and a missing barrier would show up here as a
     run-to-run difference."""
-    r, k, v, w, dy, u = _inputs(2, 65, 2, 64, torch.float32 if version == "v1" else torch.bfloat16, seed=11)
-    forward, backward = _versioned(kernels, version)
+    r, k, v, w, dy, u = inputs(2, 65, 2, 64, torch.float32 if version == "v1" else torch.bfloat16, seed=11)
+    forward, backward = versioned(kernels, version)
     runs = [(forward(r, k, v, w, u), *backward(dy, r, k, v, w, u)) for _ in range(3)]
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
@@ -193,8 +153,8 @@ def test_tensor_core_tile_product(kernels, depth, b_col_major):
     want = a.double() @ b.double()
     single = kernels.tile_product(a, b, b_col_major, False, 0)
     split = kernels.tile_product(a, b, b_col_major, True, 0)
-    assert 1e-5 < _rel(single, want) < 1e-3
-    assert _rel(split, want) < 3e-6
+    assert 1e-5 < rel(single, want) < 1e-3
+    assert rel(split, want) < 3e-6
 
 
 def test_tensor_core_tiles_must_be_aligned(kernels):
@@ -205,7 +165,7 @@ def test_tensor_core_tiles_must_be_aligned(kernels):
 
 
 def test_host_checks_name_the_argument(kernels):
-    r, k, v, w, dy, u = _inputs(1, 5, 2, 16, torch.float32, seed=0)
+    r, k, v, w, dy, u = inputs(1, 5, 2, 16, torch.float32, seed=0)
     with pytest.raises(RuntimeError, match="k has shape"):
         kernels.forward(r, k[:, :4].contiguous(), v, w, u)
     with pytest.raises(RuntimeError, match="grad_output has dtype"):
@@ -223,7 +183,7 @@ def test_traffic_counter_counts_what_the_source_moves(kernels):
     direction, which the key sweep reads twice (tensor-core tiles and the d(w) pairs); the bonus u
     is re-read per chunk (16 rows x N); the host zero-fills and sums once. First touches per pass:
     each input, output and u once, the states once for both of their key-sweep reads."""
-    r, k, v, w, dy, u = _inputs(1, 20, 1, 16, torch.float32, seed=1)
+    r, k, v, w, dy, u = inputs(1, 20, 1, 16, torch.float32, seed=1)
     kernels.take_traffic()
     assert kernels.set_traffic_counting(True) is False
     try:
@@ -253,27 +213,34 @@ def test_traffic_counter_counts_what_the_source_moves(kernels):
 
 
 def test_traffic_tool_compares_with_the_minimal_bytes(kernels):
-    """tools/bench_wkv_traffic.py's table at a tiny shape: the ratio is the counted bytes (the
-    counter, checked above) over inputs read once and outputs written once; occupancy from ptxas
-    figures: 128 registers allow 2 blocks of 256 threads per SM, 80 allow 3 unless shared memory
-    allows fewer."""
+    """tools/bench_wkv_traffic.py's table at a tiny shape, v1 and v2 side by side: each ratio is the
+    version's counted bytes (the counters, checked here and in test_cuda_kernel_v2_on_cpu.py) over
+    inputs read once and outputs written once; occupancy from ptxas figures per version: 128
+    registers allow 2 blocks of 256 threads per SM, 80 allow 3 unless shared memory allows fewer."""
     from tool_loader import tool_module
 
     from rwkvclip_dist.ops.ptxas_report import KernelResources
 
     tool = tool_module("bench_wkv_traffic")
     shape = tool.Shape("tiny", 20, 2, 16)
-    lines, ratio = tool.traffic_table(kernels, [shape], torch.bfloat16)
-    counted = sum(c[2] + c[3] for c in tool.count_traffic(kernels, shape, torch.bfloat16).values())
-    assert ratio == pytest.approx(counted / sum(tool.minimal_bytes(shape, torch.bfloat16).values()))
+    lines, ratios = tool.traffic_table(kernels, [shape], torch.bfloat16)
+    least = sum(tool.minimal_bytes(shape, torch.bfloat16).values())
+    for version in ("v1", "v2"):
+        counted = sum(c[2] + c[3] for c in tool.count_traffic(kernels, shape, torch.bfloat16, version).values())
+        assert ratios[version] == pytest.approx(counted / least)
+        assert any(line.startswith(f"| {version} | **both** |") and line.endswith(f"**{ratios[version]:.2f}** |")
+                   for line in lines)
+    assert ratios["v2"] < ratios["v1"] / 3
     assert tool.minimal_bytes(shape, torch.bfloat16) == {"forward": 5 * 320 * 2 + 64, "backward": 9 * 320 * 2 + 128}
-    assert any(line.startswith("| **both** |") and line.endswith(f"**{ratio:.2f}** |") for line in lines)
     assert tool.blocks_per_sm(128, 70_000) == 2 and tool.blocks_per_sm(80, 70_000) == 3
     assert tool.blocks_per_sm(80, 120_000) == 1 and tool.blocks_per_sm(32, 1_000) == 8
     rows = [KernelResources("sweep<N=64, key>", "sm_90", 128, 0, 8, 8, 8),
             KernelResources("sweep<N=64, forward>", "sm_90", 80, 0, 0, 0, 0),
             KernelResources("sweep<N=80, key>", "sm_90", 128, 0, 48, 40, 40),
             KernelResources("sweep<N=128, key>", "sm_90", 128, 0, 96, 64, 64),
-            KernelResources("sweep<N=64, key>", "sm_80", 200, 0, 0, 900, 900)]
-    _, blocks, spill = tool.occupancy_table(rows, {64: 70_000, 80: 90_000, 128: 160_000})
-    assert (blocks, spill) == (2, 80)  # the fewest at N=64; the most spilled bytes at N 64/80, sm_90 only
+            KernelResources("sweep<N=64, key>", "sm_80", 200, 0, 0, 900, 900),
+            KernelResources("v2<N=64, backward, bf16>", "sm_90", 80, 0, 0, 0, 0),
+            KernelResources("v2<N=80, forward, fp32>", "sm_90", 120, 0, 8, 4, 4)]
+    _, figures = tool.occupancy_table(rows, {64: 70_000, 80: 90_000, 128: 160_000})
+    # the fewest blocks at N=64; the most spilled bytes at N 64/80, sm_90 only
+    assert figures == {"v1": (2, 80), "v2": (3, 8)}

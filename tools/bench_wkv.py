@@ -4,7 +4,9 @@
     python tools/bench_wkv.py --tokens 197 577 --repeats 20 --out /tmp/table.md
 
 Rows per T (B*H fills the GPU, N=64):
-  ours bf16 / ours fp32  rwkvclip::bi_wkv (csrc/bi_wkv)
+  ours bf16 / ours fp32  rwkvclip::bi_wkv (csrc/bi_wkv), the v2 kernels (the default)
+  ours v1 bf16 / fp32    the same op with RWKVCLIP_BI_WKV_KERNEL=v1 (one block per direction, fp32
+                         atomics, stored states), timed in the same run
   triton bf16 / fp32     rwkvclip::bi_wkv_triton (rwkvclip_dist/ops/bi_wkv_triton.py), the second
                          fused path
   two-scan fp32          the reference RWKV-CLIP's algorithm: a per-token scan per thread, run
@@ -26,6 +28,7 @@ TRITON_INTERPRET=1 set before the run): it checks this script, not the kernels (
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import sys
@@ -112,6 +115,21 @@ def sdpa(r, k, v, w, u):
     return F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (r, k, v))).transpose(1, 2)
 
 
+def kernel_version(version: str):
+    """ours.bi_wkv_cuda with RWKVCLIP_BI_WKV_KERNEL=version for the call (read on every call)."""
+    def run(r, k, v, w, u):
+        old = os.environ.get(ours.KERNEL_VARIABLE)
+        os.environ[ours.KERNEL_VARIABLE] = version
+        try:
+            return ours.bi_wkv_cuda(r, k, v, w, u)
+        finally:
+            if old is None:
+                os.environ.pop(ours.KERNEL_VARIABLE)
+            else:
+                os.environ[ours.KERNEL_VARIABLE] = old
+    return run
+
+
 def time_fwd_bwd(fn, inputs, grad, repeats: int) -> tuple[float, torch.Tensor]:
     leaves = [x.detach().requires_grad_() for x in inputs]
     output = fn(*leaves)
@@ -171,8 +189,9 @@ def run(args: argparse.Namespace) -> int:
         peak = peak_bandwidth(args.peak_gbs)
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         batch = max(1, -(-2 * sms // args.heads))  # two (batch, head) pairs per SM at least
-        methods = [("ours", torch.bfloat16, ours.bi_wkv_cuda), ("ours", torch.float32, ours.bi_wkv_cuda),
-                   ("two-scan", torch.float32, two_scan_baseline())]
+        methods = [(name, dtype, kernel_version(version)) for name, version in (("ours", "v2"), ("ours v1", "v1"))
+                   for dtype in (torch.bfloat16, torch.float32)]
+        methods += [("two-scan", torch.float32, two_scan_baseline())]
         if bi_wkv_triton.is_available(device):
             methods += [("triton", dtype, bi_wkv_triton.bi_wkv_triton) for dtype in (torch.bfloat16, torch.float32)]
         else:

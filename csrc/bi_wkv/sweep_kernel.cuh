@@ -1,8 +1,9 @@
 // Bi-WKV (SPEC section 4) as chunked causal sweeps. See docs/cuda.md for the decomposition.
 //
-// One thread block owns one (batch, head) and one direction: blockIdx.x = 2 * (b * H + h) + dir,
-// dir 0 forward in time, 1 backward in time (the two directions of a head are neighbours in launch
-// order, so the second one's reads of the same inputs tend to hit L2). It walks the sequence in
+// v1 (sweep_kernel): one thread block owns one (batch, head) and one direction: blockIdx.x =
+// 2 * (b * H + h) + dir, dir 0 forward in time, 1 backward in time (the two directions of a head are
+// neighbours in launch order, so the second one's reads of the same inputs tend to hit L2). v2
+// (sweep_fused.cuh) runs the same sweep_pass for both directions in one block. A sweep walks the sequence in
 // chunks of kChunk tokens, carrying an N x N fp32 state in shared memory. Chunks lie on the same
 // time grid in both directions (the reverse sweep meets the ragged chunk first), so states stored
 // by one direction line up with the other's.
@@ -197,7 +198,7 @@ __device__ __forceinline__ void sweep_pass(const SweepParams& prm, const Tiles<N
       mma_accumulate<N, wmma::row_major, wmma::col_major>(acc, s.q, LD, s.b, LD, split);
       store_shared(s.dots, acc, L);
     }
-    #pragma unroll 1  // one element at a time: unrolled, N=80 and the v2 outputs spill
+#pragma unroll 1  // one element at a time: unrolled, these loops pushed v2 at N=64 over 80 registers
     for (int idx = tid; idx < L * N; idx += kThreads) {
       const int i = idx / N, j = idx % N;
       const int o = i * LD + j;
@@ -271,7 +272,7 @@ __device__ __forceinline__ void sweep_pass(const SweepParams& prm, const Tiles<N
 
     // -- outputs of this chunk: column (y or dv) and row (dr or dk), bonus in direction 0; the
     //    state is consumed, so decay it to the chunk end in the same pass
-    #pragma unroll 1  // one element at a time: unrolled, N=80 and the v2 outputs spill
+#pragma unroll 1  // one element at a time: unrolled, these loops pushed v2 at N=64 over 80 registers
     for (int idx = tid; idx < L * N; idx += kThreads) {
       const int i = idx / N, col = idx % N;
       const bool ok = pos.time_of(i) < pos.T;
