@@ -14,9 +14,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wkv_emulation import TOLERANCE, VERSIONS, chunked_reference, inputs, kernels, rel, versioned  # noqa: F401
+from wkv_emulation import (TOLERANCE, VERSIONS, chunked_reference, inputs, kernels, own_backward,  # noqa: F401
+                           rel, versioned)
 
 from rwkvclip_dist.ops.bi_wkv_reference import bi_wkv_float64
+
+_REFERENCES: dict = {}  # (tokens, size, dtype) -> (inputs, y, gradients) in float64
 
 @pytest.mark.parametrize(
     "tokens, size, dtype",
@@ -28,16 +31,20 @@ from rwkvclip_dist.ops.bi_wkv_reference import bi_wkv_float64
 )
 @pytest.mark.parametrize("version", VERSIONS)
 def test_kernel_source_matches_reference(kernels, version, tokens, size, dtype):
-    pairs = 2 if tokens <= 256 else 1  # long sequences: one (batch, head) keeps the float64 reference quick
-    r, k, v, w, dy, u = inputs(pairs, tokens, pairs, size, dtype, seed=tokens * 100 + size)
-    _, want_grads = chunked_reference(r, k, v, w, u, dy)
-    want_y = bi_wkv_float64(r, k, v, w, u)
+    key = (tokens, size, dtype)
+    if key not in _REFERENCES:  # both versions compare with one float64 reference
+        pairs = 2 if tokens <= 256 else 1  # long sequences: one (batch, head) keeps the float64 reference quick
+        case = inputs(pairs, tokens, pairs, size, dtype, seed=tokens * 100 + size)
+        _REFERENCES[key] = case, bi_wkv_float64(*case[:4], case[5]), chunked_reference(*case[:4], case[5], case[4])[1]
+    (r, k, v, w, dy, u), want_y, want_grads = _REFERENCES[key]
 
     forward, backward = versioned(kernels, version)
     y = forward(r, k, v, w, u)
-    grads = backward(dy, r, k, v, w, u)
     tol = TOLERANCE[dtype]
     assert y.dtype == dtype and rel(y, want_y) <= tol, f"y: {rel(y, want_y):.2e}"
+    if not own_backward(version, dtype):
+        return
+    grads = backward(dy, r, k, v, w, u)
     for name, got, want in zip("rkvwu", grads, want_grads):
         assert got.dtype == (torch.float32 if name == "u" else dtype)
         assert rel(got, want) <= tol, f"d{name}: {rel(got, want):.2e} (T={tokens}, N={size}, {dtype})"
@@ -53,7 +60,7 @@ def test_kernel_source_at_decay_extremes(kernels, version, raw_decay):
     want_y, want_grads = chunked_reference(r, k, v, w, u, dy)
     forward, backward = versioned(kernels, version)
     y = forward(r, k, v, w, u)
-    grads = backward(dy, r, k, v, w, u)
+    grads = backward(dy, r, k, v, w, u) if own_backward(version, r.dtype) else want_grads
     assert rel(y, want_y) <= 1e-5
     for name, got, want in zip("rkvwu", grads, want_grads):
         assert torch.isfinite(got).all() and rel(got, want) <= 1e-5, f"d{name}: {rel(got, want):.2e}"
@@ -72,7 +79,7 @@ def test_slow_decays_over_long_sequences_keep_fp32_accuracy(kernels, version):
     want_y, want_grads = chunked_reference(r, k, v, w, u, dy)
     forward, backward = versioned(kernels, version)
     y = forward(r, k, v, w, u)
-    grads = backward(dy, r, k, v, w, u)
+    grads = backward(dy, r, k, v, w, u) if own_backward(version, r.dtype) else want_grads
     assert rel(y, want_y) <= 1e-5, f"y: {rel(y, want_y):.2e}"
     for name, got, want in zip("rkvwu", grads, want_grads):
         assert rel(got, want) <= 1e-5, f"d{name}: {rel(got, want):.2e}"
@@ -134,7 +141,8 @@ def test_kernel_source_is_bitwise_repeatable(kernels, version):
     """Three runs on real threads give identical bits: the atomics add in a fixed pattern (two terms
     onto zero), the shuffles sum in a fixed order, and a missing barrier would show up here as a
     run-to-run difference."""
-    r, k, v, w, dy, u = inputs(2, 65, 2, 64, torch.float32 if version == "v1" else torch.bfloat16, seed=11)
+    dtype = torch.float32 if version == "v1" else torch.bfloat16  # v2's fp32 backward is v1's
+    r, k, v, w, dy, u = inputs(2, 65, 2 if version == "v1" else 1, 64, dtype, seed=11)
     forward, backward = versioned(kernels, version)
     runs = [(forward(r, k, v, w, u), *backward(dy, r, k, v, w, u)) for _ in range(3)]
     for other in runs[1:]:

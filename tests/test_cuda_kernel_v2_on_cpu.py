@@ -8,7 +8,6 @@ v1's.
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
 from wkv_emulation import chunked_reference, inputs, kernels, rel  # noqa: F401 (kernels: the fixture)
@@ -42,12 +41,12 @@ def test_v2_writes_each_output_once_in_its_dtype(kernels):
     assert got == want
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_v2_decay_gradient_with_slow_decays_over_a_long_sequence(kernels, dtype):
+def test_v2_decay_gradient_with_slow_decays_over_a_long_sequence(kernels):
     """d(log w_p) = Z - S_z(>=p) - P_x(<=p) + ... subtracts sums over the whole sequence: largest
     when nothing decays (per-step decay ~0.99988) and T is long. The row outputs it sums come from
     3xTF32 products in v2's backward (one TF32 product each gave 2e-2 at T=197): within the 5e-3
-    of bf16/fp16 here, as the other outputs."""
+    of bf16 here, as the other outputs (fp16's longer mantissa only shrinks the rounding)."""
+    dtype = torch.bfloat16
     r, k, v, _, dy, u = inputs(1, 1025, 1, 16, dtype, seed=5)
     g = torch.Generator().manual_seed(6)
     w = (-9.0 + 0.1 * torch.randn(r.shape, generator=g)).to(dtype)

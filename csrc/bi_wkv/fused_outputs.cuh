@@ -7,16 +7,17 @@
 // sweeps make the first share visible, so no block hands anything to another).
 //
 // d(log w_p), per channel, for the forward-in-time term (pairs key s < p < query t) is
-//   sum_{t>p} r_t dr0_t - sum_{s>=p} k_s dk0_s  =  Z - S_z(>=p) - P_x(<=p)
-// with x_t = r_t dr0_t and z_s = k_s dk0_s (this term's row outputs without the bonus), Z the total
-// of z, S/P suffix/prefix sums in time (the two totals of x and z are equal: both sum every pair).
-// For the backward-in-time term (pairs query t < p < key s), with x'_t = r_t dr1_t, z'_s = k_s dk1_s,
+//   sum_{t>p} x_t - sum_{s>=p} z_s  =  X - P_x(<=p) - S_z(>=p)
+// with x_t = r_t dr0_t and z_s = k_s dk0_s (this term's row outputs without the bonus), X the total
+// of x, S/P suffix/prefix sums in time. For the backward-in-time term (pairs query t < p < key s),
+// with x'_t = r_t dr1_t, z'_s = k_s dk1_s,
 //   sum_{t<p} x'_t - sum_{s<=p} z'_s  =  X' - S_x'(>=p) - P_z'(<=p).
-// Each of the four sweeps (query dir 0 gives x, query dir 1 x', key dir 1 z, key dir 0 z') adds its
-// running sum, inclusive in its own order, onto an fp32 buffer G; the last one starts its sum at
-// -(X' + Z) and writes d(w) = -(G + its sum) * d(log w)/d(w_raw), once, in the input dtype. This
-// form subtracts long sums (flash-linear-attention's): fine for bf16/fp16 outputs (docs/cuda.md
-// gives the measured error), while fp32 inputs keep v1's stored-state backward.
+// The four sweeps (query dir 0 gives x, query dir 1 x', key dir 0 z', key dir 1 z) each add their
+// running sum, inclusive in their own order, onto an fp32 buffer G; the last one starts its sum at
+// -(X + X') and writes d(w) = -(G + its sum) * d(log w)/d(w_raw), once, in the input dtype. This
+// form subtracts long sums (flash-linear-attention's): fine for bf16/fp16 outputs with the row
+// outputs from 3xTF32 products (docs/cuda.md gives the measured error), while fp32 inputs keep v1's
+// stored-state backward.
 #pragma once
 
 #include "chunk_load.cuh"

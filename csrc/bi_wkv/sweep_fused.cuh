@@ -2,8 +2,8 @@
 // sweep_kernel.cuh one after another, so that outputs are written once per sweep in the input dtype
 // and nothing passes between blocks (fused_outputs.cuh):
 //   forward:  direction 0 stores y (with the bonus), direction 1 adds its share;
-//   backward: query dir 0 (dr, x), query dir 1 (dr, x'), key dir 1 (dk, dv, z), key dir 0 (dk, dv,
-//             z', du, and d(w) from the four running sums); no stored states.
+//   backward: query dir 0 (dr, x), query dir 1 (dr, x'), key dir 0 (dk, dv, z', du), key dir 1 (dk,
+//             dv, z, and d(w) from the four running sums); no stored states.
 #pragma once
 
 #include <type_traits>
@@ -30,13 +30,14 @@ __global__ void __launch_bounds__(kThreads, kFusedMinBlocks<N>) fused_kernel(Swe
     sweep_pass<N, Sweep::kForward, true, kType>(query, s, 0, 0, du_acc, carry);
     sweep_pass<N, Sweep::kForward, true, kType>(query, s, 1, 1, du_acc, carry);
   } else {
+    // each sweep starts where the previous one ended, so its first chunks are the most recently read
     sweep_pass<N, Sweep::kQuery, true, kType>(query, s, 0, 0, du_acc, carry);
-    carry = 0.f;
+    totals = carry, carry = 0.f;  // X, the total of x
     sweep_pass<N, Sweep::kQuery, true, kType>(query, s, 1, 1, du_acc, carry);
-    totals = carry, carry = 0.f;  // X', the total of x'
-    sweep_pass<N, Sweep::kKey, true, kType>(key, s, 1, 2, du_acc, carry);
-    carry = -(totals + carry);  // -(X' + Z): the last sweep's sum starts there
-    sweep_pass<N, Sweep::kKey, true, kType>(key, s, 0, 3, du_acc, carry);
+    totals += carry, carry = 0.f;  // + X'
+    sweep_pass<N, Sweep::kKey, true, kType>(key, s, 0, 2, du_acc, carry);
+    carry = -totals;  // the last sweep's sum starts at -(X + X')
+    sweep_pass<N, Sweep::kKey, true, kType>(key, s, 1, 3, du_acc, carry);
     if (threadIdx.x < N) store_global(key.du_part + int64_t(blockIdx.x) * N + threadIdx.x, du_acc);
   }
 }
