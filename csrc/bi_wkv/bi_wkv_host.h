@@ -122,24 +122,36 @@ void name_tensors(std::initializer_list<std::pair<const char*, torch::Tensor>> t
 
 using namespace detail;
 
-template <class Device>
-torch::Tensor forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w, torch::Tensor u) {
+// kV2: the v2 kernel (sweep_fused.cuh) writes y once in the input dtype; v1's two direction blocks
+// add onto a zeroed fp32 buffer, cast at the end.
+template <class Device, bool kV2>
+torch::Tensor forward_version(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w, torch::Tensor u) {
   check_inputs<Device>(r, k, v, w, u);
   const c10::DeviceGuard guard(r.device());
   SweepParams prm = base_params(r, w, u);
   if (prm.BH == 0) return torch::zeros_like(r);  // an empty batch: no launch of an empty grid
   r = aligned16(r), k = aligned16(k), v = aligned16(v), w = aligned16(w);
   prm.w = w.data_ptr();
-  auto y32 = torch::zeros(r.sizes(), r.options().dtype(at::kFloat));
-  name_tensors<Device>({{"r", r}, {"k", k}, {"v", v}, {"w", w}, {"u", u}, {"y", y32}});
-  Device::host_pass("forward: zero-fill", "y", 0, y32.nbytes());
+  auto y = kV2 ? torch::empty_like(r) : torch::zeros(r.sizes(), r.options().dtype(at::kFloat));
+  name_tensors<Device>({{"r", r}, {"k", k}, {"v", v}, {"w", w}, {"u", u}, {"y", y}});
   prm.a = k.data_ptr();
   prm.b = v.data_ptr();
   prm.p = r.data_ptr();
-  prm.col_out = y32.data_ptr<float>();
+  if constexpr (kV2) {
+    prm.col_typed = y.data_ptr();
+    Device::template run_fused<Fused::kForward>(prm, prm, r.size(3));
+    return y;
+  }
+  Device::host_pass("forward: zero-fill", "y", 0, y.nbytes());
+  prm.col_out = y.data_ptr<float>();
   Device::template run<Sweep::kForward>(prm, r.size(3));
-  if (r.scalar_type() != at::kFloat) Device::host_pass("forward: cast", "y", y32.nbytes(), r.nbytes());
-  return to_input_dtype(y32, r);
+  if (r.scalar_type() != at::kFloat) Device::host_pass("forward: cast", "y", y.nbytes(), r.nbytes());
+  return to_input_dtype(y, r);
+}
+
+template <class Device>
+torch::Tensor forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w, torch::Tensor u) {
+  return forward_version<Device, false>(r, k, v, w, u);
 }
 
 template <class Device>
@@ -197,20 +209,7 @@ std::vector<torch::Tensor> backward(torch::Tensor dy, torch::Tensor r, torch::Te
 // v1 backward: v2's d(w) subtracts long sums, within bf16's error budget but not fp32's.
 template <class Device>
 torch::Tensor forward_v2(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w, torch::Tensor u) {
-  check_inputs<Device>(r, k, v, w, u);
-  const c10::DeviceGuard guard(r.device());
-  SweepParams prm = base_params(r, w, u);
-  if (prm.BH == 0) return torch::zeros_like(r);  // an empty batch: no launch of an empty grid
-  r = aligned16(r), k = aligned16(k), v = aligned16(v), w = aligned16(w);
-  prm.w = w.data_ptr();
-  auto y = torch::empty_like(r);
-  name_tensors<Device>({{"r", r}, {"k", k}, {"v", v}, {"w", w}, {"u", u}, {"y", y}});
-  prm.a = k.data_ptr();
-  prm.b = v.data_ptr();
-  prm.p = r.data_ptr();
-  prm.col_typed = y.data_ptr();
-  Device::template run_fused<Fused::kForward>(prm, prm, r.size(3));
-  return y;
+  return forward_version<Device, true>(r, k, v, w, u);
 }
 
 template <class Device>
