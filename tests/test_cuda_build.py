@@ -64,6 +64,19 @@ def test_resources_fit_the_architectures(compiled):
         assert row.registers * THREADS <= REGISTERS_PER_SM, f"{row.kernel} on {row.arch}: {row.registers} registers"
 
 
+def test_v2_kernels_meet_the_occupancy_targets(compiled):
+    """Issue 20's targets for the v2 kernels: 3 blocks of 256 threads per SM at N=64 on sm_90 (at
+    most 80 registers; its 70 KiB of shared memory fit 3 times) and no spills at N 64/80 on either
+    architecture."""
+    _, rows = compiled
+    v2 = [row for row in rows if row.kernel.startswith("v2<") and ("N=64," in row.kernel or "N=80," in row.kernel)]
+    assert len(v2) == 2 * 5 * len(ARCHS)
+    for row in v2:
+        assert row.spill_stores == row.spill_loads == 0, f"{row.kernel} on {row.arch} spills"
+        if row.arch == "sm_90" and "N=64," in row.kernel:
+            assert row.registers * THREADS * 3 <= REGISTERS_PER_SM, f"{row.kernel}: {row.registers} registers"
+
+
 def test_extension_exposes_the_bindings(compiled):
     module, _ = compiled
     assert callable(module.forward) and callable(module.backward)

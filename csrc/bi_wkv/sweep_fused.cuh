@@ -12,11 +12,17 @@
 
 namespace rwkvclip {
 
-// Blocks per SM asked of ptxas: at N=64 the three that its 70 KiB of shared memory allow on sm_90
-// (227 KiB), which caps the registers at 80 per thread (the ptxas report shows no spills); N=80 and
-// 128 get what their shared memory allows (2 and 1); N=16 two, since 80 registers spill there.
+// Blocks per SM asked of ptxas: at N=64 on sm_90 the three that its 70 KiB of shared memory allow
+// (227 KiB per SM), which caps the registers at 80 per thread (the ptxas report shows no spills);
+// sm_8x holds only two such blocks (164 KiB or less), where 80 registers would spill for nothing.
+// N=80 and 128 get what their shared memory allows (2 and 1); N=16 two, since 80 registers spill.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr int kBlocksAtN64 = 2;
+#else
+constexpr int kBlocksAtN64 = 3;
+#endif
 template <int N>
-constexpr int kFusedMinBlocks = N == 64 ? 3 : (N <= 80 ? 2 : 1);
+constexpr int kFusedMinBlocks = N == 64 ? kBlocksAtN64 : (N <= 80 ? 2 : 1);
 
 // kType: the input dtype (an InputType), one kernel each; the backward has no fp32 kernel (fp32
 // inputs take v1's backward, bi_wkv_host.h).
