@@ -1,7 +1,7 @@
 """The CUDA kernel source itself, executed on CPU threads, against the float64 references.
 
-csrc/testing/cpu_emulation.cpp compiles csrc/bi_wkv/sweep_kernel.cuh and bi_wkv_host.h with the
-host compiler: each CUDA thread of a block is a std::thread, __syncthreads a std::barrier,
+csrc/testing/cpu_emulation.cpp compiles csrc/bi_wkv/sweep_kernel.cuh (v1), sweep_fused.cuh (v2)
+and bi_wkv_host.h with the host compiler (both versions run through the tests marked `version`): each CUDA thread of a block is a std::thread, __syncthreads a std::barrier,
 atomicAdd a std::atomic_ref (a stand-in for the GPU, which this machine lacks). So this runs the
 very lines the GPU runs, through the same host code that allocates and orders the launches:
 indexing, padding of ragged chunks, both directions, the stored states, d(w) and d(u) are all

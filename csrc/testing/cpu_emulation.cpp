@@ -1,15 +1,16 @@
 // Runs the real CUDA sweep kernels of csrc/bi_wkv on the CPU, for tests on machines without a GPU
 // (tests/test_cuda_kernel_on_cpu.py). Compiled by the host compiler: one std::thread per CUDA
 // thread of a block, std::barrier as __syncthreads, one block after another over the grid
-// (2 B H), a static array as the block's shared memory and std::atomic_ref as atomicAdd. It
-// executes the same source lines as the GPU, so indexing, padding, the chunk grid, phase order
+// (2 B H for the v1 sweeps, B H for the v2 kernels of sweep_fused.cuh), a static array as the
+// block's shared memory and std::atomic_ref as atomicAdd. It executes the same source lines as the GPU, so indexing, padding, the chunk grid, phase order
 // and missing barriers (as races between real threads) are tested; warp-level timing is not.
 // The tensor-core tile products come from wmma_emulation.h (lane 0 of each warp computes whole
 // tiles, with TF32 operand rounding and WMMA's alignment rules checked).
 //
 // With set_traffic_counting(True) it also counts the global-memory bytes the kernel source loads
 // and stores (every __ldg, atomicAdd, store_global and WMMA tile load or store of a counted
-// tensor; an atomicAdd counts 4 bytes loaded and 4 stored), per tensor and pass, together with
+// tensor, and v2's typed stores and read-backs (store_global, read_global); an atomicAdd counts 4
+// bytes loaded and 4 stored), per tensor and pass, together with
 // what the host code's torch operations move (zero-fills, casts: bi_wkv_host.h's host_pass). The
 // host names each tensor a kernel may touch; a global access outside all of them is reported as
 // an error. take_traffic() returns and clears the counts (tools/bench_wkv_traffic.py).
