@@ -114,6 +114,20 @@ def test_kernel_version_comes_from_the_environment(monkeypatch):
         op.kernel_version()
 
 
+def test_benchmark_rows_run_forward_and_backward_on_their_kernel_version(monkeypatch):
+    """tools/bench_wkv.py times "ours" (v2) and "ours v1" in one run: the variable is set around a
+    row's whole forward + backward (autograd calls the backward op later), then restored."""
+    from tool_loader import tool_module
+
+    bench = tool_module("bench_wkv")
+    monkeypatch.delenv(op.KERNEL_VARIABLE, raising=False)
+    with bench.kernel_version("ours v1"):
+        assert op.kernel_version() == "v1"
+    with bench.kernel_version("ours"):
+        assert op.kernel_version() == "v2"
+    assert op.KERNEL_VARIABLE not in os.environ
+
+
 def _toolkit_or_skip() -> Path:
     try:
         return find_cuda_home()

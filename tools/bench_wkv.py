@@ -28,6 +28,7 @@ TRITON_INTERPRET=1 set before the run): it checks this script, not the kernels (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import statistics
@@ -115,19 +116,19 @@ def sdpa(r, k, v, w, u):
     return F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (r, k, v))).transpose(1, 2)
 
 
-def kernel_version(version: str):
-    """ours.bi_wkv_cuda with RWKVCLIP_BI_WKV_KERNEL=version for the call (read on every call)."""
-    def run(r, k, v, w, u):
-        old = os.environ.get(ours.KERNEL_VARIABLE)
-        os.environ[ours.KERNEL_VARIABLE] = version
-        try:
-            return ours.bi_wkv_cuda(r, k, v, w, u)
-        finally:
-            if old is None:
-                os.environ.pop(ours.KERNEL_VARIABLE)
-            else:
-                os.environ[ours.KERNEL_VARIABLE] = old
-    return run
+@contextlib.contextmanager
+def kernel_version(name: str):
+    """RWKVCLIP_BI_WKV_KERNEL for a row's forward and backward (the op reads it on every call):
+    v1 for the "ours v1" rows, v2 for the others."""
+    old = os.environ.get(ours.KERNEL_VARIABLE)
+    os.environ[ours.KERNEL_VARIABLE] = "v1" if name == "ours v1" else "v2"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ours.KERNEL_VARIABLE)
+        else:
+            os.environ[ours.KERNEL_VARIABLE] = old
 
 
 def time_fwd_bwd(fn, inputs, grad, repeats: int) -> tuple[float, torch.Tensor]:
@@ -189,8 +190,7 @@ def run(args: argparse.Namespace) -> int:
         peak = peak_bandwidth(args.peak_gbs)
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         batch = max(1, -(-2 * sms // args.heads))  # two (batch, head) pairs per SM at least
-        methods = [(name, dtype, kernel_version(version)) for name, version in (("ours", "v2"), ("ours v1", "v1"))
-                   for dtype in (torch.bfloat16, torch.float32)]
+        methods = [(name, dtype, ours.bi_wkv_cuda) for name in ("ours", "ours v1") for dtype in (torch.bfloat16, torch.float32)]
         methods += [("two-scan", torch.float32, two_scan_baseline())]
         if bi_wkv_triton.is_available(device):
             methods += [("triton", dtype, bi_wkv_triton.bi_wkv_triton) for dtype in (torch.bfloat16, torch.float32)]
@@ -213,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
         results = {}
         for name, dtype, fn in methods:
             inputs = [x.to(dtype) for x in base] + [bonus]
-            ms, y = time_fwd_bwd(fn, inputs, grad.to(dtype), args.repeats)
+            with kernel_version(name):
+                ms, y = time_fwd_bwd(fn, inputs, grad.to(dtype), args.repeats)
             # ideal traffic: fwd reads r, k, v, w and writes y; bwd reads those and dy, writes 4 grads
             tensors = 12 if name == "SDPA" else 14  # SDPA: q, k, v, o / q, k, v, o, do, dq, dk, dv
             ideal = tensors * torch.Size(shape).numel() * torch.finfo(dtype).bits / 8
