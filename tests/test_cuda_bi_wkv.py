@@ -117,6 +117,14 @@ def test_matches_reference(kernel, tokens, size, dtype):
     _check_against_reference(kernel, batch, tokens, heads, size, dtype, seed=tokens * 1000 + size)
 
 
+@pytest.mark.parametrize("tokens, dtype", [(65, torch.bfloat16), (197, torch.float32)], ids=["65-bf16", "197-fp32"])
+def test_v1_kernel_matches_reference(kernel, monkeypatch, tokens, dtype):
+    """The v1 kernels (one block per direction), which stay built beside v2 for the benchmark."""
+    monkeypatch.setenv("RWKVCLIP_BI_WKV_KERNEL", "v1")
+    batch, heads = _small_batch(tokens)
+    _check_against_reference(kernel, batch, tokens, heads, 64, dtype, seed=tokens * 1000 + 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("size", [16, 128])
 @pytest.mark.parametrize("tokens", TOKENS_OTHER_SIZES)

@@ -47,8 +47,11 @@ def test_every_kernel_compiles_for_both_architectures(compiled, capsys):
     with capsys.disabled():
         print("\n" + format_report(rows, smem))
     assert tuple(module.head_sizes()) == SUPPORTED_HEAD_SIZES
-    expected = {(f"sweep<N={n}, {kind}>", f"sm_{a.replace('.', '')}")
-                for n in SUPPORTED_HEAD_SIZES for kind in ("forward", "query", "key") for a in ARCHS}
+    v1 = {f"sweep<N={n}, {kind}>" for n in SUPPORTED_HEAD_SIZES for kind in ("forward", "query", "key")}
+    # v2: one kernel per dtype; fp32 inputs take v1's backward, so there is no fp32 v2 backward
+    v2 = {f"v2<N={n}, {kind}, {dtype}>" for n in SUPPORTED_HEAD_SIZES for kind, dtypes in
+          (("forward", ("fp32", "bf16", "fp16")), ("backward", ("bf16", "fp16"))) for dtype in dtypes}
+    expected = {(kernel, f"sm_{a.replace('.', '')}") for kernel in v1 | v2 for a in ARCHS}
     assert {(row.kernel, row.arch) for row in rows} == expected
 
 
@@ -61,9 +64,23 @@ def test_resources_fit_the_architectures(compiled):
         assert row.registers * THREADS <= REGISTERS_PER_SM, f"{row.kernel} on {row.arch}: {row.registers} registers"
 
 
+def test_v2_kernels_meet_the_occupancy_targets(compiled):
+    """Issue 20's targets for the v2 kernels: 3 blocks of 256 threads per SM at N=64 on sm_90 (at
+    most 80 registers; its 70 KiB of shared memory fit 3 times) and no spills at N 64/80 on either
+    architecture."""
+    _, rows = compiled
+    v2 = [row for row in rows if row.kernel.startswith("v2<") and ("N=64," in row.kernel or "N=80," in row.kernel)]
+    assert len(v2) == 2 * 5 * len(ARCHS)
+    for row in v2:
+        assert row.spill_stores == row.spill_loads == 0, f"{row.kernel} on {row.arch} spills"
+        if row.arch == "sm_90" and "N=64," in row.kernel:
+            assert row.registers * THREADS * 3 <= REGISTERS_PER_SM, f"{row.kernel}: {row.registers} registers"
+
+
 def test_extension_exposes_the_bindings(compiled):
     module, _ = compiled
     assert callable(module.forward) and callable(module.backward)
+    assert callable(module.forward_v2) and callable(module.backward_v2)
 
 
 def test_python_shared_memory_formula_matches_the_kernels(compiled):
@@ -135,9 +152,29 @@ def test_chunk_loads_are_vectors_issued_before_their_shared_stores(sass):
             f"N={n} kind={kind}: the loop's first phase issues {prefetch}"
 
 
-def test_tiles_are_addressed_as_shared_or_global_memory(sass):
+def _fused_sass(build_dir: Path) -> dict[str, list[str]]:
+    """{mangled name: opcodes} of the v2 kernels' sm_90 code (sweep_fused.cuda.o)."""
+    tool = _cuobjdump()
+    env = {**os.environ, "PATH": f"{Path(tool).parent}:{os.environ['PATH']}"}
+    text = subprocess.run([tool, "-sass", "-arch", "sm_90", str(build_dir / "sweep_fused.cuda.o")], check=True,
+                          capture_output=True, text=True, env=env).stdout
+    kernels, current = {}, None
+    for line in text.splitlines():
+        if match := re.search(r"Function : (\S*fused_kernel\S*)", line):
+            current = match.group(1)
+            kernels[current] = []
+        elif (match := _OPCODE.search(line)) and current:
+            kernels[current].append(match.group(1))
+    return kernels
+
+
+def test_tiles_are_addressed_as_shared_or_global_memory(sass, built):
     """No generic loads or stores (LD/ST): every WMMA tile access names its memory (LDS/STS for the
-    shared tiles, LDG for the stored states), which saves the generic-to-shared address check."""
-    for (n, kind), ops in sass.items():
+    shared tiles, LDG for the stored states), which saves the generic-to-shared address check; v2's
+    typed output stores and reads are global (STG/LDG) too."""
+    fused = _fused_sass(built[1])
+    assert len(fused) == 5 * len(SUPPORTED_HEAD_SIZES)
+    named = {f"sweep N={n} kind={kind}": ops for (n, kind), ops in sass.items()} | fused
+    for name, ops in named.items():
         generic = [op for op in ops if op.split(".")[0] in ("LD", "ST")]
-        assert not generic, f"N={n} kind={kind}: {len(generic)} generic accesses, e.g. {generic[:3]}"
+        assert not generic, f"{name}: {len(generic)} generic accesses, e.g. {generic[:3]}"

@@ -103,6 +103,31 @@ def test_unavailable_without_a_device_and_says_why():
     assert "no CUDA device" in op.unavailable_reason()
 
 
+def test_kernel_version_comes_from_the_environment(monkeypatch):
+    """RWKVCLIP_BI_WKV_KERNEL picks v2 (default) or v1 on every call; anything else is named."""
+    monkeypatch.delenv(op.KERNEL_VARIABLE, raising=False)
+    assert op.kernel_version() == "v2"
+    monkeypatch.setenv(op.KERNEL_VARIABLE, "V1")
+    assert op.kernel_version() == "v1"
+    monkeypatch.setenv(op.KERNEL_VARIABLE, "v3")
+    with pytest.raises(ValueError, match="RWKVCLIP_BI_WKV_KERNEL='v3': expected one of v2, v1"):
+        op.kernel_version()
+
+
+def test_benchmark_rows_run_forward_and_backward_on_their_kernel_version(monkeypatch):
+    """tools/bench_wkv.py times "ours" (v2) and "ours v1" in one run: the variable is set around a
+    row's whole forward + backward (autograd calls the backward op later), then restored."""
+    from tool_loader import tool_module
+
+    bench = tool_module("bench_wkv")
+    monkeypatch.delenv(op.KERNEL_VARIABLE, raising=False)
+    with bench.kernel_version("ours v1"):
+        assert op.kernel_version() == "v1"
+    with bench.kernel_version("ours"):
+        assert op.kernel_version() == "v2"
+    assert op.KERNEL_VARIABLE not in os.environ
+
+
 def _toolkit_or_skip() -> Path:
     try:
         return find_cuda_home()
@@ -162,6 +187,10 @@ ptxas info    : Function properties for _ZN8rwkvclip12sweep_kernelILi80ELNS_5Swe
     16 bytes stack frame, 12 bytes spill stores, 28 bytes spill loads
 ptxas info    : Used 182 registers, used 1 barriers, 464 bytes cmem[0]
 ptxas info    : Compile time = 326.631 ms
+ptxas info    : Compiling entry function '_ZN8rwkvclip12fused_kernelILi64ELNS_5FusedE1ELi1EEEvNS_11SweepParamsES2_' for 'sm_90'
+ptxas info    : Function properties for _ZN8rwkvclip12fused_kernelILi64ELNS_5FusedE1ELi1EEEvNS_11SweepParamsES2_
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 80 registers, used 1 barriers, 920 bytes cmem[0]
 ptxas info    : Compiling entry function '_Z6othervPf' for 'sm_80'
 ptxas info    : Function properties for _Z6othervPf
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
@@ -170,8 +199,9 @@ ptxas info    : Used 12 registers, 1024 bytes smem, 360 bytes cmem[0]
 
 
 def test_ptxas_report_parses_every_kernel():
-    key, other = ptxas_report(PTXAS_SAMPLE)
+    key, fused, other = ptxas_report(PTXAS_SAMPLE)
     assert (key.kernel, key.arch, key.registers, key.static_smem) == ("sweep<N=80, key>", "sm_90", 182, 0)
+    assert (fused.kernel, fused.registers, fused.spill_stores) == ("v2<N=64, backward, bf16>", 80, 0)
     assert (key.stack, key.spill_stores, key.spill_loads) == (16, 12, 28)
     assert (other.kernel, other.arch, other.registers, other.static_smem, other.spill_stores) == (
         "_Z6othervPf", "sm_80", 12, 1024, 0)

@@ -1,7 +1,7 @@
 """The CUDA kernel source itself, executed on CPU threads, against the float64 references.
 
-csrc/testing/cpu_emulation.cpp compiles csrc/bi_wkv/sweep_kernel.cuh and bi_wkv_host.h with the
-host compiler: each CUDA thread of a block is a std::thread, __syncthreads a std::barrier,
+csrc/testing/cpu_emulation.cpp compiles csrc/bi_wkv/sweep_kernel.cuh (v1), sweep_fused.cuh (v2)
+and bi_wkv_host.h with the host compiler (both versions run through the tests marked `version`): each CUDA thread of a block is a std::thread, __syncthreads a std::barrier,
 atomicAdd a std::atomic_ref (a stand-in for the GPU, which this machine lacks). So this runs the
 very lines the GPU runs, through the same host code that allocates and orders the launches:
 indexing, padding of ragged chunks, both directions, the stored states, d(w) and d(u) are all
@@ -14,42 +14,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rwkvclip_dist.ops.bi_wkv_chunked import bi_wkv_chunked
+from wkv_emulation import (TOLERANCE, VERSIONS, chunked_reference, inputs, kernels, own_backward,  # noqa: F401
+                           rel, versioned)
+
 from rwkvclip_dist.ops.bi_wkv_reference import bi_wkv_float64
-from rwkvclip_dist.ops.build import ToolkitNotFound, build_cpu_emulation
 
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 5e-3, torch.float16: 5e-3}
-
-
-@pytest.fixture(scope="module")
-def kernels():
-    try:
-        return build_cpu_emulation()
-    except ToolkitNotFound as err:
-        pytest.skip(f"the emulation needs the CUDA headers of a toolkit: {err}")
-
-
-def _inputs(batch, tokens, heads, size, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    shape = (batch, tokens, heads, size)
-    r, k, v, dy = (torch.randn(shape, generator=g) for _ in range(4))
-    w = torch.rand(shape, generator=g) * 9 - 6  # per-step decays from ~1 down to e^-20
-    w = torch.where(torch.rand(shape, generator=g) < 0.02, torch.full_like(w, 4.5), w)  # past the clamp
-    u = torch.randn(heads, size, generator=g)
-    return [x.to(dtype) for x in (r, k, v, w, dy)] + [u]
-
-
-def _chunked_reference(r, k, v, w, u, dy):
-    """(y, [dr, dk, dv, dw, du]) of the exact chunked path in float64, gradients by autograd."""
-    leaves = [x.double().requires_grad_() for x in (r, k, v, w, u)]
-    y = bi_wkv_chunked(*leaves)
-    return y.detach(), torch.autograd.grad(y, leaves, dy.double())
-
-
-def _rel(got, want, floor=1e-6):
-    scale = max(want.double().norm().item(), floor * want.numel() ** 0.5)
-    return (got.double() - want.double()).norm().item() / scale
-
+_REFERENCES: dict = {}  # (tokens, size, dtype) -> (inputs, y, gradients) in float64
 
 @pytest.mark.parametrize(
     "tokens, size, dtype",
@@ -59,50 +29,60 @@ def _rel(got, want, floor=1e-6):
      # long enough that the fp32 state crosses 36-64 chunk boundaries
      (577, 64, torch.float32), (1025, 80, torch.float32), (1025, 64, torch.bfloat16)],
 )
-def test_kernel_source_matches_reference(kernels, tokens, size, dtype):
-    pairs = 2 if tokens <= 256 else 1  # long sequences: one (batch, head) keeps the float64 reference quick
-    r, k, v, w, dy, u = _inputs(pairs, tokens, pairs, size, dtype, seed=tokens * 100 + size)
-    _, want_grads = _chunked_reference(r, k, v, w, u, dy)
-    want_y = bi_wkv_float64(r, k, v, w, u)
+@pytest.mark.parametrize("version", VERSIONS)
+def test_kernel_source_matches_reference(kernels, version, tokens, size, dtype):
+    key = (tokens, size, dtype)
+    if key not in _REFERENCES:  # both versions compare with one float64 reference
+        pairs = 2 if tokens <= 256 else 1  # long sequences: one (batch, head) keeps the float64 reference quick
+        case = inputs(pairs, tokens, pairs, size, dtype, seed=tokens * 100 + size)
+        _REFERENCES[key] = case, bi_wkv_float64(*case[:4], case[5]), chunked_reference(*case[:4], case[5], case[4])[1]
+    (r, k, v, w, dy, u), want_y, want_grads = _REFERENCES[key]
 
-    y = kernels.forward(r, k, v, w, u)
-    grads = kernels.backward(dy, r, k, v, w, u)
+    forward, backward = versioned(kernels, version)
+    y = forward(r, k, v, w, u)
     tol = TOLERANCE[dtype]
-    assert y.dtype == dtype and _rel(y, want_y) <= tol, f"y: {_rel(y, want_y):.2e}"
+    assert y.dtype == dtype and rel(y, want_y) <= tol, f"y: {rel(y, want_y):.2e}"
+    if not own_backward(version, dtype):
+        return
+    grads = backward(dy, r, k, v, w, u)
     for name, got, want in zip("rkvwu", grads, want_grads):
         assert got.dtype == (torch.float32 if name == "u" else dtype)
-        assert _rel(got, want) <= tol, f"d{name}: {_rel(got, want):.2e} (T={tokens}, N={size}, {dtype})"
+        assert rel(got, want) <= tol, f"d{name}: {rel(got, want):.2e} (T={tokens}, N={size}, {dtype})"
 
 
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("raw_decay", [6.0, -12.0])
-def test_kernel_source_at_decay_extremes(kernels, raw_decay):
+def test_kernel_source_at_decay_extremes(kernels, version, raw_decay):
     """Every step at the clamp (log decay -60: the in-chunk reference factors span e^-900) or with
     almost no decay (log decay -6e-6: the state only grows): finite and exact."""
-    r, k, v, _, dy, u = _inputs(1, 70, 2, 64, torch.float32, seed=7)
+    r, k, v, _, dy, u = inputs(1, 70, 2, 64, torch.float32, seed=7)
     w = torch.full_like(r, raw_decay)
-    want_y, want_grads = _chunked_reference(r, k, v, w, u, dy)
-    y = kernels.forward(r, k, v, w, u)
-    grads = kernels.backward(dy, r, k, v, w, u)
-    assert _rel(y, want_y) <= 1e-5
+    want_y, want_grads = chunked_reference(r, k, v, w, u, dy)
+    forward, backward = versioned(kernels, version)
+    y = forward(r, k, v, w, u)
+    grads = backward(dy, r, k, v, w, u) if own_backward(version, r.dtype) else want_grads
+    assert rel(y, want_y) <= 1e-5
     for name, got, want in zip("rkvwu", grads, want_grads):
-        assert torch.isfinite(got).all() and _rel(got, want) <= 1e-5, f"d{name}: {_rel(got, want):.2e}"
+        assert torch.isfinite(got).all() and rel(got, want) <= 1e-5, f"d{name}: {rel(got, want):.2e}"
 
 
-def test_slow_decays_over_long_sequences_keep_fp32_accuracy(kernels):
+@pytest.mark.parametrize("version", VERSIONS)
+def test_slow_decays_over_long_sequences_keep_fp32_accuracy(kernels, version):
     """Channels that barely decay (per-step decay ~0.99988) carry the state through 64 chunks. With
     the tensor cores' truncating sums (the emulation's default, as measured on the hardware),
     accumulating each chunk's update straight onto the state biased it towards zero by ~12
     truncations per chunk: 1.3e-5 at T=1025 (2.5e-5 at 2049), over the fp32 target. The update is
     now summed apart and added in fp32 (tile_mma.cuh, mma_add_to): ~7e-7."""
-    r, k, v, _, dy, u = _inputs(1, 1025, 1, 16, torch.float32, seed=5)
+    r, k, v, _, dy, u = inputs(1, 1025, 1, 16, torch.float32, seed=5)
     g = torch.Generator().manual_seed(6)
     w = -9.0 + 0.1 * torch.randn(r.shape, generator=g)
-    want_y, want_grads = _chunked_reference(r, k, v, w, u, dy)
-    y = kernels.forward(r, k, v, w, u)
-    grads = kernels.backward(dy, r, k, v, w, u)
-    assert _rel(y, want_y) <= 1e-5, f"y: {_rel(y, want_y):.2e}"
+    want_y, want_grads = chunked_reference(r, k, v, w, u, dy)
+    forward, backward = versioned(kernels, version)
+    y = forward(r, k, v, w, u)
+    grads = backward(dy, r, k, v, w, u) if own_backward(version, r.dtype) else want_grads
+    assert rel(y, want_y) <= 1e-5, f"y: {rel(y, want_y):.2e}"
     for name, got, want in zip("rkvwu", grads, want_grads):
-        assert _rel(got, want) <= 1e-5, f"d{name}: {_rel(got, want):.2e}"
+        assert rel(got, want) <= 1e-5, f"d{name}: {rel(got, want):.2e}"
 
 
 def test_truncating_accumulation_model(kernels):
@@ -124,10 +104,11 @@ def test_truncating_accumulation_model(kernels):
     assert (nearest > want).any() and (nearest < want).any()
 
 
-def test_misaligned_inputs_are_copied_before_the_vector_loads(kernels):
+@pytest.mark.parametrize("version", VERSIONS)
+def test_misaligned_inputs_are_copied_before_the_vector_loads(kernels, version):
     """The chunk loads read 16-byte vectors (the stand-in of __ldg reports a misaligned one): the
     host copies a tensor whose data starts off a 16-byte boundary, and the result is unchanged."""
-    r, k, v, w, dy, u = _inputs(1, 20, 2, 16, torch.float32, seed=4)
+    r, k, v, w, dy, u = inputs(1, 20, 2, 16, torch.float32, seed=4)
 
     def shifted(x):  # same values, data 4 bytes past an aligned start
         storage = torch.empty(x.numel() + 1, dtype=x.dtype)
@@ -136,28 +117,34 @@ def test_misaligned_inputs_are_copied_before_the_vector_loads(kernels):
         assert view.data_ptr() % 16 != 0
         return view
 
-    want = [kernels.forward(r, k, v, w, u), *kernels.backward(dy, r, k, v, w, u)]
+    forward, backward = versioned(kernels, version)
+    want = [forward(r, k, v, w, u), *backward(dy, r, k, v, w, u)]
     moved = [shifted(x) for x in (r, k, v, w, dy)]
-    got = [kernels.forward(*moved[:4], u), *kernels.backward(moved[4], *moved[:4], u)]
+    got = [forward(*moved[:4], u), *backward(moved[4], *moved[:4], u)]
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-def test_empty_batch_launches_no_grid(kernels):
+@pytest.mark.parametrize("version", VERSIONS)
+def test_empty_batch_launches_no_grid(kernels, version):
     """B = 0: zero-size outputs, and no launch (CUDA refuses a grid of zero blocks; so does the
     stand-in)."""
-    r, k, v, w, dy, u = _inputs(0, 5, 2, 16, torch.float32, seed=0)
-    y = kernels.forward(r, k, v, w, u)
-    grads = kernels.backward(dy, r, k, v, w, u)
+    r, k, v, w, dy, u = inputs(0, 5, 2, 16, torch.bfloat16, seed=0)
+    forward, backward = versioned(kernels, version)
+    y = forward(r, k, v, w, u)
+    grads = backward(dy, r, k, v, w, u)
     assert y.shape == r.shape and [g.shape for g in grads] == [r.shape] * 4 + [u.shape]
     assert not grads[4].any()
 
 
-def test_kernel_source_is_bitwise_repeatable(kernels):
+@pytest.mark.parametrize("version", VERSIONS)
+def test_kernel_source_is_bitwise_repeatable(kernels, version):
     """Three runs on real threads give identical bits: the atomics add in a fixed pattern (two terms
     onto zero), the shuffles sum in a fixed order, and a missing barrier would show up here as a
     run-to-run difference."""
-    r, k, v, w, dy, u = _inputs(2, 65, 2, 64, torch.float32, seed=11)
-    runs = [(kernels.forward(r, k, v, w, u), *kernels.backward(dy, r, k, v, w, u)) for _ in range(3)]
+    dtype = torch.float32 if version == "v1" else torch.bfloat16  # v2's fp32 backward is v1's
+    r, k, v, w, dy, u = inputs(2, 65, 2 if version == "v1" else 1, 64, dtype, seed=11)
+    forward, backward = versioned(kernels, version)
+    runs = [(forward(r, k, v, w, u), *backward(dy, r, k, v, w, u)) for _ in range(3)]
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
@@ -174,8 +161,8 @@ def test_tensor_core_tile_product(kernels, depth, b_col_major):
     want = a.double() @ b.double()
     single = kernels.tile_product(a, b, b_col_major, False, 0)
     split = kernels.tile_product(a, b, b_col_major, True, 0)
-    assert 1e-5 < _rel(single, want) < 1e-3
-    assert _rel(split, want) < 3e-6
+    assert 1e-5 < rel(single, want) < 1e-3
+    assert rel(split, want) < 3e-6
 
 
 def test_tensor_core_tiles_must_be_aligned(kernels):
@@ -186,7 +173,7 @@ def test_tensor_core_tiles_must_be_aligned(kernels):
 
 
 def test_host_checks_name_the_argument(kernels):
-    r, k, v, w, dy, u = _inputs(1, 5, 2, 16, torch.float32, seed=0)
+    r, k, v, w, dy, u = inputs(1, 5, 2, 16, torch.float32, seed=0)
     with pytest.raises(RuntimeError, match="k has shape"):
         kernels.forward(r, k[:, :4].contiguous(), v, w, u)
     with pytest.raises(RuntimeError, match="grad_output has dtype"):
@@ -204,7 +191,7 @@ def test_traffic_counter_counts_what_the_source_moves(kernels):
     direction, which the key sweep reads twice (tensor-core tiles and the d(w) pairs); the bonus u
     is re-read per chunk (16 rows x N); the host zero-fills and sums once. First touches per pass:
     each input, output and u once, the states once for both of their key-sweep reads."""
-    r, k, v, w, dy, u = _inputs(1, 20, 1, 16, torch.float32, seed=1)
+    r, k, v, w, dy, u = inputs(1, 20, 1, 16, torch.float32, seed=1)
     kernels.take_traffic()
     assert kernels.set_traffic_counting(True) is False
     try:
@@ -234,27 +221,34 @@ def test_traffic_counter_counts_what_the_source_moves(kernels):
 
 
 def test_traffic_tool_compares_with_the_minimal_bytes(kernels):
-    """tools/bench_wkv_traffic.py's table at a tiny shape: the ratio is the counted bytes (the
-    counter, checked above) over inputs read once and outputs written once; occupancy from ptxas
-    figures: 128 registers allow 2 blocks of 256 threads per SM, 80 allow 3 unless shared memory
-    allows fewer."""
+    """tools/bench_wkv_traffic.py's table at a tiny shape, v1 and v2 side by side: each ratio is the
+    version's counted bytes (the counters, checked here and in test_cuda_kernel_v2_on_cpu.py) over
+    inputs read once and outputs written once; occupancy from ptxas figures per version: 128
+    registers allow 2 blocks of 256 threads per SM, 80 allow 3 unless shared memory allows fewer."""
     from tool_loader import tool_module
 
     from rwkvclip_dist.ops.ptxas_report import KernelResources
 
     tool = tool_module("bench_wkv_traffic")
     shape = tool.Shape("tiny", 20, 2, 16)
-    lines, ratio = tool.traffic_table(kernels, [shape], torch.bfloat16)
-    counted = sum(c[2] + c[3] for c in tool.count_traffic(kernels, shape, torch.bfloat16).values())
-    assert ratio == pytest.approx(counted / sum(tool.minimal_bytes(shape, torch.bfloat16).values()))
+    lines, ratios = tool.traffic_table(kernels, [shape], torch.bfloat16)
+    least = sum(tool.minimal_bytes(shape, torch.bfloat16).values())
+    for version in ("v1", "v2"):
+        counted = sum(c[2] + c[3] for c in tool.count_traffic(kernels, shape, torch.bfloat16, version).values())
+        assert ratios[version] == pytest.approx(counted / least)
+        assert any(line.startswith(f"| {version} | **both** |") and line.endswith(f"**{ratios[version]:.2f}** |")
+                   for line in lines)
+    assert ratios["v2"] < ratios["v1"] / 3
     assert tool.minimal_bytes(shape, torch.bfloat16) == {"forward": 5 * 320 * 2 + 64, "backward": 9 * 320 * 2 + 128}
-    assert any(line.startswith("| **both** |") and line.endswith(f"**{ratio:.2f}** |") for line in lines)
     assert tool.blocks_per_sm(128, 70_000) == 2 and tool.blocks_per_sm(80, 70_000) == 3
     assert tool.blocks_per_sm(80, 120_000) == 1 and tool.blocks_per_sm(32, 1_000) == 8
     rows = [KernelResources("sweep<N=64, key>", "sm_90", 128, 0, 8, 8, 8),
             KernelResources("sweep<N=64, forward>", "sm_90", 80, 0, 0, 0, 0),
             KernelResources("sweep<N=80, key>", "sm_90", 128, 0, 48, 40, 40),
             KernelResources("sweep<N=128, key>", "sm_90", 128, 0, 96, 64, 64),
-            KernelResources("sweep<N=64, key>", "sm_80", 200, 0, 0, 900, 900)]
-    _, blocks, spill = tool.occupancy_table(rows, {64: 70_000, 80: 90_000, 128: 160_000})
-    assert (blocks, spill) == (2, 80)  # the fewest at N=64; the most spilled bytes at N 64/80, sm_90 only
+            KernelResources("sweep<N=64, key>", "sm_80", 200, 0, 0, 900, 900),
+            KernelResources("v2<N=64, backward, bf16>", "sm_90", 80, 0, 0, 0, 0),
+            KernelResources("v2<N=80, forward, fp32>", "sm_90", 120, 0, 8, 4, 4)]
+    _, figures = tool.occupancy_table(rows, {64: 70_000, 80: 90_000, 128: 160_000})
+    # the fewest blocks at N=64; the most spilled bytes at N 64/80, sm_90 only
+    assert figures == {"v1": (2, 80), "v2": (3, 8)}

@@ -4,7 +4,9 @@
     python tools/bench_wkv.py --tokens 197 577 --repeats 20 --out /tmp/table.md
 
 Rows per T (B*H fills the GPU, N=64):
-  ours bf16 / ours fp32  rwkvclip::bi_wkv (csrc/bi_wkv)
+  ours bf16 / ours fp32  rwkvclip::bi_wkv (csrc/bi_wkv), the v2 kernels (the default)
+  ours v1 bf16 / fp32    the same op with RWKVCLIP_BI_WKV_KERNEL=v1 (one block per direction, fp32
+                         atomics, stored states), timed in the same run
   triton bf16 / fp32     rwkvclip::bi_wkv_triton (rwkvclip_dist/ops/bi_wkv_triton.py), the second
                          fused path
   two-scan fp32          the reference RWKV-CLIP's algorithm: a per-token scan per thread, run
@@ -26,6 +28,8 @@ TRITON_INTERPRET=1 set before the run): it checks this script, not the kernels (
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import statistics
 import sys
@@ -112,6 +116,21 @@ def sdpa(r, k, v, w, u):
     return F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (r, k, v))).transpose(1, 2)
 
 
+@contextlib.contextmanager
+def kernel_version(name: str):
+    """RWKVCLIP_BI_WKV_KERNEL for a row's forward and backward (the op reads it on every call):
+    v1 for the "ours v1" rows, v2 for the others."""
+    old = os.environ.get(ours.KERNEL_VARIABLE)
+    os.environ[ours.KERNEL_VARIABLE] = "v1" if name == "ours v1" else "v2"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ours.KERNEL_VARIABLE)
+        else:
+            os.environ[ours.KERNEL_VARIABLE] = old
+
+
 def time_fwd_bwd(fn, inputs, grad, repeats: int) -> tuple[float, torch.Tensor]:
     leaves = [x.detach().requires_grad_() for x in inputs]
     output = fn(*leaves)
@@ -171,8 +190,8 @@ def run(args: argparse.Namespace) -> int:
         peak = peak_bandwidth(args.peak_gbs)
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         batch = max(1, -(-2 * sms // args.heads))  # two (batch, head) pairs per SM at least
-        methods = [("ours", torch.bfloat16, ours.bi_wkv_cuda), ("ours", torch.float32, ours.bi_wkv_cuda),
-                   ("two-scan", torch.float32, two_scan_baseline())]
+        methods = [(name, dtype, ours.bi_wkv_cuda) for name in ("ours", "ours v1") for dtype in (torch.bfloat16, torch.float32)]
+        methods += [("two-scan", torch.float32, two_scan_baseline())]
         if bi_wkv_triton.is_available(device):
             methods += [("triton", dtype, bi_wkv_triton.bi_wkv_triton) for dtype in (torch.bfloat16, torch.float32)]
         else:
@@ -194,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
         results = {}
         for name, dtype, fn in methods:
             inputs = [x.to(dtype) for x in base] + [bonus]
-            ms, y = time_fwd_bwd(fn, inputs, grad.to(dtype), args.repeats)
+            with kernel_version(name):
+                ms, y = time_fwd_bwd(fn, inputs, grad.to(dtype), args.repeats)
             # ideal traffic: fwd reads r, k, v, w and writes y; bwd reads those and dy, writes 4 grads
             tensors = 12 if name == "SDPA" else 14  # SDPA: q, k, v, o / q, k, v, o, do, dq, dk, dv
             ideal = tensors * torch.Size(shape).numel() * torch.finfo(dtype).bits / 8

@@ -9,8 +9,8 @@
 #   env                   10     60  torch, the GPU, its shared memory
 #   build                 70    240  the Bi-WKV extension (tools/build_ops.py --report: registers, spills)
 #   kernel_focus          30    120  the kernels vs float64 at N=64, T 1/65/197, fp32 and bf16, determinism,
-#                                    and the dispatch tests
-#   bench_wkv             45    120  tools/bench_wkv.py: ours vs the two-scan port, fla, SDPA
+#                                    the v1 kernels (RWKVCLIP_BI_WKV_KERNEL=v1) at T 65/197, the dispatch tests
+#   bench_wkv             53    120  tools/bench_wkv.py: ours (v2 and v1) vs the two-scan port, fla, SDPA
 #   demo_data              5     60  the digits demo set (sklearn's bundled digits, no network)
 #   train                 40    150  the demo recipe under DeepSpeed (NCCL, bf16, ZeRO-2, one rank), 100 steps
 #   train_resume          25    120  the same run resumed from its checkpoint for 5 more steps
@@ -21,7 +21,7 @@
 #   sanitizer_racecheck   10    120
 #   sanitizer_synccheck   10     90
 #   sanitizer_initcheck   10     90
-#   total                412         (at most 420: tests/test_gpu_tools.py)
+#   total                420         (at most 420: tests/test_gpu_tools.py)
 # A step starts only if what is left of --budget covers its estimate (else it is recorded "not run"
 # and a later, shorter one may still fit), and is cut at its limit or at the budget. Every step runs
 # even when an earlier one failed; the exit is non-zero naming each failed step. Figures go to
@@ -94,9 +94,10 @@ kernel_focus=()
 for case in 1-64-fp32 65-64-bf16 197-64-fp32 197-64-bf16; do
   kernel_focus+=("tests/test_cuda_bi_wkv.py::test_matches_reference[$case]")
 done
-kernel_focus+=(tests/test_cuda_bi_wkv.py::test_bitwise_deterministic tests/test_ops_dispatch.py)
+kernel_focus+=(tests/test_cuda_bi_wkv.py::test_bitwise_deterministic tests/test_cuda_bi_wkv.py::test_v1_kernel_matches_reference
+              tests/test_ops_dispatch.py)
 kernel_rest_deselect=()
-for test in "${kernel_focus[@]:0:5}"; do kernel_rest_deselect+=(--deselect "$test"); done
+for test in "${kernel_focus[@]:0:6}"; do kernel_rest_deselect+=(--deselect "$test"); done
 if [[ $mode == gpu ]]; then
   train_args=(parallel.precision=bf16 parallel.zero_stage=2 checkpoint.every_steps=50 logging.tensorboard=false)
   steps=100 more=5 expect_fused=1

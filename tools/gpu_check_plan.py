@@ -48,7 +48,7 @@ STEPS = (
     Step("build", 70, 240, ("gpu",)),
     Step("baseline_build", 0, 600, ("cpu",)),  # nvcc on a small shared CPU machine: up to 15 minutes
     Step("kernel_focus", 30, 120, needs=("build",)),
-    Step("bench_wkv", 45, 120, needs=("build",)),
+    Step("bench_wkv", 53, 120, needs=("build",)),
     Step("demo_data", 5, 60),
     Step("train", 40, 150, needs=("build", "demo_data")),
     Step("train_resume", 25, 120, needs=("build", "demo_data", "train")),

@@ -1,7 +1,8 @@
 // Allocation, the last line of argument checks and the order of launches of the Bi-WKV sweeps,
 // shared by the CUDA bindings (bi_wkv_ops.cpp) and the CPU emulation of the kernels used by tests
 // (csrc/testing/cpu_emulation.cpp). `Device` provides kCuda (where the tensors must live),
-// run<KIND>(params, head_size), which runs one sweep kind over the grid (B*H, 2), and two hooks
+// run<KIND>(params, head_size), which runs one v1 sweep kind over the grid (B*H, 2),
+// run_fused<KIND>(query, key, head_size), which runs a v2 kernel over the grid (B*H), and two hooks
 // for the emulation's count of global-memory traffic (no-ops on the GPU): tensor(name, t) names
 // the memory a kernel may touch, host_pass(pass, name, loaded, stored) counts a torch operation's
 // bytes (zero-fills and casts).
@@ -121,24 +122,36 @@ void name_tensors(std::initializer_list<std::pair<const char*, torch::Tensor>> t
 
 using namespace detail;
 
-template <class Device>
-torch::Tensor forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w, torch::Tensor u) {
+// kV2: the v2 kernel (sweep_fused.cuh) writes y once in the input dtype; v1's two direction blocks
+// add onto a zeroed fp32 buffer, cast at the end.
+template <class Device, bool kV2>
+torch::Tensor forward_version(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w, torch::Tensor u) {
   check_inputs<Device>(r, k, v, w, u);
   const c10::DeviceGuard guard(r.device());
   SweepParams prm = base_params(r, w, u);
   if (prm.BH == 0) return torch::zeros_like(r);  // an empty batch: no launch of an empty grid
   r = aligned16(r), k = aligned16(k), v = aligned16(v), w = aligned16(w);
   prm.w = w.data_ptr();
-  auto y32 = torch::zeros(r.sizes(), r.options().dtype(at::kFloat));
-  name_tensors<Device>({{"r", r}, {"k", k}, {"v", v}, {"w", w}, {"u", u}, {"y", y32}});
-  Device::host_pass("forward: zero-fill", "y", 0, y32.nbytes());
+  auto y = kV2 ? torch::empty_like(r) : torch::zeros(r.sizes(), r.options().dtype(at::kFloat));
+  name_tensors<Device>({{"r", r}, {"k", k}, {"v", v}, {"w", w}, {"u", u}, {"y", y}});
   prm.a = k.data_ptr();
   prm.b = v.data_ptr();
   prm.p = r.data_ptr();
-  prm.col_out = y32.data_ptr<float>();
+  if constexpr (kV2) {
+    prm.col_typed = y.data_ptr();
+    Device::template run_fused<Fused::kForward>(prm, prm, r.size(3));
+    return y;
+  }
+  Device::host_pass("forward: zero-fill", "y", 0, y.nbytes());
+  prm.col_out = y.data_ptr<float>();
   Device::template run<Sweep::kForward>(prm, r.size(3));
-  if (r.scalar_type() != at::kFloat) Device::host_pass("forward: cast", "y", y32.nbytes(), r.nbytes());
-  return to_input_dtype(y32, r);
+  if (r.scalar_type() != at::kFloat) Device::host_pass("forward: cast", "y", y.nbytes(), r.nbytes());
+  return to_input_dtype(y, r);
+}
+
+template <class Device>
+torch::Tensor forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w, torch::Tensor u) {
+  return forward_version<Device, false>(r, k, v, w, u);
 }
 
 template <class Device>
@@ -190,6 +203,53 @@ std::vector<torch::Tensor> backward(torch::Tensor dy, torch::Tensor r, torch::Te
   if (r.scalar_type() != at::kFloat)
     for (const char* name : {"dr", "dk", "dv", "dw"}) Device::host_pass("backward: cast", name, dr.nbytes(), r.nbytes());
   return {to_input_dtype(dr, r), to_input_dtype(dk, r), to_input_dtype(dv, r), to_input_dtype(dw, r), du};
+}
+
+// v2 (sweep_fused.cuh): one launch, outputs written once in the input dtype. fp32 inputs keep the
+// v1 backward: v2's d(w) subtracts long sums, within bf16's error budget but not fp32's.
+template <class Device>
+torch::Tensor forward_v2(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w, torch::Tensor u) {
+  return forward_version<Device, true>(r, k, v, w, u);
+}
+
+template <class Device>
+std::vector<torch::Tensor> backward_v2(torch::Tensor dy, torch::Tensor r, torch::Tensor k, torch::Tensor v,
+                                       torch::Tensor w, torch::Tensor u) {
+  if (r.scalar_type() == at::kFloat) return backward<Device>(dy, r, k, v, w, u);
+  check_inputs<Device>(r, k, v, w, u);
+  check_operand<Device>(dy, "grad_output", r);
+  const c10::DeviceGuard guard(r.device());
+  const int64_t B = r.size(0), H = r.size(2), N = r.size(3);
+  if (base_params(r, w, u).BH == 0)  // an empty batch: no launch of an empty grid
+    return {torch::zeros_like(r), torch::zeros_like(r), torch::zeros_like(r), torch::zeros_like(r),
+            torch::zeros_like(u)};
+  dy = aligned16(dy), r = aligned16(r), k = aligned16(k), v = aligned16(v), w = aligned16(w);
+  auto dr = torch::empty_like(r), dk = torch::empty_like(r), dv = torch::empty_like(r), dw = torch::empty_like(r);
+  auto sums = torch::empty(r.sizes(), r.options().dtype(at::kFloat));
+  auto du_part = torch::empty({B * H, N}, r.options().dtype(at::kFloat));
+  name_tensors<Device>({{"r", r}, {"k", k}, {"v", v}, {"w", w}, {"u", u}, {"dy", dy}, {"dr", dr}, {"dk", dk},
+                        {"dv", dv}, {"dw", dw}, {"du", du_part}, {"dw sums", sums}});
+  SweepParams query = base_params(r, w, u);
+  query.w = w.data_ptr();
+  query.a = k.data_ptr();
+  query.b = v.data_ptr();
+  query.p = r.data_ptr();
+  query.q = dy.data_ptr();
+  query.row_typed = dr.data_ptr();
+  query.dw_scratch = sums.data_ptr<float>();
+  SweepParams key = query;
+  key.a = r.data_ptr();
+  key.b = dy.data_ptr();
+  key.p = k.data_ptr();
+  key.q = v.data_ptr();
+  key.row_typed = dk.data_ptr();
+  key.col_typed = dv.data_ptr();
+  key.dw_typed = dw.data_ptr();
+  key.du_part = du_part.data_ptr<float>();
+  Device::template run_fused<Fused::kBackward>(query, key, N);
+  auto du = du_part.view({B, H, N}).sum(0);
+  Device::host_pass("backward: du sum", "du", du_part.nbytes(), du.nbytes());
+  return {dr, dk, dv, dw, du};
 }
 
 }  // namespace rwkvclip

@@ -14,29 +14,43 @@ __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 
-// The input dtype is a run-time argument (uniform over the grid): one compiled kernel per (head
-// size, kind) instead of three, which keeps builds short. Only the chunk loads depend on it; this
-// calls f(T{}) with the element type, so each load sequence is compiled for its own type.
-template <class F>
+// The input dtype is a run-time argument (uniform over the grid): v1 compiles one kernel per (head
+// size, kind) instead of three, which keeps builds short; only the chunk loads depend on it. This
+// calls f(T{}) with the element type, so each load sequence is compiled for its own type. v2
+// compiles a kernel per type (kType, an InputType), which lets it size its registers for its type;
+// kAnyType switches at run time.
+constexpr int kAnyType = -1;
+
+template <int kType = kAnyType, class F>
 __device__ __forceinline__ void with_element_type(InputType type, F&& f) {
-  switch (type) {
-    case InputType::kBFloat16:
-      f(__nv_bfloat16{});
-      break;
-    case InputType::kHalf:
-      f(__half{});
-      break;
-    default:
-      f(float{});
+  if constexpr (kType == int(InputType::kFloat)) {
+    f(float{});
+  } else if constexpr (kType == int(InputType::kBFloat16)) {
+    f(__nv_bfloat16{});
+  } else if constexpr (kType == int(InputType::kHalf)) {
+    f(__half{});
+  } else {
+    switch (type) {
+      case InputType::kBFloat16:
+        f(__nv_bfloat16{});
+        break;
+      case InputType::kHalf:
+        f(__half{});
+        break;
+      default:
+        f(float{});
+    }
   }
 }
 
-// A plain store to global memory, through one function so that the CPU emulation can count it
-// (csrc/testing/cpu_emulation.cpp defines the host version; loads go through __ldg and atomicAdd).
+// Plain stores to and loads from global memory (loads of data this kernel wrote, which must not go
+// through the read-only cache of __ldg), through functions so that the CPU emulation can count them
+// (csrc/testing/cpu_emulation.cpp defines the host versions before including this).
 #if defined(__CUDACC__)
-__device__ __forceinline__ void store_global(float* p, float x) { *p = x; }
-#else
-void store_global(float* p, float x);
+template <class T>
+__device__ __forceinline__ void store_global(T* p, T x) { *p = x; }
+template <class T>
+__device__ __forceinline__ T read_global(const T* p) { return *p; }
 #endif
 
 // Where a block is: its (batch, head), direction and chunk on the time grid.
@@ -56,10 +70,12 @@ struct Position {
 // hands in 16-byte aligned tensors), all of a chunk's loads are issued before the first shared
 // store, and the next chunk's loads are issued before the current chunk's math, so that they are
 // in flight while it runs. The sources are a, b, [p], [q] and last the raw decay w.
-template <int N, int kTensors>
+template <int N, int kTensors, int kType = kAnyType>
 struct ChunkPrefetch {
-  // fp32 needs the most vectors (4 elements each); 2-byte types leave the later slots unused
-  static constexpr int kSlots = (kChunk * N / 4 + kThreads - 1) / kThreads;
+  // fp32 needs the most vectors (4 elements each); 2-byte types leave the later slots unused (a
+  // kernel compiled for a 2-byte type has only the slots it uses: one fewer at N=80 and 128)
+  static constexpr int kPerVectorMin = kType == kAnyType || kType == int(InputType::kFloat) ? 4 : 8;
+  static constexpr int kSlots = (kChunk * N / kPerVectorMin + kThreads - 1) / kThreads;
   uint4 raw[kTensors][kSlots];
 
   template <class T>

@@ -1,8 +1,9 @@
 // Bi-WKV (SPEC section 4) as chunked causal sweeps. See docs/cuda.md for the decomposition.
 //
-// One thread block owns one (batch, head) and one direction: blockIdx.x = 2 * (b * H + h) + dir,
-// dir 0 forward in time, 1 backward in time (the two directions of a head are neighbours in launch
-// order, so the second one's reads of the same inputs tend to hit L2). It walks the sequence in
+// v1 (sweep_kernel): one thread block owns one (batch, head) and one direction: blockIdx.x =
+// 2 * (b * H + h) + dir, dir 0 forward in time, 1 backward in time (the two directions of a head are
+// neighbours in launch order, so the second one's reads of the same inputs tend to hit L2). v2
+// (sweep_fused.cuh) runs the same sweep_pass for both directions in one block. A sweep walks the sequence in
 // chunks of kChunk tokens, carrying an N x N fp32 state in shared memory. Chunks lie on the same
 // time grid in both directions (the reverse sweep meets the ragged chunk first), so states stored
 // by one direction line up with the other's.
@@ -26,39 +27,11 @@
 #include <cstdint>
 
 #include "chunk_load.cuh"
+#include "fused_outputs.cuh"
 #include "sweep_params.h"
 #include "tile_mma.cuh"
 
 namespace rwkvclip {
-
-// Shared-memory layout of one block: the state and the tiles of the current chunk.
-template <int N>
-struct Tiles {
-  static constexpr int LD = SweepSmem<N>::LD;
-  static constexpr int TILE = SweepSmem<N>::kTile;
-  float* M;       // state [N][LD]
-  float* a;       // inputs of the chunk, [kChunk][LD] each
-  float* b;
-  float* p;
-  float* q;
-  float* lw;      // clamped log decay
-  float* w;       // decay w = exp(log w)
-  float* cb;      // inclusive cumulative log decay inside the chunk
-  float* pl;      // p_i * exp(cb_{i-1}): p decayed to the chunk start
-  float* al;      // a_m * exp(cb_last - cb_m): a decayed to the chunk end
-  float* inter;   // row output from previous chunks (kKey: for d(w)); before: keys for the scores
-  float* col;     // column output before the bonus term; before: queries for the scores
-  float* att;     // [kChunk][kChunk] column-output scores, m < i (0 elsewhere)
-  float* dots;    // [kChunk][kChunk] q_i . b_m
-  float* decay;   // [N] exp(cb_last): the chunk's total decay per channel
-  float* outer;   // [N] kKey: d(w) pairs with the query before and the key after the chunk
-  float* beta;    // [kChunk] sum_j a u p (bonus term)
-
-  __device__ explicit Tiles(float* smem)
-      : M(smem), a(M + N * LD), b(a + TILE), p(b + TILE), q(p + TILE), lw(q + TILE), w(lw + TILE),
-        cb(w + TILE), pl(cb + TILE), al(pl + TILE), inter(al + TILE), col(inter + TILE), att(col + TILE),
-        dots(att + kChunk * kChunk), decay(dots + kChunk * kChunk), outer(decay + N), beta(outer + N) {}
-};
 
 // kKey only, thread j < N: d(w_raw) of this sweep's term at every position of the chunk, and the
 // bonus gradient. d(log w_p) sums the pairs (query tau, key sigma) with tau < p < sigma, split by
@@ -126,10 +99,15 @@ __device__ void key_products(const SweepParams& prm, const Tiles<N>& s, const Po
   }
 }
 
-// Two fp32 additions onto a zeroed buffer commute exactly, so the two directions' atomicAdds
-// give a deterministic result.
-template <int N, Sweep KIND>
-__global__ void __launch_bounds__(kThreads, 2) sweep_kernel(SweepParams prm) {
+// One sweep over the sequence in direction `dir`. v1 (kFused false): the body of sweep_kernel, one
+// block per (batch, head, direction); outputs added by atomics onto zeroed fp32 buffers (two
+// fp32 additions onto zero commute exactly, so the two directions' atomicAdds are deterministic).
+// v2 (kFused true, sweep_fused.cuh): one of the sweeps a block runs in a row for its (batch, head),
+// `stage` saying which (fused_outputs.cuh): outputs written in the input dtype by the first sweep
+// that produces them and read-modified-written by the second, d(w) from the row outputs.
+template <int N, Sweep KIND, bool kFused, int kType = kAnyType>
+__device__ __forceinline__ void sweep_pass(const SweepParams& prm, const Tiles<N>& s, int dir, int stage,
+                                           float& du_acc, float& carry) {
   constexpr int L = kChunk;
   constexpr int LD = Tiles<N>::LD;
   constexpr int kWarps = kThreads / 32;
@@ -145,16 +123,17 @@ __global__ void __launch_bounds__(kThreads, 2) sweep_kernel(SweepParams prm) {
   constexpr int kHalfPairWarps = 2 * kPairsPerHalf * kLanesPerPair / 32;
   static_assert(2 * kPairsPerHalf * kLanesPerPair == 32 * kHalfPairWarps && kHalfPairWarps < kWarps,
                 "the in-half pairs fill whole warps and leave the last warp for the dot products");
-  extern __shared__ __align__(128) float smem[];
-  const Tiles<N> s(smem);
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   // fp32 inputs need the three-product TF32 split to stay at fp32 accuracy; bf16/fp16 do not
-  const bool split = prm.type == InputType::kFloat;
+  // (v2's backward splits for every dtype: its d(w) subtracts long sums of the row outputs, which
+  // magnifies their error; one TF32 product each gives 2e-2 in bf16 at T=197, the split 2e-3)
+  const bool split = kType == kAnyType ? prm.type == InputType::kFloat
+                                       : kType == int(InputType::kFloat) || (kFused && KIND != Sweep::kForward);
   Position pos;
-  pos.bh = int(blockIdx.x / 2);
-  pos.dir = int(blockIdx.x % 2);
+  pos.bh = kFused ? int(blockIdx.x) : int(blockIdx.x / 2);
+  pos.dir = dir;
   pos.T = prm.T;
   pos.chunks = (prm.T + L - 1) / L;
   const int h = pos.bh % prm.H;
@@ -162,30 +141,31 @@ __global__ void __launch_bounds__(kThreads, 2) sweep_kernel(SweepParams prm) {
   pos.t_stride = int64_t(prm.H) * N;
   const float* u = prm.u + h * N;
 
-  constexpr int kSources = 3 + int(kCol) + int(kRow);  // a, b, [p], [q], w
+  // v2's query sweeps also read p = r: their row outputs times r give d(w) (fused_outputs.cuh)
+  constexpr bool kLoadP = kCol || (kFused && KIND == Sweep::kQuery);
+  constexpr int kSources = 3 + int(kLoadP) + int(kRow);  // a, b, [p], [q], w
   const void* sources[kSources];
   float* tiles[kSources - 1];
   {
     int t = 0;
     sources[t] = prm.a, tiles[t++] = s.a;
     sources[t] = prm.b, tiles[t++] = s.b;
-    if constexpr (kCol) sources[t] = prm.p, tiles[t++] = s.p;
+    if constexpr (kLoadP) sources[t] = prm.p, tiles[t++] = s.p;
     if constexpr (kRow) sources[t] = prm.q, tiles[t++] = s.q;
     sources[t] = prm.w;
   }
-  ChunkPrefetch<N, kSources> prefetch;
+  ChunkPrefetch<N, kSources, kType> prefetch;
   const auto first_chunk = [&](int step) { return pos.dir == 0 ? step : pos.chunks - 1 - step; };
-  with_element_type(prm.type, [&](auto tag) { prefetch.template load<decltype(tag)>(sources, pos, first_chunk(0), tid); });
+  with_element_type<kType>(prm.type, [&](auto tag) { prefetch.template load<decltype(tag)>(sources, pos, first_chunk(0), tid); });
   for (int idx = tid; idx < N * LD; idx += kThreads) s.M[idx] = 0.f;
   __syncthreads();
-  float du_acc = 0.f;  // kKey, direction 0: thread j < N owns channel j
 
   for (int step = 0; step < pos.chunks; ++step) {
     pos.chunk = first_chunk(step);
 
     // -- the chunk's inputs (loaded during the previous chunk) into the tiles, then the next
     //    chunk's loads, which stay in flight during this chunk's math
-    with_element_type(prm.type, [&](auto tag) {
+    with_element_type<kType>(prm.type, [&](auto tag) {
       using T = decltype(tag);
       prefetch.template store<T, LD>(tiles, s.lw, s.w, pos, tid);
       if (step + 1 < pos.chunks) prefetch.template load<T>(sources, pos, first_chunk(step + 1), tid);
@@ -193,7 +173,7 @@ __global__ void __launch_bounds__(kThreads, 2) sweep_kernel(SweepParams prm) {
     if constexpr (kCol) {  // the score tile is filled piecewise below; what no piece covers is 0
       for (int idx = tid; idx < L * L; idx += kThreads) s.att[idx] = 0.f;
     }
-    if constexpr (KIND == Sweep::kQuery) {  // what the opposite key sweep needs for d(w)
+    if constexpr (KIND == Sweep::kQuery && !kFused) {  // what the opposite key sweep needs for d(w)
       float* dst = prm.states_out + ((int64_t(pos.dir) * prm.BH + pos.bh) * pos.chunks + pos.chunk) * N * N;
       for (int idx = tid; idx < N * N; idx += kThreads) store_global(dst + idx, s.M[(idx / N) * LD + idx % N]);
     }
@@ -206,6 +186,7 @@ __global__ void __launch_bounds__(kThreads, 2) sweep_kernel(SweepParams prm) {
         s.cb[i * LD + tid] = run;
       }
       s.decay[tid] = expf(run);
+      if constexpr (kFused) s.outer[tid] = carry;  // the d(w) running sum entering the chunk
     }
     __syncthreads();
 
@@ -217,6 +198,7 @@ __global__ void __launch_bounds__(kThreads, 2) sweep_kernel(SweepParams prm) {
       mma_accumulate<N, wmma::row_major, wmma::col_major>(acc, s.q, LD, s.b, LD, split);
       store_shared(s.dots, acc, L);
     }
+#pragma unroll 1  // one element at a time: unrolled, these loops pushed v2 at N=64 over 80 registers
     for (int idx = tid; idx < L * N; idx += kThreads) {
       const int i = idx / N, j = idx % N;
       const int o = i * LD + j;
@@ -240,6 +222,7 @@ __global__ void __launch_bounds__(kThreads, 2) sweep_kernel(SweepParams prm) {
       i += first;
       m += first;
       float acc = 0.f;
+#pragma unroll 4
       for (int j = part; j < N; j += kLanesPerPair)
         acc += s.p[i * LD + j] * s.a[m * LD + j] * expf(s.cb[(i - 1) * LD + j] - s.cb[m * LD + j]);
       acc += __shfl_xor_sync(0xffffffffu, acc, 1);
@@ -248,6 +231,7 @@ __global__ void __launch_bounds__(kThreads, 2) sweep_kernel(SweepParams prm) {
     }
     if (kCol && pos.dir == 0 && tid < L) {
       float acc = 0.f;
+#pragma unroll 4  // fully unrolled, the N loads of u in flight at once took 64 registers
       for (int j = 0; j < N; ++j) acc += s.a[tid * LD + j] * __ldg(u + j) * s.p[tid * LD + j];
       s.beta[tid] = acc;
     }
@@ -288,13 +272,18 @@ __global__ void __launch_bounds__(kThreads, 2) sweep_kernel(SweepParams prm) {
 
     // -- outputs of this chunk: column (y or dv) and row (dr or dk), bonus in direction 0; the
     //    state is consumed, so decay it to the chunk end in the same pass
+#pragma unroll 1  // one element at a time: unrolled, these loops pushed v2 at N=64 over 80 registers
     for (int idx = tid; idx < L * N; idx += kThreads) {
       const int i = idx / N, col = idx % N;
       const bool ok = pos.time_of(i) < pos.T;
       if constexpr (kCol) {
         float y = s.col[i * LD + col];
         if (pos.dir == 0) y += s.beta[i] * s.b[i * LD + col];
-        if (ok) atomicAdd(prm.col_out + pos.offset(i, col), y);
+        if constexpr (kFused) {
+          if (ok) emit<kType>(prm.col_typed, prm.type, pos.offset(i, col), y, stage % 2 == 0);
+        } else if (ok) {
+          atomicAdd(prm.col_out + pos.offset(i, col), y);
+        }
       }
       if constexpr (kRow) {
         const int j = col;
@@ -302,9 +291,14 @@ __global__ void __launch_bounds__(kThreads, 2) sweep_kernel(SweepParams prm) {
         float acc = 0.f;  // Horner over m < i: sum_m a_m dots[i,m] prod_{m<p<i} w_p, no exp at all
         for (int m = 0; m < i; ++m) acc = acc * s.w[m * LD + j] + s.a[m * LD + j] * s.dots[i * L + m];
         float x = acc + inter;
+        // v2: this sweep's share of d(log w), p times the row output without the bonus
+        s.inter[i * LD + j] = kFused ? s.p[i * LD + j] * x : inter;
         if (pos.dir == 0) x += __ldg(u + j) * s.a[i * LD + j] * s.dots[i * L + i];
-        s.inter[i * LD + j] = inter;
-        if (ok) atomicAdd(prm.row_out + pos.offset(i, j), x);
+        if constexpr (kFused) {
+          if (ok) emit<kType>(prm.row_typed, prm.type, pos.offset(i, j), x, stage % 2 == 0);
+        } else if (ok) {
+          atomicAdd(prm.row_out + pos.offset(i, j), x);
+        }
       }
     }
     for (int idx = tid; idx < N * N; idx += kThreads) {
@@ -313,7 +307,12 @@ __global__ void __launch_bounds__(kThreads, 2) sweep_kernel(SweepParams prm) {
     }
     __syncthreads();
 
-    if constexpr (KIND == Sweep::kKey) {
+    if constexpr (kFused && kRow) {
+      decay_gradient_running_sums<N, kType>(prm, s, pos, tid, stage, carry);
+      if (KIND == Sweep::kKey && pos.dir == 0 && tid < N)
+        for (int i = 0; i < L; ++i) du_acc += s.a[i * LD + tid] * s.p[i * LD + tid] * s.dots[i * L + i];
+      // no barrier: the state carry below writes only M, which these read not
+    } else if constexpr (KIND == Sweep::kKey) {
       key_products<N>(prm, s, pos, tid, split);
       __syncthreads();
       if (tid < N) key_decay_gradient<N>(prm, s, pos, tid, du_acc);
@@ -330,7 +329,18 @@ __global__ void __launch_bounds__(kThreads, 2) sweep_kernel(SweepParams prm) {
     }
     __syncthreads();
   }
-  if (KIND == Sweep::kKey && pos.dir == 0 && tid < N) store_global(prm.du_part + int64_t(pos.bh) * N + tid, du_acc);
+}
+
+// v1: one block per (batch, head, direction), blockIdx.x = 2 * (b * H + h) + dir.
+template <int N, Sweep KIND>
+__global__ void __launch_bounds__(kThreads, 2) sweep_kernel(SweepParams prm) {
+  extern __shared__ __align__(128) float smem[];
+  const Tiles<N> s(smem);
+  float du_acc = 0.f, carry = 0.f;  // kKey, direction 0: thread j < N owns channel j of du
+  const int dir = int(blockIdx.x % 2);
+  sweep_pass<N, KIND, false>(prm, s, dir, 0, du_acc, carry);
+  if (KIND == Sweep::kKey && dir == 0 && threadIdx.x < N)
+    store_global(prm.du_part + int64_t(blockIdx.x / 2) * N + threadIdx.x, du_acc);
 }
 
 }  // namespace rwkvclip

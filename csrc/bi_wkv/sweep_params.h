@@ -62,6 +62,10 @@ struct SweepParams {
   float* du_part;          // fp32 [B*H, N] (kKey, direction 0 only)
   float* states_out;       // fp32 [2, B*H, chunks, N, N] (kQuery)
   const float* states_in;  // the same buffer, read by kKey
+  void* row_typed;         // v2: [B, T, H, N] in the input dtype, written once by the block's sweeps
+  void* col_typed;
+  void* dw_typed;
+  float* dw_scratch;       // v2 backward: fp32 [B, T, H, N], the d(w) running sums (fused_outputs.cuh)
   InputType type;          // of a, b, p, q and w
   int T;
   int H;
@@ -71,5 +75,13 @@ struct SweepParams {
 // Defined in sweep_{forward,query,key}.cu for the three kinds.
 template <Sweep KIND>
 cudaError_t launch_sweep(const SweepParams& prm, int head_size, cudaStream_t stream);
+
+// v2 (sweep_fused.cuh): one block per (batch, head) runs both directions of the forward, or all four
+// sweeps of the backward (query: a=k, b=v, p=r, q=dy; key: a=r, b=dy, p=k, q=v).
+enum class Fused : int { kForward = 0, kBackward = 1 };
+
+// Defined in sweep_fused.cu; `key` is ignored by kForward.
+template <Fused KIND>
+cudaError_t launch_fused(const SweepParams& query, const SweepParams& key, int head_size, cudaStream_t stream);
 
 }  // namespace rwkvclip

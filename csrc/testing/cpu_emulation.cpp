@@ -1,15 +1,16 @@
 // Runs the real CUDA sweep kernels of csrc/bi_wkv on the CPU, for tests on machines without a GPU
 // (tests/test_cuda_kernel_on_cpu.py). Compiled by the host compiler: one std::thread per CUDA
 // thread of a block, std::barrier as __syncthreads, one block after another over the grid
-// (2 B H), a static array as the block's shared memory and std::atomic_ref as atomicAdd. It
-// executes the same source lines as the GPU, so indexing, padding, the chunk grid, phase order
+// (2 B H for the v1 sweeps, B H for the v2 kernels of sweep_fused.cuh), a static array as the
+// block's shared memory and std::atomic_ref as atomicAdd. It executes the same source lines as the GPU, so indexing, padding, the chunk grid, phase order
 // and missing barriers (as races between real threads) are tested; warp-level timing is not.
 // The tensor-core tile products come from wmma_emulation.h (lane 0 of each warp computes whole
 // tiles, with TF32 operand rounding and WMMA's alignment rules checked).
 //
 // With set_traffic_counting(True) it also counts the global-memory bytes the kernel source loads
 // and stores (every __ldg, atomicAdd, store_global and WMMA tile load or store of a counted
-// tensor; an atomicAdd counts 4 bytes loaded and 4 stored), per tensor and pass, together with
+// tensor, and v2's typed stores and read-backs (store_global, read_global); an atomicAdd counts 4
+// bytes loaded and 4 stored), per tensor and pass, together with
 // what the host code's torch operations move (zero-fills, casts: bi_wkv_host.h's host_pass). The
 // host names each tensor a kernel may touch; a global access outside all of them is reported as
 // an error. take_traffic() returns and clears the counts (tools/bench_wkv_traffic.py).
@@ -132,9 +133,15 @@ inline uint4 __ldg(const uint4* address) {
   return *address;
 }
 namespace rwkvclip {
-void store_global(float* p, float x) {
-  rwkvclip_emulation::count_global(p, 4, true, false);
+template <class T>
+void store_global(T* p, T x) {
+  rwkvclip_emulation::count_global(p, sizeof(T), true, false);
   *p = x;
+}
+template <class T>
+T read_global(const T* p) {
+  rwkvclip_emulation::count_global(p, sizeof(T), false, false);
+  return *p;
 }
 }  // namespace rwkvclip
 // Every lane of the warp must take part (the kernels only pass the full mask): each publishes its
@@ -150,7 +157,7 @@ inline float __shfl_xor_sync(unsigned /*full mask*/, float value, int lane_mask)
   return other;
 }
 
-#include "../bi_wkv/sweep_kernel.cuh"
+#include "../bi_wkv/sweep_fused.cuh"
 
 namespace rwkvclip {
 
@@ -193,6 +200,38 @@ void run_grid(const SweepParams& prm) {
   }
 }
 
+// The v2 kernels: one block per (batch, head), the blocks one after another.
+template <int N, Fused KIND, int kType>
+void run_fused_grid(const SweepParams& query, const SweepParams& key) {
+  rwkvclip_emulation::start_pass(KIND == Fused::kForward ? "forward: v2 kernel" : "backward: v2 kernel");
+  std::barrier<> barrier(kThreads);
+  rwkvclip_emulation::block_barrier = &barrier;
+  std::deque<std::barrier<>> warps;
+  for (int w = 0; w < kThreads / 32; ++w) warps.emplace_back(32);
+  rwkvclip_emulation::warp_barriers = &warps;
+  for (unsigned bh = 0; bh < unsigned(query.BH); ++bh) {
+    std::vector<std::thread> threads;
+    threads.reserve(kThreads);
+    for (unsigned t = 0; t < unsigned(kThreads); ++t) {
+      threads.emplace_back([&query, &key, t, bh] {
+        rwkvclip_emulation::thread_index = {t, 0, 0};
+        rwkvclip_emulation::block_index = {bh, 0, 0};
+        fused_kernel<N, KIND, kType>(query, key);
+        rwkvclip_emulation::flush_thread_bytes();
+      });
+    }
+    for (auto& thread : threads) thread.join();
+    const std::string error = rwkvclip_emulation::take_error();
+    TORCH_CHECK(error.empty(), "bi_wkv emulation, N=", N, ", v2 kernel ", int(KIND), ": ", error);
+  }
+}
+
+template <int N, Fused KIND>
+void run_typed(const SweepParams& query, const SweepParams& key) {
+  const bool launched = with_fused_type<KIND>(query.type, [&](auto type) { run_fused_grid<N, KIND, decltype(type)::value>(query, key); });
+  TORCH_CHECK(launched, "bi_wkv emulation: no v2 kernel for this input type");
+}
+
 struct EmulatedDevice {
   static constexpr bool kCuda = false;
   static void tensor(const char* name, const torch::Tensor& t) {
@@ -206,6 +245,19 @@ struct EmulatedDevice {
     auto& total = rwkvclip_emulation::traffic[{pass, name}];
     total.loaded += loaded, total.first_loaded += loaded;  // a torch pass touches each byte once
     total.stored += stored, total.first_stored += stored;
+  }
+  template <Fused KIND>
+  static void run_fused(const SweepParams& query, const SweepParams& key, int64_t head_size) {
+    TORCH_CHECK(query.BH > 0, "bi_wkv emulation: launch of an empty grid (B*H = 0)");
+    switch (head_size) {
+#define RWKVCLIP_CASE(n) \
+  case n:                \
+    return run_typed<n, KIND>(query, key);
+      RWKVCLIP_FOR_EACH_HEAD_SIZE(RWKVCLIP_CASE)
+#undef RWKVCLIP_CASE
+      default:
+        TORCH_CHECK(false, "bi_wkv emulation: no kernel for head size N=", head_size);
+    }
   }
   template <Sweep KIND>
   static void run(const SweepParams& prm, int64_t head_size) {
@@ -281,6 +333,17 @@ std::vector<torch::Tensor> emulated_backward(torch::Tensor dy, torch::Tensor r, 
   return backward<EmulatedDevice>(dy, r, k, v, w, u);
 }
 
+torch::Tensor emulated_forward_v2(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w, torch::Tensor u) {
+  rwkvclip_emulation::ranges.clear();
+  return forward_v2<EmulatedDevice>(r, k, v, w, u);
+}
+
+std::vector<torch::Tensor> emulated_backward_v2(torch::Tensor dy, torch::Tensor r, torch::Tensor k, torch::Tensor v,
+                                                torch::Tensor w, torch::Tensor u) {
+  rwkvclip_emulation::ranges.clear();
+  return backward_v2<EmulatedDevice>(dy, r, k, v, w, u);
+}
+
 using TrafficRow = std::tuple<std::string, std::string, int64_t, int64_t, int64_t, int64_t>;
 
 std::vector<TrafficRow> take_traffic() {
@@ -297,6 +360,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "The Bi-WKV CUDA kernels executed on CPU threads (tests only)";
   m.def("forward", &rwkvclip::emulated_forward);
   m.def("backward", &rwkvclip::emulated_backward);
+  m.def("forward_v2", &rwkvclip::emulated_forward_v2);
+  m.def("backward_v2", &rwkvclip::emulated_backward_v2);
   m.def(
       "set_traffic_counting", [](bool on) { return rwkvclip_emulation::counting.exchange(on); },
       "count global-memory bytes per (pass, tensor) from now on, or stop; returns the previous mode");

@@ -9,24 +9,33 @@ The extension is built lazily, on the first ``is_available()`` or call, never at
 (rwkvclip_dist/ops/build.py). ``is_available()`` is False without a CUDA device, a toolkit or a
 successful build; ``unavailable_reason()`` then says which.
 
+Two kernel versions are compiled into the extension; ``RWKVCLIP_BI_WKV_KERNEL`` picks one per call
+(read on every call, so one process can time both): ``v2`` (default; one block per (batch, head),
+outputs written once in the input dtype, docs/cuda.md) or ``v1`` (one block per direction, fp32
+atomics and stored states).
+
 Numerics: log decays are clamped at ``LOG_DECAY_MIN`` (a per-step decay below exp(-60) ~ 1e-26 is
 taken as exp(-60), and gets no gradient), which keeps chunk-local exponent sums accurate in fp32.
 """
 from __future__ import annotations
 
+import os
 from types import ModuleType
 
 import torch
 
 from rwkvclip_dist.ops.build import BuildConfig, ToolkitNotFound, build, import_prebuilt, library_path
 
-__all__ = ["bi_wkv_cuda", "is_available", "unavailable_reason", "check_arguments", "shared_memory_bytes"]
+__all__ = ["bi_wkv_cuda", "is_available", "unavailable_reason", "check_arguments", "shared_memory_bytes",
+           "kernel_version"]
 
 CHUNK_LEN = 16  # kChunk in csrc/bi_wkv/sweep_params.h
 LOG_DECAY_MIN = -60.0  # kLogDecayMin
 SUPPORTED_HEAD_SIZES = (16, 64, 80, 128)  # RWKVCLIP_FOR_EACH_HEAD_SIZE in csrc/bi_wkv/sweep_params.h
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SMEM_CAP_SM80 = 163 * 1024  # kSmemCapSm80
+KERNEL_VARIABLE = "RWKVCLIP_BI_WKV_KERNEL"
+KERNEL_VERSIONS = ("v2", "v1")  # the first is the default
 
 
 def shared_memory_bytes(head_size: int) -> int:
@@ -37,6 +46,19 @@ def shared_memory_bytes(head_size: int) -> int:
 
     ld = head_size + 8 if floats(head_size + 8) * 4 <= SMEM_CAP_SM80 else head_size + 4
     return floats(ld) * 4
+
+
+def kernel_version() -> str:
+    """The kernel version RWKVCLIP_BI_WKV_KERNEL asks for: v2 (default) or v1."""
+    version = os.environ.get(KERNEL_VARIABLE, "").strip().lower() or KERNEL_VERSIONS[0]
+    if version not in KERNEL_VERSIONS:
+        raise ValueError(f"{KERNEL_VARIABLE}={os.environ[KERNEL_VARIABLE]!r}: expected one of {', '.join(KERNEL_VERSIONS)}")
+    return version
+
+
+def _suffix() -> str:
+    return "_v2" if kernel_version() == "v2" else ""
+
 
 _extension: ModuleType | None = None
 _reason: str | None = None
@@ -86,7 +108,7 @@ def _kernels() -> ModuleType:
 
 @torch.library.custom_op("rwkvclip::bi_wkv", mutates_args=(), device_types="cuda")
 def _bi_wkv_op(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    return _kernels().forward(r, k, v, w, u)
+    return getattr(_kernels(), "forward" + _suffix())(r, k, v, w, u)
 
 
 @_bi_wkv_op.register_fake
@@ -98,7 +120,7 @@ def _bi_wkv_fake(r, k, v, w, u):
 def _bi_wkv_backward_op(
     grad: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(_kernels().backward(grad, r, k, v, w, u))
+    return tuple(getattr(_kernels(), "backward" + _suffix())(grad, r, k, v, w, u))
 
 
 @_bi_wkv_backward_op.register_fake

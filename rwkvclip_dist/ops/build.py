@@ -36,10 +36,10 @@ def _kernel_sources_root() -> Path:
 
 CSRC = _kernel_sources_root()
 SOURCE_DIR = CSRC / "bi_wkv"
-SOURCES = ("bi_wkv_ops.cpp", "sweep_forward.cu", "sweep_query.cu", "sweep_key.cu")
+SOURCES = ("bi_wkv_ops.cpp", "sweep_forward.cu", "sweep_query.cu", "sweep_key.cu", "sweep_fused.cu")
 EMULATION_SOURCE = CSRC / "testing" / "cpu_emulation.cpp"
 HEADERS = ("bi_wkv_host.h", "sweep_params.h", "sweep_kernel.cuh", "sweep_launch.cuh", "tile_mma.cuh",
-           "chunk_load.cuh")
+           "chunk_load.cuh", "sweep_tiles.cuh", "fused_outputs.cuh", "sweep_fused.cuh")
 EMULATION_HEADERS = ("wmma_emulation.h",)
 DEFAULT_ARCHS = ("8.0", "9.0")
 

@@ -23,12 +23,19 @@ _ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+)'")
 _USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _SWEEP = re.compile(r"sweep_kernelILi(\d+)ELNS_5SweepE(\d)E")
+_FUSED = re.compile(r"fused_kernelILi(\d+)ELNS_5FusedE(\d)ELi(\d)E")
 _KINDS = {"0": "forward", "1": "query", "2": "key"}
+_FUSED_KINDS = {"0": "forward", "1": "backward"}
+_TYPES = {"0": "fp32", "1": "bf16", "2": "fp16"}  # InputType of csrc/bi_wkv/sweep_params.h
 
 
 def _readable(mangled: str) -> str:
-    match = _SWEEP.search(mangled)
-    return f"sweep<N={match.group(1)}, {_KINDS[match.group(2)]}>" if match else mangled
+    """sweep<N=64, key> (v1, one kernel for every dtype) or v2<N=64, backward, bf16>."""
+    if match := _SWEEP.search(mangled):
+        return f"sweep<N={match.group(1)}, {_KINDS[match.group(2)]}>"
+    if match := _FUSED.search(mangled):
+        return f"v2<N={match.group(1)}, {_FUSED_KINDS[match.group(2)]}, {_TYPES[match.group(3)]}>"
+    return mangled
 
 
 def ptxas_report(log: str) -> list[KernelResources]:
