@@ -1,6 +1,8 @@
 """Large indexes (tools/bench_index_scale.py measures them at LAION-2B scale): the compact sample->shard
-map gives Streaming's own answers, a damaged or missing index among 1,000 streams is named, and our
-index check runs once per node under a process group (local rank 0), its verdict shared by every rank."""
+map gives Streaming's own answers, our one-pass index reader builds Streaming's own readers (their lists
+shared) and hands local rank 0's checked readers to its dataset, a damaged or missing index among 1,000
+streams is named, and our index check runs once per node under a process group (local rank 0), its
+verdict shared by every rank."""
 from __future__ import annotations
 
 import json
@@ -13,7 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as tmp
 
 from conftest import RANK_ENV, write_shards
-from rwkvclip_dist.data.index_check import ShardIndexError, check_local_indexes_once_per_node
+from rwkvclip_dist.data.index_check import (ShardIndexError, check_local_index, check_local_indexes_once_per_node,
+                                            read_shards, shards_for_stream)
 from rwkvclip_dist.data.streaming_compat import CompactSpanner
 from rwkvclip_dist.parallel.launch_env import free_port
 
@@ -30,6 +33,32 @@ def test_compact_spanner_answers_as_streamings_spanner():
         assert ours[index] == theirs[index], index
     with pytest.raises(IndexError):
         ours[total]
+
+
+def test_the_one_pass_reader_builds_streamings_own_readers(tmp_path):
+    """Every attribute of every reader equals what Streaming's ``reader_from_json`` makes of the same
+    entry; the column lists are one object for all shards; the stream's checked readers are what the
+    dataset of the process that checked gets, until the file changes."""
+    from streaming.base.format import reader_from_json
+
+    directory = tmp_path / "stream"
+    write_shards(str(directory), 24, size_limit=1 << 12)
+    entries = json.loads((directory / "index.json").read_text())["shards"]
+    ours = read_shards(directory / "index.json", str(directory))
+    assert len(ours) == len(entries) > 1
+    for mine, entry in zip(ours, entries):
+        theirs = reader_from_json(str(directory), None, entry)
+        assert type(mine) is type(theirs)
+        assert {k: v for k, v in vars(mine).items()} == {k: v for k, v in vars(theirs).items()}
+    assert len({id(r.column_names) for r in ours}) == 1 and len({id(r.column_encodings) for r in ours}) == 1
+
+    checked = check_local_index(directory)
+    assert shards_for_stream(str(directory / "index.json"), str(directory), "") is checked
+    again = shards_for_stream(str(directory / "index.json"), str(directory), "")  # taken once only
+    assert again is not checked and [vars(r) for r in again] == [vars(r) for r in checked]
+    check_local_index(directory)
+    os.utime(directory / "index.json", ns=(0, 0))  # changed since the check: read again
+    assert shards_for_stream(str(directory / "index.json"), str(directory), "") is not checked
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -29,8 +29,9 @@ def deepspeed_safe_globals() -> list:
     return checkpoint_classes()
 
 
-def load_weights_only(path: str | Path, map_location: Any = "cpu") -> Any:
-    """``torch.load`` restricted to data; :class:`UnsafeCheckpointError` names anything else."""
+def load_weights_only(path: str | Path | BinaryIO, map_location: Any = "cpu", name: str | None = None) -> Any:
+    """``torch.load`` restricted to data; :class:`UnsafeCheckpointError` names anything else (``name``:
+    what to call a file object in that message)."""
     try:
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -39,7 +40,7 @@ def load_weights_only(path: str | Path, map_location: Any = "cpu") -> Any:
         name = re.search(r"GLOBAL (\S+)", str(err))
         detail = f"it names {name.group(1)}" if name else "it is not a plain torch file"
         raise UnsafeCheckpointError(
-            f"checkpoint file {path} was refused: {detail}, beyond tensors and plain data; loading it could "
+            f"checkpoint file {name or path} was refused: {detail}, beyond tensors and plain data; loading it could "
             f"run code. Delete it or restore it from a trusted copy") from None
 
 

@@ -18,14 +18,14 @@ import torch
 
 from rwkvclip_dist.data.config import DataConfig, StreamConfig
 from rwkvclip_dist.data.dataset import ThreeTextDataset
-from rwkvclip_dist.data.index_check import check_local_indexes_once_per_node, safe_basename
-from rwkvclip_dist.data.streaming_compat import Stream, StreamingDataLoader
+from rwkvclip_dist.data.index_check import check_local_indexes_once_per_node, shards_for_stream
+from rwkvclip_dist.data.streaming_compat import IndexedStream, StreamingDataLoader
 from rwkvclip_dist.data.transforms import train_transform
 
 log = logging.getLogger(__name__)
 
 
-def _stream(sc: StreamConfig, download_timeout: float) -> Stream:
+def _stream(sc: StreamConfig, download_timeout: float) -> IndexedStream:
     is_remote = bool(urllib.parse.urlparse(sc.remote).scheme)
     if not is_remote:
         if not os.path.isfile(os.path.join(sc.remote, "index.json")):
@@ -33,10 +33,12 @@ def _stream(sc: StreamConfig, download_timeout: float) -> Stream:
                                     f"tools/make_shards.py)")
         if sc.local is None:
             # A local directory is read in place; Streaming wants it as `local` then.
-            return Stream(local=sc.remote, proportion=sc.proportion, repeat=sc.repeat, choose=sc.choose,
-                          download_timeout=download_timeout)
-    return Stream(remote=sc.remote, local=sc.local, proportion=sc.proportion, repeat=sc.repeat,
-                  choose=sc.choose, download_timeout=download_timeout)
+            return IndexedStream(local=sc.remote, proportion=sc.proportion, repeat=sc.repeat, choose=sc.choose,
+                                 download_timeout=download_timeout, read_index=shards_for_stream)
+    # Every index, remote ones too, is checked as it is read: before Streaming downloads (and
+    # writes) any shard it names.
+    return IndexedStream(remote=sc.remote, local=sc.local, proportion=sc.proportion, repeat=sc.repeat,
+                         choose=sc.choose, download_timeout=download_timeout, read_index=shards_for_stream)
 
 
 def _remote_errors() -> tuple[type[BaseException], ...]:
@@ -65,18 +67,12 @@ def _open_dataset(configs: list[StreamConfig], **kwargs: Any) -> ThreeTextDatase
         raise (FileNotFoundError if missing else ConnectionError)(message) from err
 
 
-def _check_shard_names(dataset: ThreeTextDataset) -> None:
-    # Remote indexes too, before Streaming downloads (and writes) any shard they name.
-    for i, (stream, shard) in enumerate(zip(dataset.stream_per_shard, dataset.shards)):
-        for data in (shard.raw_data, shard.zip_data):
-            if data is not None:
-                where = dataset.streams[stream].remote or dataset.streams[stream].local
-                safe_basename(f"{where}/index.json", f"shard {i} basename", data.basename)
-
-
 def _check_columns(dataset: ThreeTextDataset, needed: tuple[str, ...]) -> None:
-    _check_shard_names(dataset)
+    seen: set[int] = set()  # the shards of an index share their column list (data/index_check.py)
     for stream, shard in zip(dataset.stream_per_shard, dataset.shards):
+        if id(shard.column_names) in seen:
+            continue
+        seen.add(id(shard.column_names))
         missing = [c for c in needed if c not in shard.column_names]
         if missing:
             where = dataset.streams[stream].remote or dataset.streams[stream].local
