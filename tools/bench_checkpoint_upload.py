@@ -125,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory() as tmp, LocalS3Server(Path(tmp) / "s3.log") as s3:
         os.environ.update(s3.env)
-        s3.client().create_bucket(Bucket="bench")
+        client = s3.client()
+        client.create_bucket(Bucket="bench")
         engine, step = _engine(args.model, args.batch)
         load_before = os.getloadavg()[0]
         runs: dict[str, list[dict]] = {"inline": [], "background": []}
@@ -133,7 +134,12 @@ def run(args: argparse.Namespace) -> int:
             for mode in runs:
                 runs[mode].append(_run_mode(mode, engine, step, Path(tmp) / f"{mode}{repeat}",
                                             f"s3://bench/{mode}{repeat}", args.steps, args.save_at))
-                shutil.rmtree(Path(tmp) / f"{mode}{repeat}")  # 2 GiB each at B/32
+                # 2 GiB each at B/32, on disk and in the S3 server: gone before the next run.
+                shutil.rmtree(Path(tmp) / f"{mode}{repeat}")
+                for page in client.get_paginator("list_objects_v2").paginate(Bucket="bench", Prefix=f"{mode}{repeat}/"):
+                    keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+                    if keys:
+                        client.delete_objects(Bucket="bench", Delete={"Objects": keys})
         load_after = os.getloadavg()[0]
         rows = [_summary(r) for r in runs.values()]
     lines = [

@@ -194,7 +194,7 @@ def measure(work: Path, real_entries: list[dict], real: Path, shards: int, strea
     samples = shards * real_entries[0]["samples"]
     return {"code": "this tree" if code == REPO else str(code), "shards": shards, "streams": streams, "ranks": ranks,
             "samples": samples, "index_mib": index_bytes / 2**20,
-            "first_batch_s": max(r["first_batch_s"] for r in rows),
+            "first_batch_s": max(r["first_batch_s"] for r in rows), "imports_s": max(r["imports_s"] for r in rows),
             "loader_s": max(r["loader_s"] for r in rows),
             "cpu_s": max(r["cpu_s"] for r in rows),
             "peak_rss_mib": max(r["peak_rss_mib"] for r in rows),
@@ -264,13 +264,13 @@ def run(args: argparse.Namespace) -> int:
                     runs[code].append(measure(work, entries, real, shards, streams, args.ranks, args.epoch_size,
                                               args.granularity, code))
             results += [_median(runs[code]) for code in codes]
-    header = ("| code | runs | shards | streams | samples | index | ranks | first batch (from start) | loader to first batch | "
+    header = ("| code | runs | shards | streams | samples | index | ranks | first batch (from start) | imports | loader to first batch | "
               "loader CPU time / rank | peak RSS / rank | loader RSS / rank | "
               "index parses / node (per stream) | index read / node | Streaming shm / node |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for r in results:
         lines.append(f"| {r['code']} | {r['runs']} | {r['shards']:,} | {r['streams']:,} | {r['samples']:,} | {r['index_mib']:.1f} MiB | {r['ranks']} | "
-                     f"{_spread(r, 'first_batch_s', '{:.1f}')} s | {r['loader_s']:.1f} s | {r['cpu_s']:.1f} s | {r['peak_rss_mib']:.0f} MiB | "
+                     f"{_spread(r, 'first_batch_s', '{:.1f}')} s | {r['imports_s']:.1f} s | {r['loader_s']:.1f} s | {r['cpu_s']:.1f} s | {r['peak_rss_mib']:.0f} MiB | "
                      f"{_spread(r, 'loader_rss_mib', '{:.0f}')} MiB | "
                      f"{r['index_parses_per_node']:.0f} | {r['index_read_mib_per_node']:.1f} MiB | {r['shm_mib']:.1f} MiB |")
     table = "\n".join(lines)
@@ -278,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(
             "# The training loader's start-up at LAION-2B index scale\n\n"
-            f"`python tools/bench_index_scale.py` ({args.ranks} ranks on one node, {args.samples:,} samples per "
+            f"`python tools/bench_index_scale.py {' '.join(sys.argv[1:])}` ({args.ranks} ranks on one node, {args.samples:,} samples per "
             f"shard, data.epoch_size={args.epoch_size:,}, data.sampling_granularity={args.granularity:,}); what each column measures: the tool's docstring.\n\n"
             + table + "\n")
     last = results[-1]  # this tree's
