@@ -52,13 +52,36 @@ def test_the_one_pass_reader_builds_streamings_own_readers(tmp_path):
         assert {k: v for k, v in vars(mine).items()} == {k: v for k, v in vars(theirs).items()}
     assert len({id(r.column_names) for r in ours}) == 1 and len({id(r.column_encodings) for r in ours}) == 1
 
-    checked = check_local_index(directory)
-    assert shards_for_stream(str(directory / "index.json"), str(directory), "") is checked
-    again = shards_for_stream(str(directory / "index.json"), str(directory), "")  # taken once only
-    assert again is not checked and [vars(r) for r in again] == [vars(r) for r in checked]
-    check_local_index(directory)
+    index, checked = str(directory / "index.json"), {}
+    mine = check_local_index(directory, checked)
+    assert shards_for_stream(checked, index, str(directory), "") is mine and not checked  # taken once
+    again = shards_for_stream(checked, index, str(directory), "")
+    assert again is not mine and [vars(r) for r in again] == [vars(r) for r in mine]
+    mine = check_local_index(directory, checked)
+    elsewhere = shards_for_stream(checked, index, str(tmp_path / "elsewhere"), "")  # another local dir
+    assert elsewhere is not mine and elsewhere[0].dirname == str(tmp_path / "elsewhere")
+    mine = check_local_index(directory, checked)
     os.utime(directory / "index.json", ns=(0, 0))  # changed since the check: read again
-    assert shards_for_stream(str(directory / "index.json"), str(directory), "") is not checked
+    assert shards_for_stream(checked, index, str(directory), "") is not mine
+
+
+def test_the_loader_of_a_single_process_reads_each_index_once(tmp_path, monkeypatch):
+    """Its check and its dataset share the one parse (before: Streaming's parse and our check's)."""
+    import rwkvclip_dist.data.index_check as index_check
+    from rwkvclip_dist.data.config import DataConfig, StreamConfig
+    from rwkvclip_dist.data.loader import build_train_dataloader
+
+    write_shards(str(tmp_path / "a"), 24, size_limit=1 << 12)
+    write_shards(str(tmp_path / "b"), 8)
+    reads = []
+    original = index_check.read_shards
+    monkeypatch.setattr(index_check, "read_shards",
+                        lambda index, *rest: (reads.append(str(index)), original(index, *rest))[1])
+    cfg = DataConfig(streams=[StreamConfig(remote=str(tmp_path / "a")), StreamConfig(remote=str(tmp_path / "b"))],
+                     batch_size=4, num_workers=0)
+    _, dataset = build_train_dataloader(cfg, 16, seed=0)
+    assert sorted(reads) == [str(tmp_path / "a" / "index.json"), str(tmp_path / "b" / "index.json")]
+    assert dataset.num_shards > 2 and dataset.num_samples == 32
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +132,7 @@ def _rank(rank: int, port: int, good: str, bad: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     calls = []
     original = index_check.check_local_index
-    index_check.check_local_index = lambda d: (calls.append(str(d)), original(d))[1]
+    index_check.check_local_index = lambda d, *rest: (calls.append(str(d)), original(d, *rest))[1]
     check_local_indexes_once_per_node([good])
     try:
         check_local_indexes_once_per_node([good, bad])

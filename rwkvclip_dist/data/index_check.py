@@ -29,8 +29,8 @@ class ShardIndexError(ValueError):
 
 
 _NO_HASHES = types.MappingProxyType({})  # a file's ``hashes`` when it has none: one, read-only, for all
-_checked: dict[tuple[str, str], tuple[tuple[int, int], list[Reader]]] = {}
-"""Readers of indexes this process checked, for its dataset (:func:`shards_for_stream`)."""
+Checked = dict[str, tuple[tuple[int, int, str], list[Reader]]]
+"""Readers of the indexes a process checked, by file: for its dataset (:func:`shards_for_stream`)."""
 
 
 def _field(index: Path | str, where: str, value: Any, kind: type | tuple, what: str) -> Any:
@@ -124,34 +124,37 @@ def _check_files(directory: Path, index: Path, shards: list[Reader]) -> None:
                                   f"does not exist")
 
 
-def _signature(index: Path) -> tuple[int, int]:
+def _signature(index: Path, dirname: str) -> tuple[int, int, str]:
     stat = index.stat()
-    return stat.st_mtime_ns, stat.st_size
+    return stat.st_mtime_ns, stat.st_size, dirname
 
 
-def check_local_index(directory: str | Path) -> list[Reader]:
-    """Check ``directory/index.json`` and the sizes of the shard files that are present; its readers."""
+def check_local_index(directory: str | Path, checked: Checked | None = None) -> list[Reader]:
+    """Check ``directory/index.json`` and the sizes of the shard files that are present; its readers
+    (also kept in ``checked``)."""
     index = Path(directory) / "index.json"
-    signature = _signature(index)
+    signature = _signature(index, str(directory))
     shards = read_shards(index, str(directory))
     _check_files(Path(directory), index, shards)
-    _checked[str(index.resolve()), str(directory)] = signature, shards
+    if checked is not None:
+        checked[str(index.resolve())] = signature, shards
     return shards
 
 
-def shards_for_stream(filename: str, local: str, split: str) -> list[Reader]:
-    """``IndexedStream``'s reader of an index: the readers :func:`check_local_index` built in this
-    process if the file is unchanged since, read otherwise."""
-    signature, shards = _checked.pop((str(Path(filename).resolve()), local), (None, None))
-    if shards is not None and not split and signature == _signature(Path(filename)):
+def shards_for_stream(checked: Checked, filename: str, local: str, split: str) -> list[Reader]:
+    """``IndexedStream``'s reader of an index: the readers :func:`check_local_index` built for
+    ``checked`` if the file is unchanged since (and read for the same directory), read otherwise."""
+    signature, shards = checked.pop(str(Path(filename).resolve()), (None, None))
+    if shards is not None and not split and signature == _signature(Path(filename), local):
         return shards
     return read_shards(filename, local, split)
 
 
-def check_local_indexes_once_per_node(directories: list[str | Path]) -> None:
+def check_local_indexes_once_per_node(directories: list[str | Path], checked: Checked | None = None) -> None:
     """:func:`check_local_index` for every directory, read once per node instead of once per rank.
 
-    Under a process group the node's local rank 0 checks (its dataset then reuses what it read) and
+    Under a process group the node's local rank 0 checks (its dataset then takes the readers from
+    ``checked``) and
     every rank raises the same :class:`ShardIndexError` (the first one found, naming its stream);
     without one (a single process, or ranks that never formed a group), every process checks itself.
     """
@@ -162,9 +165,8 @@ def check_local_indexes_once_per_node(directories: list[str | Path]) -> None:
     if not grouped or int(os.environ.get("LOCAL_RANK", "0")) == 0:
         try:
             for directory in directories:
-                check_local_index(directory)
+                check_local_index(directory, checked)
         except ShardIndexError as err:
-            _checked.clear()
             problem = str(err)
     if grouped:
         found: list[str | None] = [None] * dist.get_world_size()
