@@ -1,7 +1,9 @@
 """Checkpoints kept in an object store (checkpoint/remote.py) against a real S3 API server on
 127.0.0.1 (moto_server, rwkvclip_dist/data/local_s3.py): upload order, incomplete remote copies passed
-over with their reason, remote pruning, and a trainer SIGKILLed during an upload whose wiped run
-directory resumes from the newest complete remote copy with the uninterrupted run's losses."""
+over with their reason, remote pruning, a run whose only checkpoint is a remote copy of another
+tensor-parallel size or model refused before any engine, and a trainer SIGKILLed during an upload
+whose wiped run directory resumes from the newest complete remote copy with the uninterrupted run's
+losses."""
 from __future__ import annotations
 
 import json
@@ -12,11 +14,15 @@ import signal
 import subprocess
 import time
 
-import pytest
+import sys
 
-from conftest import REFERENCE_STEPS, REPO, dist_env, loss_log, rank_processes, run_checked, torchrun_cmd, train_args
+import pytest
+import torch
+
+from conftest import DEMO_RECIPE, REFERENCE_STEPS, REPO, dist_env, loss_log, rank_processes, run_checked, torchrun_cmd, train_args
 from rwkvclip_dist.checkpoint.integrity import MANIFEST_FILE, list_files, write_manifest
 from rwkvclip_dist.checkpoint.manager import CLIENT_FILE, _atomic_write_text
+from rwkvclip_dist.checkpoint.record import RunRecord
 from rwkvclip_dist.checkpoint.remote import RemoteCheckpoints, Uploader
 from rwkvclip_dist.data.local_s3 import LocalS3Server
 
@@ -89,6 +95,44 @@ def test_uploader_runs_in_the_background_and_protects_its_checkpoint(remote, tmp
     # The last one is always uploaded; one that waited may have been replaced by a newer one.
     assert "step_00000003" in remote.tags() and remote.problem("step_00000003") is None
     assert len([t for t in remote.tags() if remote.problem(t) is None]) <= 2
+
+
+@pytest.mark.parametrize("name, saved_with, expected", [
+    ("tp", "parallel.tensor_parallel=2", "was saved with parallel.tensor_parallel=2, this run has 1: resume with"),
+    ("model", "model.overrides={text.pool: paper}", "differing: text.pool: checkpoint 'paper', this run 'masked_mean'"),
+])
+def test_a_remote_copy_of_another_tp_size_or_model_is_refused_before_any_engine(
+        s3, monkeypatch, tmp_path, demo_data, name, saved_with, expected):
+    """A wiped scratch disk: the run directory is empty and the only checkpoint is the remote copy. Its
+    record (a run of the demo recipe with ``saved_with``) is what train.py must check before it builds
+    an engine or downloads anything: exit 2, one line naming the remote copy, no file written anywhere."""
+    from rwkvclip_dist.model.registry import get_model_config
+    from rwkvclip_dist.training.recipe import load_recipe
+    from rwkvclip_dist.typed_config import to_plain
+
+    data = [f"data.streams=[{{remote: {demo_data / 'train'}}}]"]
+    saved = load_recipe(DEMO_RECIPE, [*data, "eval.zeroshot=[]", saved_with], check_paths=False)
+    tp = saved.parallel.tensor_parallel
+    record = RunRecord(step=3, world_size=2 * tp, tensor_parallel=tp, recipe=to_plain(saved),
+                       model=to_plain(get_model_config(saved.model.name, **saved.model.overrides)))
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    remote = RemoteCheckpoints(f"s3://ckpt/refused_{name}", CLIENT_FILE)
+    tag_dir = _local_checkpoint(tmp_path / "elsewhere", 3)
+    torch.save(record.to_dict(), tag_dir / CLIENT_FILE)
+    remote.upload(tag_dir)
+    before = {key: size for key, size in remote._objects("step_00000003").items()}
+
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, *train_args(run, demo_data, "train.steps=4",
+                                                       f"checkpoint.remote={remote.url}")],
+                          cwd=REPO, env=dist_env(**s3.env), capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(f"train.py: error: checkpoint {remote.url}/step_00000003 "), lines
+    assert expected in lines[0], lines[0]
+    assert not run.exists(), sorted(run.rglob("*"))
+    assert remote._objects("step_00000003") == before and remote.tags() == ["step_00000003"]
 
 
 @pytest.mark.slow

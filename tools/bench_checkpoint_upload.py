@@ -12,15 +12,22 @@ batch, and a real S3 API server on 127.0.0.1 (moto, rwkvclip_dist/data/local_s3.
 - ``inline``: save, then upload before the next step (what a sync loop in the step loop does);
 - ``background``: save, then hand the checkpoint to ``checkpoint.remote.Uploader`` and go on.
 
-Reported per mode: the median step without a save, the save step's extra time, and the stall =
+Reported per mode: the median step without a save; the time the checkpoint held the loop, timed
+directly (the save, the upload in the loop, the wait for the upload at the end); and the stall =
 the sum over the save step and every step after it of (step time - median), i.e. how much later
-training ends because of the checkpoint. Both modes run in the same process on the same machine.
+training ends because of the checkpoint (it also counts a background upload's competition for the
+cores). One step-time difference is at the mercy of whatever else runs on the machine, so the two
+modes alternate ``--repeat`` times in the same process (one engine) and every column is the median
+over the repeats, with the spread (min-max) of the two that matter. The 1-minute load average before
+and after goes into the file: on a shared machine it says how far to trust the step times.
 """
 from __future__ import annotations
 
 import argparse
-import sys
+import os
+import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -63,6 +70,7 @@ def _engine(model_name: str, batch: int):
 
 def _run_mode(mode: str, engine, step, directory: Path, url: str, steps: int, save_at: int) -> dict:
     from rwkvclip_dist.checkpoint.manager import CLIENT_FILE, CheckpointManager
+    from rwkvclip_dist.checkpoint.record import RunRecord
     from rwkvclip_dist.checkpoint.remote import RemoteCheckpoints
 
     manager = CheckpointManager(directory, keep_last=1, remote=url if mode == "background" else "")
@@ -73,7 +81,7 @@ def _run_mode(mode: str, engine, step, directory: Path, url: str, steps: int, sa
         step()
         if index == save_at:
             begin = time.perf_counter()
-            tag = manager.save(engine, index, {}, {"step": index, "world_size": 1})
+            tag = manager.save(engine, {}, RunRecord(step=index, world_size=1))
             save_s = time.perf_counter() - begin
             if mode == "inline":
                 begin = time.perf_counter()
@@ -88,7 +96,16 @@ def _run_mode(mode: str, engine, step, directory: Path, url: str, steps: int, sa
     size = sum(p.stat().st_size for p in (directory / tag).rglob("*") if p.is_file())
     return {"mode": mode, "median_step_s": quiet, "save_s": save_s, "inline_upload_s": upload_s,
             "save_step_s": times[save_at - 1], "steps_after": times[save_at:], "end_wait_s": tail_wait,
-            "stall_s": stall, "bytes": size}
+            "held_s": save_s + upload_s + tail_wait, "stall_s": stall, "bytes": size}
+
+
+def _summary(runs: list[dict]) -> dict:
+    """Medians over the repeats of one mode; ``*_range``: (min, max) of the held time and the stall."""
+    out = {key: statistics.median(r[key] for r in runs) for key in runs[0] if isinstance(runs[0][key], (int, float))}
+    out["steps_after"] = [statistics.median(col) for col in zip(*(r["steps_after"] for r in runs))]
+    for key in ("held_s", "stall_s"):
+        out[key + "_range"] = (min(r[key] for r in runs), max(r[key] for r in runs))
+    return {**out, "mode": runs[0]["mode"], "runs": len(runs)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,39 +115,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--save-at", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each mode, alternating")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "checkpoint_upload.md"))
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-
-    import os
-
     from rwkvclip_dist.data.local_s3 import LocalS3Server
 
     with tempfile.TemporaryDirectory() as tmp, LocalS3Server(Path(tmp) / "s3.log") as s3:
         os.environ.update(s3.env)
-        s3.client().create_bucket(Bucket="bench")
+        client = s3.client()
+        client.create_bucket(Bucket="bench")
         engine, step = _engine(args.model, args.batch)
-        rows = []
-        for mode in ("inline", "background"):
-            rows.append(_run_mode(mode, engine, step, Path(tmp) / mode, f"s3://bench/{mode}", args.steps,
-                                  args.save_at))
+        load_before = os.getloadavg()[0]
+        runs: dict[str, list[dict]] = {"inline": [], "background": []}
+        for repeat in range(args.repeat):
+            for mode in runs:
+                runs[mode].append(_run_mode(mode, engine, step, Path(tmp) / f"{mode}{repeat}",
+                                            f"s3://bench/{mode}{repeat}", args.steps, args.save_at))
+                # 2 GiB each at B/32, on disk and in the S3 server: gone before the next run.
+                shutil.rmtree(Path(tmp) / f"{mode}{repeat}")
+                for page in client.get_paginator("list_objects_v2").paginate(Bucket="bench", Prefix=f"{mode}{repeat}/"):
+                    keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+                    if keys:
+                        client.delete_objects(Bucket="bench", Delete={"Objects": keys})
+        load_after = os.getloadavg()[0]
+        rows = [_summary(r) for r in runs.values()]
     lines = [
         f"# Step stall of a checkpoint save and its upload ({args.model}, batch {args.batch}, 1 CPU rank, "
         f"ZeRO-1 fp32, moto S3 on 127.0.0.1)",
         "",
-        "Regenerate: `python tools/bench_checkpoint_upload.py` (see its docstring for what is measured).",
+        "Regenerate: `python tools/bench_checkpoint_upload.py` (see its docstring for what is measured). This "
+        f"run: `python tools/bench_checkpoint_upload.py {' '.join(sys.argv[1:])}`, {os.cpu_count()} cores, "
+        f"1-minute load average {load_before:.1f} before and {load_after:.1f} after.",
         "",
-        "| upload | checkpoint | median step | save | upload in loop | save step | steps after the save | "
-        "wait at end | stall |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"Medians over {args.repeat} runs of each mode (alternating), min-max in brackets.",
+        "",
+        "| upload | checkpoint | median step | save | upload in loop | wait at end | **held the loop** | save step | "
+        "steps after the save | stall |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         after = " ".join(f"{t:.2f}" for t in r["steps_after"])
+        held, stall = r["held_s_range"], r["stall_s_range"]
         lines.append(f"| {r['mode']} | {r['bytes'] / 2**30:.2f} GiB | {r['median_step_s']:.2f} s | {r['save_s']:.2f} s | "
-                     f"{r['inline_upload_s']:.2f} s | {r['save_step_s']:.2f} s | {after} | {r['end_wait_s']:.2f} s | "
-                     f"**{r['stall_s']:.2f} s** |")
+                     f"{r['inline_upload_s']:.2f} s | {r['end_wait_s']:.2f} s | **{r['held_s']:.2f} s** ({held[0]:.2f}-"
+                     f"{held[1]:.2f}) | {r['save_step_s']:.2f} s | {after} | {r['stall_s']:.2f} s ({stall[0]:.2f}-"
+                     f"{stall[1]:.2f}) |")
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)
     print(text)

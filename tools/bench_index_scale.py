@@ -61,6 +61,15 @@ def write_real_shards(out: Path, count: int, samples: int) -> list[dict]:
                                   "generated": f"generated {i}", "tags": [], "width": 16, "height": 16,
                                   "source": "bench"})
         entry = json.loads((part / "index.json").read_text())["shards"][0]
+        raw = part / entry["raw_data"]["basename"]
+        if entry.get("zip_data") and not raw.exists():
+            # The raw file beside the compressed one: the ranks then read the shards as they are. Left
+            # to Streaming, two ranks decompress the same file (one name serves many index entries)
+            # into the same temporary name, and one of them fails.
+            from streaming.base.compression import decompress
+
+            data = decompress(entry["compression"], (part / entry["zip_data"]["basename"]).read_bytes())
+            raw.write_bytes(data)
         for key in ("raw_data", "zip_data"):
             if entry.get(key):
                 name = entry[key]["basename"].replace("shard.00000", f"shard.{k:05d}")
@@ -138,11 +147,15 @@ def _rank_main(args: argparse.Namespace) -> None:
 
 
 def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS. Not ``getrusage``'s ``ru_maxrss``: Linux carries that over fork and exec,
+    so a rank would report the peak of the parent that wrote the layout."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
-def run_case(layout: Path, ranks: int, epoch_size: int, granularity: int) -> list[dict]:
-    """Start ``ranks`` rank processes on ``layout``; their measurement lines."""
+def run_case(layout: Path, ranks: int, epoch_size: int, granularity: int, code: Path = REPO) -> list[dict]:
+    """Start ``ranks`` rank processes on ``layout`` running the package under ``code``; their measurement lines."""
     import subprocess
 
     from rwkvclip_dist.data.shm import clean_stale_shm
@@ -154,7 +167,7 @@ def run_case(layout: Path, ranks: int, epoch_size: int, granularity: int) -> lis
     for rank in range(ranks):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(ranks), "LOCAL_RANK": str(rank),
                "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "PYTHONPATH": str(REPO)}
+               "PYTHONPATH": str(code)}
         procs.append(subprocess.Popen([sys.executable, __file__, "--rank-of", str(layout),
                                        "--epoch-size", str(epoch_size), "--granularity", str(granularity)], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
@@ -172,15 +185,16 @@ def run_case(layout: Path, ranks: int, epoch_size: int, granularity: int) -> lis
 
 
 def measure(work: Path, real_entries: list[dict], real: Path, shards: int, streams: int, ranks: int,
-            epoch_size: int, granularity: int) -> dict:
+            epoch_size: int, granularity: int, code: Path = REPO) -> dict:
     layout = work / f"layout_{shards}_{streams}"
     if not layout.is_dir():
         write_layout(layout, real, real_entries, shards, streams)
     index_bytes = sum((d / "index.json").stat().st_size for d in layout.iterdir())
-    rows = run_case(layout, ranks, epoch_size, granularity)
+    rows = run_case(layout, ranks, epoch_size, granularity, code)
     samples = shards * real_entries[0]["samples"]
-    return {"shards": shards, "streams": streams, "ranks": ranks, "samples": samples, "index_mib": index_bytes / 2**20,
-            "first_batch_s": max(r["first_batch_s"] for r in rows),
+    return {"code": "this tree" if code == REPO else str(code), "shards": shards, "streams": streams, "ranks": ranks,
+            "samples": samples, "index_mib": index_bytes / 2**20,
+            "first_batch_s": max(r["first_batch_s"] for r in rows), "imports_s": max(r["imports_s"] for r in rows),
             "loader_s": max(r["loader_s"] for r in rows),
             "cpu_s": max(r["cpu_s"] for r in rows),
             "peak_rss_mib": max(r["peak_rss_mib"] for r in rows),
@@ -188,6 +202,21 @@ def measure(work: Path, real_entries: list[dict], real: Path, shards: int, strea
             "index_parses_per_node": sum(r["index_opens"] for r in rows) / streams,
             "index_read_mib_per_node": sum(r["index_bytes"] for r in rows) / 2**20,
             "shm_mib": max(r["shm_bytes"] for r in rows) / 2**20}
+
+
+def _median(runs: list[dict]) -> dict:
+    """Each measured column's median over ``runs`` (the spread: min-max of the first batch and loader RSS)."""
+    import statistics
+
+    out = {k: (statistics.median(r[k] for r in runs) if isinstance(v, float) else v) for k, v in runs[0].items()}
+    for key in ("first_batch_s", "loader_rss_mib"):
+        out[key + "_range"] = (min(r[key] for r in runs), max(r[key] for r in runs))
+    return {**out, "runs": len(runs)}
+
+
+def _spread(row: dict, key: str, fmt: str) -> str:
+    low, high = row[key + "_range"]
+    return fmt.format(row[key]) + (f" ({fmt.format(low)}-{fmt.format(high)})" if row["runs"] > 1 else "")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--real", type=int, default=2, help="real shards whose entries the index reuses")
     parser.add_argument("--epoch-size", type=int, default=100_000)
     parser.add_argument("--granularity", type=int, default=10_000, help="data.sampling_granularity")
+    parser.add_argument("--baseline", default=None, metavar="DIR",
+                        help="also run every case on the rwkvclip_dist package under DIR (e.g. `git archive` of an "
+                             "older commit), alternating with this tree's in the same run")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per case and code; the table gives medians")
     parser.add_argument("--work", default=None, help="where the layout goes (default: a temporary directory)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "index_scale.md"),
                         help="where the table goes ('' for nowhere)")
@@ -222,24 +255,33 @@ def run(args: argparse.Namespace) -> int:
         cases = ([(args.shards, args.streams)] if args.shards else
                  [tuple(int(x) for x in c.split("x")) for c in args.case] if args.case else
                  [(2_300, 1), (23_000, 1), (230_000, 1), (2_300, 1_000), (230_000, 1_000)])
-        results = [measure(work, entries, real, shards, streams, args.ranks, args.epoch_size, args.granularity)
-                   for shards, streams in cases]
-    header = ("| shards | streams | samples | index | ranks | first batch (from start) | loader to first batch | loader CPU time / rank | peak RSS / rank | loader RSS / rank | "
+        codes = [Path(args.baseline).resolve(), REPO] if args.baseline else [REPO]
+        results = []
+        for shards, streams in cases:
+            runs: dict[Path, list[dict]] = {code: [] for code in codes}
+            for _ in range(args.repeat):
+                for code in codes:  # alternating: both see the same machine, run after run
+                    runs[code].append(measure(work, entries, real, shards, streams, args.ranks, args.epoch_size,
+                                              args.granularity, code))
+            results += [_median(runs[code]) for code in codes]
+    header = ("| code | runs | shards | streams | samples | index | ranks | first batch (from start) | imports | loader to first batch | "
+              "loader CPU time / rank | peak RSS / rank | loader RSS / rank | "
               "index parses / node (per stream) | index read / node | Streaming shm / node |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for r in results:
-        lines.append(f"| {r['shards']:,} | {r['streams']:,} | {r['samples']:,} | {r['index_mib']:.1f} MiB | {r['ranks']} | "
-                     f"{r['first_batch_s']:.1f} s | {r['loader_s']:.1f} s | {r['cpu_s']:.1f} s | {r['peak_rss_mib']:.0f} MiB | {r['loader_rss_mib']:.0f} MiB | "
+        lines.append(f"| {r['code']} | {r['runs']} | {r['shards']:,} | {r['streams']:,} | {r['samples']:,} | {r['index_mib']:.1f} MiB | {r['ranks']} | "
+                     f"{_spread(r, 'first_batch_s', '{:.1f}')} s | {r['imports_s']:.1f} s | {r['loader_s']:.1f} s | {r['cpu_s']:.1f} s | {r['peak_rss_mib']:.0f} MiB | "
+                     f"{_spread(r, 'loader_rss_mib', '{:.0f}')} MiB | "
                      f"{r['index_parses_per_node']:.0f} | {r['index_read_mib_per_node']:.1f} MiB | {r['shm_mib']:.1f} MiB |")
     table = "\n".join(lines)
     print(table)
     if args.out:
         Path(args.out).write_text(
             "# The training loader's start-up at LAION-2B index scale\n\n"
-            f"`python tools/bench_index_scale.py` ({args.ranks} ranks on one node, {args.samples:,} samples per "
+            f"`python tools/bench_index_scale.py {' '.join(sys.argv[1:])}` ({args.ranks} ranks on one node, {args.samples:,} samples per "
             f"shard, data.epoch_size={args.epoch_size:,}, data.sampling_granularity={args.granularity:,}); what each column measures: the tool's docstring.\n\n"
             + table + "\n")
-    last = results[-1]
+    last = results[-1]  # this tree's
     print(f"first_batch_s={last['first_batch_s']:.1f} index_rss_mib={last['loader_rss_mib']:.0f} "
           f"index_parses_per_node={last['index_parses_per_node']:.0f}")
     return 0

@@ -20,6 +20,7 @@ the manifest and read as data only (``integrity``, ``safe_load``); before a save
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import shutil
@@ -34,7 +35,7 @@ from rwkvclip_dist.checkpoint.integrity import (TAG_PATTERN, CheckpointError, Ch
                                                 human_bytes, list_files, manifest_bytes, newest_intact,
                                                 write_manifest)
 from rwkvclip_dist.checkpoint.record import RunRecord, check_resumable
-from rwkvclip_dist.checkpoint.remote import open_remote
+from rwkvclip_dist.checkpoint.remote import RemoteCheckpoints, open_remote
 from rwkvclip_dist.checkpoint.safe_load import load_weights_only, make_engine_loads_safe
 from rwkvclip_dist.parallel import collectives
 
@@ -119,13 +120,19 @@ class CheckpointManager:
         return RunRecord.from_dict(_load_plain(path), str(path))
 
     def check_resumable(self, tensor_parallel: int, model: dict[str, Any], model_name: str,
-                        model_overrides: dict[str, Any]) -> None:
+                        model_overrides: dict[str, Any], remote: str = "") -> None:
         """Before any engine is built: refuse (``ConfigError``, one line naming both) to resume the newest
-        checkpoint with another tensor-parallel size or model; nothing to check without a checkpoint."""
+        checkpoint with another tensor-parallel size or model; without a local one, the newest complete
+        copy at ``remote`` (what the resume would download; only its record is read); else nothing."""
         tag = self.latest_tag()
         if tag is not None:
-            check_resumable(self.read_record(tag), str(self.directory / tag), tensor_parallel, model,
-                            model_name, model_overrides)
+            where, record = str(self.directory / tag), self.read_record(tag)
+        elif remote and (found := RemoteCheckpoints(remote, CLIENT_FILE).newest_marker()) is not None:
+            where, marker = found[0], f"{found[0]}/{CLIENT_FILE}"
+            record = RunRecord.from_dict(load_weights_only(io.BytesIO(found[1]), name=marker), marker)
+        else:
+            return
+        check_resumable(record, where, tensor_parallel, model, model_name, model_overrides)
 
     def refuse_to_overwrite(self) -> None:
         """For a run that starts over (``checkpoint.resume: false``): stop if checkpoints are there."""

@@ -137,14 +137,32 @@ class RemoteCheckpoints:
                 return f"{rel} has {objects[rel]} bytes, the manifest says {size}"
         return None
 
-    def newest_complete(self) -> str | None:
-        """The newest remote tag that is complete; every newer one passed over is logged with its reason."""
+    def newest_complete(self, quiet: bool = False) -> str | None:
+        """The newest remote tag that is complete; every newer one passed over is logged with its reason
+        (unless ``quiet``)."""
         for tag in reversed(self.tags()):
             problem = self.problem(tag)
             if problem is None:
                 return tag
-            log.warning("remote checkpoint %s/%s is not used: %s", self.url, tag, problem)
+            if not quiet:
+                log.warning("remote checkpoint %s/%s is not used: %s", self.url, tag, problem)
         return None
+
+    def newest_marker(self) -> tuple[str, bytes] | None:
+        """``(url of the copy, its marker's bytes)`` of the copy a restore would download, read without
+        downloading it (the checks before any engine is built); None when there is none."""
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            tag = self.newest_complete(quiet=True)  # the restore that follows says why it passes any over
+            if tag is None:
+                return None
+            body = self._client().get_object(Bucket=self.bucket, Key=self._key(tag, self.marker))["Body"].read()
+        except (OSError, Boto3Error, BotoCoreError, ClientError) as err:
+            raise CheckpointError(f"checkpoint.remote {self.url}: cannot read its checkpoints to check them before "
+                                  f"resuming ({type(err).__name__}: {err})") from None
+        return f"{self.url}/{tag}", body
 
     # -- download ------------------------------------------------------------------------------
     def restore(self, directory: Path, write_text: Callable[[Path, str], None]) -> str | None:

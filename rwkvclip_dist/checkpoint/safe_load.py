@@ -13,7 +13,7 @@ import contextlib
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -40,8 +40,9 @@ def deepspeed_types_allowed():
         yield
 
 
-def load_weights_only(path: str | Path, map_location: Any = "cpu") -> Any:
-    """``torch.load`` restricted to data; :class:`UnsafeCheckpointError` names anything else."""
+def load_weights_only(path: str | Path | BinaryIO, map_location: Any = "cpu", name: str | None = None) -> Any:
+    """``torch.load`` restricted to data; :class:`UnsafeCheckpointError` names anything else (``name``:
+    what to call a file object in that message)."""
     try:
         with deepspeed_types_allowed():
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -50,7 +51,7 @@ def load_weights_only(path: str | Path, map_location: Any = "cpu") -> Any:
         name = re.search(r"GLOBAL (\S+)", str(err))
         detail = f"it names {name.group(1)}" if name else "it is not a plain torch file"
         raise UnsafeCheckpointError(
-            f"checkpoint file {path} was refused: {detail}, beyond tensors and plain data; loading it could "
+            f"checkpoint file {name or path} was refused: {detail}, beyond tensors and plain data; loading it could "
             f"run code. Delete it or restore it from a trusted copy") from None
 
 

@@ -9,23 +9,24 @@ the uninterrupted run would have seen next.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import urllib.parse
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from rwkvclip_dist.data.config import DataConfig, StreamConfig
 from rwkvclip_dist.data.dataset import ThreeTextDataset
-from rwkvclip_dist.data.index_check import check_local_indexes_once_per_node, safe_basename
-from rwkvclip_dist.data.streaming_compat import Stream, StreamingDataLoader
+from rwkvclip_dist.data.index_check import Checked, check_local_indexes_once_per_node, shards_for_stream
+from rwkvclip_dist.data.streaming_compat import IndexedStream, StreamingDataLoader
 from rwkvclip_dist.data.transforms import train_transform
 
 log = logging.getLogger(__name__)
 
 
-def _stream(sc: StreamConfig, download_timeout: float) -> Stream:
+def _stream(sc: StreamConfig, download_timeout: float, read_index: Callable) -> IndexedStream:
     is_remote = bool(urllib.parse.urlparse(sc.remote).scheme)
     if not is_remote:
         if not os.path.isfile(os.path.join(sc.remote, "index.json")):
@@ -33,10 +34,12 @@ def _stream(sc: StreamConfig, download_timeout: float) -> Stream:
                                     f"tools/make_shards.py)")
         if sc.local is None:
             # A local directory is read in place; Streaming wants it as `local` then.
-            return Stream(local=sc.remote, proportion=sc.proportion, repeat=sc.repeat, choose=sc.choose,
-                          download_timeout=download_timeout)
-    return Stream(remote=sc.remote, local=sc.local, proportion=sc.proportion, repeat=sc.repeat,
-                  choose=sc.choose, download_timeout=download_timeout)
+            return IndexedStream(local=sc.remote, proportion=sc.proportion, repeat=sc.repeat, choose=sc.choose,
+                                 download_timeout=download_timeout, read_index=read_index)
+    # Every index, remote ones too, is checked as it is read: before Streaming downloads (and
+    # writes) any shard it names.
+    return IndexedStream(remote=sc.remote, local=sc.local, proportion=sc.proportion, repeat=sc.repeat,
+                         choose=sc.choose, download_timeout=download_timeout, read_index=read_index)
 
 
 def _remote_errors() -> tuple[type[BaseException], ...]:
@@ -65,18 +68,12 @@ def _open_dataset(configs: list[StreamConfig], **kwargs: Any) -> ThreeTextDatase
         raise (FileNotFoundError if missing else ConnectionError)(message) from err
 
 
-def _check_shard_names(dataset: ThreeTextDataset) -> None:
-    # Remote indexes too, before Streaming downloads (and writes) any shard they name.
-    for i, (stream, shard) in enumerate(zip(dataset.stream_per_shard, dataset.shards)):
-        for data in (shard.raw_data, shard.zip_data):
-            if data is not None:
-                where = dataset.streams[stream].remote or dataset.streams[stream].local
-                safe_basename(f"{where}/index.json", f"shard {i} basename", data.basename)
-
-
 def _check_columns(dataset: ThreeTextDataset, needed: tuple[str, ...]) -> None:
-    _check_shard_names(dataset)
+    seen: set[int] = set()  # the shards of an index share their column list (data/index_check.py)
     for stream, shard in zip(dataset.stream_per_shard, dataset.shards):
+        if id(shard.column_names) in seen:
+            continue
+        seen.add(id(shard.column_names))
         missing = [c for c in needed if c not in shard.column_names]
         if missing:
             where = dataset.streams[stream].remote or dataset.streams[stream].local
@@ -111,8 +108,10 @@ def build_train_dataloader(cfg: DataConfig, image_size: int, seed: int, replicat
     """
     if not cfg.streams:
         raise ValueError("data.streams is empty: give at least one MDS stream")
-    streams = [_stream(s, cfg.download_timeout) for s in cfg.streams]
-    check_local_indexes_once_per_node([s.remote for s in cfg.streams if not urllib.parse.urlparse(s.remote).scheme])
+    checked: Checked = {}  # local rank 0's check hands its readers to its dataset; dropped with this frame
+    streams = [_stream(s, cfg.download_timeout, functools.partial(shards_for_stream, checked)) for s in cfg.streams]
+    check_local_indexes_once_per_node([s.remote for s in cfg.streams if not urllib.parse.urlparse(s.remote).scheme],
+                                      checked)
     try:
         dataset = _open_dataset(
             cfg.streams, transform=train_transform(cfg.image_size or image_size, hflip=cfg.hflip),

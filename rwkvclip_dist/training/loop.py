@@ -92,8 +92,8 @@ def start_run(recipe: Recipe, run_dir: Path, launch: LaunchEnv) -> "Trainer":
     model_config = to_plain(get_model_config(recipe.model.name, **recipe.model.overrides))
     checkpoint_dir = checkpoint_directory(recipe, run_dir)
     if recipe.checkpoint.resume:  # before any engine: another model would be trained on these weights
-        CheckpointManager(checkpoint_dir).check_resumable(recipe.parallel.tensor_parallel, model_config,
-                                                         recipe.model.name, recipe.model.overrides)
+        CheckpointManager(checkpoint_dir).check_resumable(recipe.parallel.tensor_parallel, model_config, recipe.model.name,
+                                                         recipe.model.overrides, remote=recipe.checkpoint.remote)
     check_run_directory(recipe, run_dir)  # refused or finished: before anything is written
     check_s3_streams(recipe.data.streams)
     device = setup_process(launch)
