@@ -78,9 +78,10 @@ def test_cache_limit_below_the_data_set_evicts_and_refetches(s3_env, tmp_path, c
     fetched = s3_env.gets() - before
     shard_gets = {k: v for k, v in fetched.items() if "/shard." in k}
     assert len(shard_gets) == dataset.num_shards == 12
-    # A cache holding the whole set would fetch each shard once (12 in all); this one must fetch most
-    # shards again in the second epoch and some again within an epoch.
-    assert sum(shard_gets.values()) >= 2 * 12 and max(shard_gets.values()) >= 3, shard_gets
+    # A cache holding the whole set would fetch each shard once (12 in all); one holding ~5 of the 12
+    # must fetch at least 7 again in the second epoch. (Whether a shard is also fetched twice within an
+    # epoch depends on how far the prefetch thread ran ahead, i.e. on timing: not asserted.)
+    assert sum(shard_gets.values()) >= 12 + 7, shard_gets
 
 
 def test_missing_bucket_is_a_clear_error(s3_env, tmp_path):

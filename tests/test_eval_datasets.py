@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -59,7 +62,10 @@ def test_a_missing_shard_file_is_named_when_the_set_opens(tmp_path):
 
 
 READER = textwrap.dedent("""
-    import sys, time
+    import faulthandler, sys, time
+    # A reader that hangs (as it did when its TMPDIR was too long for the workers' AF_UNIX sockets)
+    # writes its threads' stacks to its .err file and exits: the test fails in minutes, saying where.
+    faulthandler.dump_traceback_later(180, exit=True)
     from torch.utils.data import DataLoader
     from torchvision.transforms import ToTensor
     from rwkvclip_dist.eval.datasets import open_labelled_images
@@ -75,14 +81,16 @@ READER = textwrap.dedent("""
 """)
 
 
-def test_nothing_is_left_behind_after_an_end_a_preemption_or_a_kill(tmp_path):
+def test_nothing_is_left_behind_after_an_end_a_preemption_or_a_kill(tmp_path, request):
     """One reader process per way of ending, each with its own temporary folder (TMPDIR): an
     evaluation that decompressed the set into a temporary copy left it there when killed."""
     _labelled_mds(tmp_path / "set", 40, "zstd")
-    procs = {}
+    procs, temps = {}, {}
     for how in ("end", "SIGTERM", "SIGKILL"):
-        temp = tmp_path / f"tmp_{how}"
-        temp.mkdir()
+        # Short: DataLoader workers put AF_UNIX sockets (at most 107 bytes of path) in TMPDIR, and
+        # pytest's own folders (under xdist, .../popen-gw1/test_.../) can be too long for them.
+        temps[how] = temp = Path(tempfile.mkdtemp(prefix=f"ev{how[-4:]}"))
+        request.addfinalizer(lambda temp=temp: shutil.rmtree(temp, ignore_errors=True))
         # stderr to a file: a killed reader's orphaned workers keep its pipes open for a while.
         with open(tmp_path / f"{how}.err", "w") as stderr:
             procs[how] = subprocess.Popen([PYTHON, "-c", READER, str(tmp_path / "set"), how], cwd=REPO,
@@ -99,7 +107,7 @@ def test_nothing_is_left_behind_after_an_end_a_preemption_or_a_kill(tmp_path):
         # parent is gone and exit, removing multiprocessing's pymp-* folders): judge once they are gone.
         deadline = time.monotonic() + 60
         while True:
-            left = [str(p.relative_to(tmp_path)) for p in (tmp_path / f"tmp_{how}").rglob("*")]
+            left = [str(p.relative_to(temps[how])) for p in temps[how].rglob("*")]
             if not left or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
