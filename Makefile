@@ -35,8 +35,10 @@ sysdeps:
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSDEPS) >/dev/null; \
 	else echo "note: install $(SYSDEPS) (Debian) to run the Slurm tests; they are skipped without them"; fi
 
+# Two workers (pytest-xdist): most tests wait on subprocesses, so two at a time use both cores; the
+# Slurm tests (one test cluster) stay in one worker (tests/conftest.py).
 test: env sysdeps
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n 2 --dist loadgroup
 
 # Re-pin after an intentional dependency change.
 lock: env
