@@ -295,3 +295,6 @@ def kill_once_written(cmd: list[str], out: Path, lines: int, timeout_s: float = 
 def read_rows(path: Path) -> list[dict]:
     """The records of a JSONL file (blank lines skipped)."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+# Runs shared by several test files, registered as this folder's fixtures (last: the module imports this one).
+from shared_runs import ema_eval_baseline, ema_zero2_run, siglip_ema_run  # noqa: E402,F401
