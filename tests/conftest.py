@@ -297,4 +297,4 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 # Runs shared by several test files, registered as this folder's fixtures (last: the module imports this one).
-from shared_runs import ema_eval_baseline, ema_zero2_run, siglip_ema_run  # noqa: E402,F401
+from shared_runs import ema_eval_baseline, ema_zero2_run, siglip_ema_run, source_run  # noqa: E402,F401

@@ -1,10 +1,12 @@
-"""Training runs that carry several features at once, so that the tests of each feature share one
-launch instead of paying their own start-up (registered as session fixtures by conftest.py).
+"""Training runs shared by several test files, some carrying several features at once, so that the
+tests of each feature share one launch instead of paying their own start-up (registered as session
+fixtures by conftest.py).
 
-Each run's users carry the same ``xdist_group`` (``ZERO2_GROUP``, ``SIGLIP_GROUP``), so that under
-pytest-xdist the run is made once, in one worker. A test that compares a run against one WITHOUT its
-feature still gets that other run (:func:`ema_eval_baseline`); a shared run only adds features that
-its other users' claims do not depend on (wandb's files, the EMA, the in-loop evaluation of the EMA).
+Each run's users carry the same ``xdist_group`` (``ZERO2_GROUP``, ``SIGLIP_GROUP``, ``SOURCE_GROUP``), so
+that under pytest-xdist the run is made once, in one worker. A test that compares a run against one
+WITHOUT its feature still gets that other run (:func:`ema_eval_baseline`); a shared run only adds
+features that its other users' claims do not depend on (wandb's files, the EMA, the in-loop
+evaluation of the EMA).
 """
 from __future__ import annotations
 
@@ -26,8 +28,10 @@ SIGLIP_STEPS = 3
 SIGLIP = ("loss.kind=siglip", "model.overrides={text.pool: masked_mean, init_logit_bias: -10.0}",
           "parallel.zero_stage=3", "train.accumulation_steps=2", f"train.steps={SIGLIP_STEPS}",
           "schedule.kind=wsd", "schedule.warmup_fraction=0", "schedule.cooldown_from=1")
+# A constant lr after a short warm-up: 60 steps take the tiny model well below a fresh one's loss.
+SOURCE = ("train.steps=60", "checkpoint.every_steps=0", "schedule.min_lr_ratio=1.0", "schedule.warmup_fraction=0.05")
 # The xdist_group of each shared run's users (named after its fixture).
-ZERO2_GROUP, SIGLIP_GROUP = "ema_zero2_run", "siglip_ema_run"
+ZERO2_GROUP, SIGLIP_GROUP, SOURCE_GROUP = "ema_zero2_run", "siglip_ema_run", "source_run"
 
 
 # Between steps of the resumed launch (so that the trained weights put back after it train step 4), and
@@ -79,4 +83,13 @@ def siglip_ema_run(demo_data, tmp_path_factory) -> Path:
     step checkpointed. For tests/test_learned_bias_and_soups.py and the ZeRO-3 case of tests/test_ema.py."""
     run = tmp_path_factory.mktemp("siglip") / "run"
     run_checked(torchrun_cmd(2, *train_args(run, demo_data, *SIGLIP, *EMA)), timeout=600)
+    return run
+
+
+@pytest.fixture(scope="session")
+def source_run(demo_data, tmp_path_factory) -> Path:
+    """2 ranks, ZeRO-2, 32 px, TP=1: trained weights that tests/test_finetune.py continues at 48 px and
+    tests/test_tensor_parallel_finetune.py continues under TP=2."""
+    run = tmp_path_factory.mktemp("source") / "run"
+    run_checked(torchrun_cmd(2, *train_args(run, demo_data, *SOURCE)), timeout=600)
     return run
