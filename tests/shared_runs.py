@@ -39,6 +39,22 @@ ZERO2_GROUP, SIGLIP_GROUP, SOURCE_GROUP = "ema_zero2_run", "siglip_ema_run", "so
 EVAL_EVERY = 3
 
 
+def group_nodeids(config, items) -> None:
+    """In an xdist worker under ``--dist loadgroup``: each ``xdist_group`` item's node id ends in
+    ``@<group>``, which is how the controller sends a group to one worker. xdist 3.8 sets it through
+    ``item._nodeid``, which pytest 9.2 no longer reads (node ids live in ``item._id``), so without this
+    every group was silently spread over the workers."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    from _pytest.nodeid import coerce_node_id
+
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        if names and not item.nodeid.endswith("@" + "_".join(names)):
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
+
+
 def digits_eval(demo_data: Path, use_ema: bool) -> tuple[str, str]:
     """An in-loop zero-shot evaluation every EVAL_EVERY steps and at the end, of the EMA with ``use_ema``."""
     return (f"eval.zeroshot=[{{name: digits, data: {demo_data / 'heldout'}, classes: "
