@@ -38,10 +38,11 @@ os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.
 
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (``make test`` runs two workers) the Slurm test clusters, which listen on fixed
-    ports, run in one worker, one after the other."""
+    ports, run in one worker, one after the other (as do the users of each run of shared_runs.py)."""
     for item in items:
         if item.path.name.startswith("test_slurm"):
             item.add_marker(pytest.mark.xdist_group("slurm"))
+    group_nodeids(config, items)
 
 
 def dist_env(**extra: str) -> dict[str, str]:
@@ -135,8 +136,6 @@ def reference_losses(demo_data, tmp_path_factory) -> dict[int, float]:
 
 def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None = None, poll: float = 0.05):
     """Poll ``condition()`` until truthy; fail naming ``what`` (and ``proc``'s exit) on timeout."""
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
@@ -295,3 +294,6 @@ def kill_once_written(cmd: list[str], out: Path, lines: int, timeout_s: float = 
 def read_rows(path: Path) -> list[dict]:
     """The records of a JSONL file (blank lines skipped)."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+# Runs shared by several test files, registered as this folder's fixtures (last: shared_runs imports this module).
+from shared_runs import ema_eval_baseline, ema_zero2_run, group_nodeids, siglip_ema_run, source_run  # noqa: E402,F401

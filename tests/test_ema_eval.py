@@ -1,34 +1,26 @@
 """``eval.use_ema`` on 2 gloo ranks under ZeRO-2: the in-loop evaluation scores the EMA weights (equal to
 an evaluation of the EMA that ``tools/convert_checkpoint.py from-zero --ema`` exports), and swapping
-the EMA in and out for the evaluation leaves training unchanged (the same losses as without it)."""
+the EMA in and out for the evaluation leaves training unchanged (the same losses as without it).
+
+The run with ``eval.use_ema`` is shared with tests/test_ema.py and tests/test_wandb.py (tests/shared_runs.py):
+it also logs to wandb and is stopped after step 2 and resumed; the run without it is uninterrupted, so
+the bitwise comparison also holds the resume to being exact."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from conftest import digits_zeroshot, loss_log, run_checked, torchrun_cmd, train_args
+from conftest import digits_zeroshot, loss_log
+from shared_runs import ZERO2_GROUP, ZERO2_STEPS
 from tool_loader import tool_main
 
-STEPS = 3
-
-
-def _args(demo_data, use_ema: bool) -> tuple[str, ...]:
-    zeroshot = (f"eval.zeroshot=[{{name: digits, data: {demo_data / 'heldout'}, "
-                f"classes: {demo_data / 'zeroshot.json'}, every_steps: 2, batch_size: 128, num_workers: 0}}]")
-    return ("parallel.zero_stage=2", "train.ema.enabled=true", "train.ema.decay=0.6", "optimizer.lr=1e-2",
-            f"train.steps={STEPS}", "checkpoint.every_steps=2", zeroshot, f"eval.use_ema={str(use_ema).lower()}")
+STEPS = ZERO2_STEPS
 
 
 @pytest.fixture(scope="module")
-def runs(demo_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ema_eval")
-    out = {}
-    for use_ema in (True, False):
-        run = root / f"use_ema_{use_ema}"
-        run_checked(torchrun_cmd(2, *train_args(run, demo_data, *_args(demo_data, use_ema))), timeout=600)
-        out[use_ema] = run
-    return out
+def runs(ema_zero2_run, ema_eval_baseline):
+    return {True: ema_zero2_run, False: ema_eval_baseline}
 
 
 def _evals(run) -> dict:
@@ -36,14 +28,17 @@ def _evals(run) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group(ZERO2_GROUP)
 def test_training_is_unchanged_by_evaluating_the_ema(runs):
     with_ema, without = loss_log(runs[True]), loss_log(runs[False])
     assert [r["step"] for r in with_ema] == list(range(1, STEPS + 1))
-    # Bitwise: the trained weights are put back exactly, the eval at step 2 is between steps.
+    # Bitwise: the trained weights are put back exactly, the eval at step EVAL_EVERY is between steps of
+    # one launch (the resumed one: ZERO2_STOP < EVAL_EVERY < STEPS).
     assert [r["loss"] for r in with_ema] == [r["loss"] for r in without]
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group(ZERO2_GROUP)
 def test_logged_eval_is_an_evaluation_of_the_exported_ema(runs, demo_data, tmp_path):
     from rwkvclip_dist.pretrained import load_model
 

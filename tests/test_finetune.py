@@ -1,6 +1,8 @@
 """Starting from weights (``model.init_from``), a new resolution, locked towers, layer decay and group
-rules: one 2-rank ZeRO-2 source run at 32 px, continued by 2-rank ZeRO-3 runs at 48 px with the
-text tower locked, shared by the tests of this module; unit tests of the same pieces in-process."""
+rules, and the loss-spike rewind: one 2-rank ZeRO-2 source run at 32 px (tests/shared_runs.py),
+continued by 2-rank ZeRO-3 runs at 48 px with the text tower locked and a deterministic spike (one
+uninterrupted, one stopped just after its rewind and resumed), shared by the tests of this module;
+unit tests of the same pieces in-process."""
 from __future__ import annotations
 
 import glob
@@ -17,48 +19,32 @@ from rwkvclip_dist.training.init_from import load_initial_weights
 from rwkvclip_dist.training.lock import LockSection, TowerLock, apply_lock
 from rwkvclip_dist.training.optim import OptimizerSection, build_optimizer
 from rwkvclip_dist.training.param_groups import GroupRule, LayerDecay
+from shared_runs import SOURCE_GROUP
+
+# The source run (``source_run``, tests/shared_runs.py) is shared with tests/test_tensor_parallel_finetune.py.
+pytestmark = pytest.mark.xdist_group(SOURCE_GROUP)
 
 AT_48 = "model.overrides={text.pool: masked_mean, image.image_size: 48}"
-# A constant lr after a short warm-up: 60 steps take the tiny model well below a fresh one's loss.
-SOURCE = ("train.steps=60", "checkpoint.every_steps=0", "schedule.min_lr_ratio=1.0", "schedule.warmup_fraction=0.05")
-FINETUNE = ("parallel.zero_stage=3", "checkpoint.every_steps=0", AT_48, "model.lock.text.locked=true",
-            "optimizer.layer_decay.image=0.8", "optimizer.groups=[{match: logit_scale, lr_scale: 0.5}]")
-
-
-@pytest.fixture(scope="module")
-def source_run(demo_data, tmp_path_factory):
-    run = tmp_path_factory.mktemp("source") / "run"
-    run_checked(torchrun_cmd(2, *train_args(run, demo_data, *SOURCE)), timeout=600)
-    return run
-
-
-# A deterministic spike: the lr of step 3 x 1000 makes the loss of step 4 non-finite.
-SPIKE = ("parallel.zero_stage=2", "checkpoint.every_steps=2", "checkpoint.keep_last=5", "schedule.kind=constant",
-         "train.spike.enabled=true", "train.spike.window=3", "train.spike.inject_lr_scale_at_step=3")
-
-
-@pytest.fixture(scope="module")
-def spike_runs(source_run, demo_data, tmp_path_factory):
-    """From the trained source: an uninterrupted 6-step run with a spike, and the same run stopped at
-    step 4 (just after its rewind) and resumed to 6."""
-    root = tmp_path_factory.mktemp("spike")
-    whole, split = root / "whole", root / "split"
-    common = (*SPIKE, f"model.init_from={source_run}")
-    run_checked(torchrun_cmd(2, *train_args(whole, demo_data, *common, "train.steps=6")), timeout=600)
-    run_checked(torchrun_cmd(2, *train_args(split, demo_data, *common, "train.steps=4")), timeout=600)
-    run_checked(torchrun_cmd(2, *train_args(split, demo_data, *common, "train.steps=6")), timeout=600)
-    return whole, split
+# The continued run, with a deterministic spike: the lr of step 3 x 1000 makes the loss of step 4
+# non-finite; checkpoints every 2 steps for the rewind.
+FINETUNE = ("parallel.zero_stage=3", AT_48, "model.lock.text.locked=true", "optimizer.layer_decay.image=0.8",
+            "optimizer.groups=[{match: logit_scale, lr_scale: 0.5}]", "checkpoint.every_steps=2",
+            "checkpoint.keep_last=5", "schedule.kind=constant", "train.spike.enabled=true", "train.spike.window=3",
+            "train.spike.inject_lr_scale_at_step=3")
+STEPS, STOP = 6, 4  # the split run stops at STOP, just after its rewind, and resumes to STEPS
 
 
 @pytest.fixture(scope="module")
 def finetune(source_run, demo_data, tmp_path_factory):
-    """The continued run (3 steps) and its resumed continuation (to step 4): their outputs."""
-    run = tmp_path_factory.mktemp("finetune") / "run"
-    first = run_checked(torchrun_cmd(2, *train_args(run, demo_data, *FINETUNE, "train.steps=3",
-                                                    f"model.init_from={source_run}")), timeout=600)
-    resumed = run_checked(torchrun_cmd(2, *train_args(run, demo_data, *FINETUNE, "train.steps=4",
-                                                      f"model.init_from={source_run}")), timeout=600)
-    return {"run": run, "log": first.stdout + first.stderr,
+    """From the trained source: the continued run uninterrupted (``whole``), and the same run stopped
+    at step STOP and resumed to STEPS (``run``) with its launches' outputs."""
+    root = tmp_path_factory.mktemp("finetune")
+    whole, run = root / "whole", root / "run"
+    common = (*FINETUNE, f"model.init_from={source_run}")
+    run_checked(torchrun_cmd(2, *train_args(whole, demo_data, *common, f"train.steps={STEPS}")), timeout=600)
+    first = run_checked(torchrun_cmd(2, *train_args(run, demo_data, *common, f"train.steps={STOP}")), timeout=600)
+    resumed = run_checked(torchrun_cmd(2, *train_args(run, demo_data, *common, f"train.steps={STEPS}")), timeout=600)
+    return {"run": run, "whole": whole, "log": first.stdout + first.stderr,
             "resumed_log": resumed.stdout + resumed.stderr}
 
 
@@ -84,12 +70,14 @@ def test_continued_at_a_new_resolution_starts_far_below_a_fresh_model(source_run
 def test_locked_text_tower_is_bitwise_unchanged_and_outside_zero_partitions(source_run, finetune):
     from rwkvclip_dist.checkpoint.safe_load import load_weights_only
 
-    before, after = _weights(source_run / "checkpoints"), _weights(finetune["run"] / "checkpoints", "step_00000003")
+    # The last checkpoint: after the spike's 1000 x lr, the rewind and the resume.
+    tag = f"step_{STEPS:08d}"
+    before, after = _weights(source_run / "checkpoints"), _weights(finetune["run"] / "checkpoints", tag)
     text = [k for k in before if k.startswith("text.")]
     assert text and all(torch.equal(before[k], after[k]) for k in text)
     assert not torch.equal(before["visual.blocks.0.att.key.weight"], after["visual.blocks.0.att.key.weight"])
     # DeepSpeed records the parameters it kept out of its partitions (no fp32 master, no moments).
-    states = glob.glob(str(finetune["run"] / "checkpoints" / "step_00000003" / "*_model_states.pt"))
+    states = glob.glob(str(finetune["run"] / "checkpoints" / tag / "*_model_states.pt"))
     frozen = set(load_weights_only(states[0])["frozen_param_shapes"])
     assert {k.removeprefix("module.") for k in frozen} == set(text)
 
@@ -97,7 +85,7 @@ def test_locked_text_tower_is_bitwise_unchanged_and_outside_zero_partitions(sour
 @pytest.mark.slow
 def test_a_resumed_run_does_not_reapply_init_from(finetune):
     assert "not applied: the run resumes" in finetune["resumed_log"]
-    assert [r["step"] for r in loss_log(finetune["run"])] == [1, 2, 3, 4]
+    assert [r["step"] for r in loss_log(finetune["run"])] == [1, 2, 3, 4, 3, 4, 5, 6]  # the rewind at 4
 
 
 @pytest.mark.slow
@@ -224,12 +212,12 @@ def test_export_hub_of_a_run_writes_its_card_and_weights(finetune, tmp_path):
 
 
 @pytest.mark.slow
-def test_spike_rewinds_skips_the_window_and_ends_finite(spike_runs):
+def test_spike_rewinds_skips_the_window_and_ends_finite(finetune):
     import math
 
-    whole, _ = spike_runs
+    whole = finetune["whole"]
     metrics = json.loads((whole / "metrics.json").read_text())
-    assert metrics["steps"] == 6 and metrics["status"] == "completed"
+    assert metrics["steps"] == STEPS and metrics["status"] == "completed"
     [event] = metrics["rewinds"]
     assert (event["step"], event["checkpoint"], event["batches_skipped"]) == (4, "step_00000002", 2)
     assert event["samples_skipped"] == 2 * 32 and event["samples_skipped_from"] == 2 * 32
@@ -241,8 +229,8 @@ def test_spike_rewinds_skips_the_window_and_ends_finite(spike_runs):
 
 
 @pytest.mark.slow
-def test_a_run_resumed_after_a_rewind_continues_exactly(spike_runs):
-    whole, split = spike_runs
+def test_a_run_resumed_after_a_rewind_continues_exactly(finetune):
+    whole, split = finetune["whole"], finetune["run"]
     assert {r["step"]: r["loss"] for r in loss_log(split)[-2:]} == {r["step"]: r["loss"] for r in loss_log(whole)[-2:]}
     assert (json.loads((split / "metrics.json").read_text())["rewinds"]
             == json.loads((whole / "metrics.json").read_text())["rewinds"])

@@ -1,6 +1,7 @@
 """The learned SigLIP bias (trained under ZeRO-3 on 2 gloo ranks with accumulation, converted, loaded
 for inference), the warmup-stable-decay schedule, and tools/average_checkpoints.py (model soups) on
-the files that run's checkpoints convert to."""
+the files that run's checkpoints convert to. The run also keeps an EMA, for the ZeRO-3 case of
+tests/test_ema.py (tests/shared_runs.py): the bias and the files checked here are the trained weights."""
 from __future__ import annotations
 
 import math
@@ -8,34 +9,30 @@ import math
 import pytest
 import torch
 
-from conftest import loss_log, run_checked, torchrun_cmd, train_args
+from conftest import loss_log
 from rwkvclip_dist import create_model
 from rwkvclip_dist.loss import SigLipLoss
 from rwkvclip_dist.training.accumulation import contrastive_step, split_micro_batches
 from rwkvclip_dist.training.schedule import ScheduleSection, build_schedule
+from shared_runs import SIGLIP_GROUP
 from tool_loader import tool_main
-
-SIGLIP = ("loss.kind=siglip", "model.overrides={text.pool: masked_mean, init_logit_bias: -10.0}",
-          "parallel.zero_stage=3", "train.accumulation_steps=2", "train.steps=3", "checkpoint.every_steps=1",
-          "optimizer.lr=1e-2", "schedule.kind=wsd", "schedule.warmup_fraction=0", "schedule.cooldown_from=1")
 
 
 @pytest.fixture(scope="module")
-def siglip_run(demo_data, tmp_path_factory):
-    """2 ranks, ZeRO-3, SigLIP with a learned bias; its checkpoints of steps 2 and 3 as pretrained files."""
-    root = tmp_path_factory.mktemp("siglip")
-    run = root / "run"
-    run_checked(torchrun_cmd(2, *train_args(run, demo_data, *SIGLIP)), timeout=600)
+def siglip_run(siglip_ema_run, tmp_path_factory):
+    """The shared SigLIP run (tests/shared_runs.py); its checkpoints of steps 2 and 3 as pretrained files."""
+    root = tmp_path_factory.mktemp("siglip_files")
     convert = tool_main("convert_checkpoint")
     files = {}
     for step in (2, 3):
         files[step] = root / f"step{step}.safetensors"
-        assert convert(["from-zero", str(run / "checkpoints"), str(files[step]), "--tag", f"step_{step:08d}",
-                        "--verify"]) == 0
-    return {"run": run, "files": files}
+        assert convert(["from-zero", str(siglip_ema_run / "checkpoints"), str(files[step]), "--tag",
+                        f"step_{step:08d}", "--verify"]) == 0
+    return {"run": siglip_ema_run, "files": files}
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group(SIGLIP_GROUP)
 def test_learned_bias_trains_and_survives_conversion_and_loading(siglip_run):
     from rwkvclip_dist.convert.zero import load_zero_checkpoint
     from rwkvclip_dist.pretrained import load_model
@@ -51,6 +48,7 @@ def test_learned_bias_trains_and_survives_conversion_and_loading(siglip_run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group(SIGLIP_GROUP)
 def test_average_checkpoints_is_the_weighted_mean_and_refuses_other_architectures(siglip_run, tmp_path, capsys):
     from rwkvclip_dist.pretrained import save_pretrained
     from rwkvclip_dist.pretrained_format import load_state_dict_file

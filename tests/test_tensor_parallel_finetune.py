@@ -2,10 +2,11 @@
 ``model.init_from`` across TP sizes, ``model.lock`` and ``train.ema`` + ``eval.use_ema`` on TP ranks,
 and ``convert_checkpoint.py from-zero --ema`` merging the TP ranks' EMA.
 
-Three launches, shared by every test here: a 1-process TP=1 source run (1 step), then a 2-rank TP=2
-ZeRO-2 run started from it with the text tower locked, an EMA evaluated in the loop, stopped after
-step 2 and resumed to step 3. The TP=2 run uses another seed than the source, so its text tower can
-only equal the source's by having been loaded.
+Shared by every test here: a TP=1 source run (2 data-parallel ranks, the one tests/test_finetune.py
+continues, tests/shared_runs.py), then two launches of a 2-rank TP=2 ZeRO-2 run started from it with
+the text tower locked, an EMA evaluated in the loop, stopped after step 2 and resumed to step 3. The
+TP=2 run uses another seed than the source, so its text tower can only equal the source's by having
+been loaded.
 """
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PYTHON, digits_zeroshot, dist_env, loss_log, run_checked, torchrun_cmd, train_args
+from conftest import digits_zeroshot, loss_log, run_checked, torchrun_cmd, train_args
+from shared_runs import SOURCE_GROUP
 from tool_loader import tool_main
+
+pytestmark = pytest.mark.xdist_group(SOURCE_GROUP)  # with tests/test_finetune.py, which shares the source
 
 OVERRIDES = {"text.pool": "masked_mean"}  # the demo recipe's
 EMA_DECAY, STEPS = 0.6, 3
@@ -27,11 +31,8 @@ TP_SIZE = 2
 
 
 @pytest.fixture(scope="module")
-def runs(demo_data, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tp_finetune")
-    source, tp2 = root / "source", root / "tp2"
-    run_checked([PYTHON, *train_args(source, demo_data, "parallel.zero_stage=1", "train.steps=1")],
-                timeout=300, env=dist_env())
+def runs(source_run, demo_data, tmp_path_factory) -> dict[str, Path]:
+    source, tp2 = source_run, tmp_path_factory.mktemp("tp_finetune") / "tp2"
     zeroshot = (f"eval.zeroshot=[{{name: digits, data: {demo_data / 'heldout'}, classes: "
                 f"{demo_data / 'zeroshot.json'}, every_steps: 2, batch_size: 128, num_workers: 0}}]")
     logs = []

@@ -1,27 +1,16 @@
 """``logging.wandb`` in wandb's offline mode (no network): on 2 gloo ranks under ZeRO-2, rank 0's run
 files under RUN_DIR/wandb hold the logged metrics and the recipe, and a resumed run continues the same
-wandb run (the id is kept in the checkpoint). wandb is the real package, writing its own files."""
+wandb run (the id is kept in the checkpoint). wandb is the real package, writing its own files. The
+run (stopped after step 2, resumed to 4) is shared with tests/test_ema.py and tests/test_ema_eval.py
+(tests/shared_runs.py)."""
 from __future__ import annotations
 
 import sys
 
 import pytest
 
-from conftest import DEMO_RECIPE, dist_env, run_checked, torchrun_cmd, train_args
-
-WANDB = ("logging.wandb={project: rwkvclip-test, mode: offline}", "parallel.zero_stage=2")
-
-
-@pytest.fixture(scope="module")
-def wandb_run(demo_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("wandb")
-    run = root / "run"
-    # wandb's own settings and caches in the test's folder, not the user's home.
-    env = dist_env(WANDB_CONFIG_DIR=str(root / "config"), WANDB_CACHE_DIR=str(root / "cache"),
-                   WANDB_DATA_DIR=str(root / "data"))
-    run_checked(torchrun_cmd(2, *train_args(run, demo_data, *WANDB, "train.steps=2")), timeout=600, env=env)
-    run_checked(torchrun_cmd(2, *train_args(run, demo_data, *WANDB, "train.steps=3")), timeout=600, env=env)
-    return run
+from conftest import DEMO_RECIPE
+from shared_runs import ZERO2_GROUP, ZERO2_STEPS
 
 
 def _records(run_file) -> list:
@@ -61,9 +50,11 @@ def _offline_runs(run) -> dict:
 
 
 @pytest.mark.slow
-def test_offline_run_files_hold_the_metrics_and_recipe_and_a_resume_continues_the_same_run(wandb_run):
+@pytest.mark.xdist_group(ZERO2_GROUP)
+def test_offline_run_files_hold_the_metrics_and_recipe_and_a_resume_continues_the_same_run(ema_zero2_run):
     import json
 
+    wandb_run = ema_zero2_run
     runs = _offline_runs(wandb_run)
     assert len(runs) == 1, f"a resumed run must continue the same wandb run, got ids {sorted(runs)}"
     (launches,) = runs.values()
@@ -76,7 +67,7 @@ def test_offline_run_files_hold_the_metrics_and_recipe_and_a_resume_continues_th
                 logged[row["_step"]] = row
     losses = {json.loads(line)["step"]: json.loads(line)["loss"]
               for line in (wandb_run / "loss_log.jsonl").read_text().splitlines()}
-    assert sorted(logged) == [1, 2, 3]
+    assert sorted(logged) == list(range(1, ZERO2_STEPS + 1))
     for step, loss in losses.items():  # logging.every_steps=1: each step's window is the step itself
         assert logged[step]["train/loss"] == pytest.approx(loss, rel=1e-6)
     config = {}
