@@ -35,10 +35,10 @@ sysdeps:
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSDEPS) >/dev/null; \
 	else echo "note: install $(SYSDEPS) (Debian) to run the Slurm tests; they are skipped without them"; fi
 
-# Two workers (pytest-xdist): most tests wait on subprocesses, so two at a time use both cores; the
-# Slurm tests (one test cluster) stay in one worker (tests/conftest.py).
+# PYTEST_ARGS="-n 2 --dist loadgroup" runs two pytest-xdist workers (faster, see README; not what CI runs).
+PYTEST_ARGS ?=
 test: env sysdeps
-	$(PY) -m pytest tests -n 2 --dist loadgroup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 # Re-pin after an intentional dependency change.
 lock: env
