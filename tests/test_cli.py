@@ -168,7 +168,10 @@ def test_trainer_bad_recipe_fails_on_every_rank_before_the_process_group(tmp_pat
     """torchrun with 2 ranks: each rank prints the one line and exits 2 before init_distributed (no
     DeepSpeed or process-group output, no run directory, no traceback of ours; torchrun's own summary
     of the failed children is not ours to change)."""
-    cmd = torchrun_cmd(2, TRAIN, "--recipe", DEMO_RECIPE, "--run-dir", str(tmp_path / "run"), "optimizer.lr=-1")
+    # torchrun stops the other ranks as soon as it sees one fail; polling every 5 s (not 0.1 s) lets the
+    # slower rank reach its own error first, as it would on a cluster where ranks start apart anyway.
+    cmd = torchrun_cmd(2, "--monitor-interval=5", TRAIN, "--recipe", DEMO_RECIPE, "--run-dir", str(tmp_path / "run"),
+                       "optimizer.lr=-1")
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=dist_env())
     elapsed = time.monotonic() - start

@@ -48,8 +48,8 @@ def load_weights_only(path: str | Path | BinaryIO, map_location: Any = "cpu", na
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         # Not torch's advice to allow-list the global: that is exactly what must not happen here.
-        name = re.search(r"GLOBAL (\S+)", str(err))
-        detail = f"it names {name.group(1)}" if name else "it is not a plain torch file"
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        detail = f"it names {found.group(1)}" if found else "it is not a plain torch file"
         raise UnsafeCheckpointError(
             f"checkpoint file {name or path} was refused: {detail}, beyond tensors and plain data; loading it could "
             f"run code. Delete it or restore it from a trusted copy") from None
