@@ -75,6 +75,8 @@ def test_the_loader_counts_samples_as_streamings_does():
     rule: a mapping by its first value, a tensor by its length, a sequence by its first member."""
     import torch
 
-    count = streaming_compat._batch_size
+    from rwkvclip_dist.data import counting_loader
+
+    count = counting_loader._batch_size
     assert count({"image": torch.zeros(5, 3), "text": torch.zeros(5)}) == 5
     assert count(torch.zeros(4, 2)) == 4 and count((torch.zeros(3, 2), torch.zeros(3))) == 3

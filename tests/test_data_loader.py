@@ -5,7 +5,10 @@ Multi-rank tests run two real torch.distributed gloo ranks with Streaming's envi
 
 from __future__ import annotations
 
+import datetime
+import multiprocessing as mp
 import os
+import time
 
 import pytest
 import torch
@@ -235,3 +238,86 @@ def test_prefetch_checks_a_local_shard_once_without_a_cache_limit(tmp_path, monk
         assert calls == []
     else:  # about once per sample (the prefetch thread may stop a few short when the epoch ends)
         assert len(calls) > 48 // 2
+
+
+def _open_at_once(data: str, start, registered, results) -> None:
+    """A one-rank job (its own process) that opens the dataset when ``start`` fires, with Streaming's
+    scan for a free shared-memory prefix slowed: the window between the scan and the creation of the
+    prefix, where two jobs collide, is otherwise a few microseconds."""
+    import streaming.base.shared.prefix as prefix
+
+    scan = prefix._check_and_find
+
+    def slow_scan(*args, **kwargs):
+        found = scan(*args, **kwargs)
+        time.sleep(0.3)
+        return found
+
+    prefix._check_and_find = slow_scan
+    start.wait()
+    try:
+        _, dataset = build_train_dataloader(DataConfig(streams=[StreamConfig(remote=data)], batch_size=4,
+                                                       num_workers=0), image_size=8, seed=0)
+        results.put(dataset._shm_prefix_int)
+    except Exception as err:  # noqa: BLE001 - the parent reports it
+        results.put(f"{type(err).__name__}: {err}")
+    registered.wait(60)  # keep the prefix registered until every job has one
+
+
+def test_jobs_starting_together_get_their_own_shared_memory_prefix(tmp_path):
+    """Two jobs on one node that open their datasets at the same instant (two test workers, two runs)
+    must not collide on Streaming's shared-memory prefix (``[Errno 17] File exists: '/000000_locals'``
+    before the node lock in data/streaming_compat.py)."""
+    write_shards(str(tmp_path / "data"), 16)
+    context = mp.get_context("fork")
+    start, registered, results = context.Event(), context.Event(), context.Queue()
+    jobs = [context.Process(target=_open_at_once, args=(str(tmp_path / "data"), start, registered, results))
+            for _ in range(3)]
+    for job in jobs:
+        job.start()
+    start.set()
+    try:
+        got = [results.get(timeout=120) for _ in jobs]
+    finally:
+        registered.set()
+        for job in jobs:
+            job.join(30)
+    assert all(isinstance(g, int) for g in got), got
+    assert len(set(got)) == len(jobs), got
+
+
+def _rank_with_a_failing_leader(rank: int, port: int, data: str, results) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import streaming.base.shared.prefix as prefix
+
+    def reused(*args, **kwargs):
+        raise ValueError("Reused local directory: stand-in for another job's")
+
+    prefix._check_and_find_retrying = reused  # only the local leader scans
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    try:
+        build_train_dataloader(DataConfig(streams=[StreamConfig(remote=data)], batch_size=4, num_workers=0),
+                               image_size=8, seed=0)
+        results.put((rank, "opened"))
+    except Exception as err:  # noqa: BLE001 - the parent checks it
+        results.put((rank, f"{type(err).__name__}: {err}"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_leader_that_cannot_register_stops_its_nodes_ranks(tmp_path):
+    """The local leader registers the node's prefix alone (under the lock); its failure must reach the
+    other ranks of the node at once, not leave them in the collective until its timeout."""
+    write_shards(str(tmp_path / "data"), 16)
+    context = mp.get_context("fork")
+    results, port = context.Queue(), free_port()
+    ranks = [context.Process(target=_rank_with_a_failing_leader, args=(r, port, str(tmp_path / "data"), results))
+             for r in range(2)]
+    for rank in ranks:
+        rank.start()
+    got = dict(results.get(timeout=45) for _ in ranks)
+    for rank in ranks:
+        rank.join(30)
+    assert got[0].startswith("ValueError: Reused local directory"), got
+    assert got[1].startswith("RuntimeError: the node's local leader could not register"), got

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from rwkvclip_dist.data.columns import TEXT_COLUMNS, TEXT_ID
-from rwkvclip_dist.data.streaming_compat import (EpochAwareDataset, SharedScalar, install_compact_spanner,
+from rwkvclip_dist.data.streaming_compat import (EpochAwareDataset, SharedScalar, install_dataset_patches,
                                                  node_shared_name, shard_is_local)
 from rwkvclip_dist.data.tokenizer import CONTEXT_LENGTH, tokenize
 
@@ -108,7 +108,7 @@ class ThreeTextDataset(EpochAwareDataset):
     def __init__(self, *, transform: Callable, text_weights: dict[str, float] | None = None,
                  sample_seed: int = 0, context_length: int = CONTEXT_LENGTH, **streaming_kwargs: Any) -> None:
         self._known_local: set[int] = set()  # shards this process has seen prepared (prepare_shard)
-        install_compact_spanner()  # a sample->shard map of O(shards), not O(samples), per rank
+        install_dataset_patches()  # O(shards) sample->shard map; node-locked prefix registration
         super().__init__(**streaming_kwargs)
         self.transform = transform
         self.text_weights = dict(text_weights or {k: 1.0 for k in TEXT_COLUMNS})

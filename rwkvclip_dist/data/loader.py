@@ -20,7 +20,8 @@ import torch
 from rwkvclip_dist.data.config import DataConfig, StreamConfig
 from rwkvclip_dist.data.dataset import ThreeTextDataset
 from rwkvclip_dist.data.index_check import Checked, check_local_indexes_once_per_node, shards_for_stream
-from rwkvclip_dist.data.streaming_compat import IndexedStream, StreamingDataLoader
+from rwkvclip_dist.data.counting_loader import StreamingDataLoader
+from rwkvclip_dist.data.streaming_compat import IndexedStream
 from rwkvclip_dist.data.transforms import train_transform
 
 log = logging.getLogger(__name__)

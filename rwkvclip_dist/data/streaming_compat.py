@@ -12,7 +12,7 @@ imports its DataLoader, whose module imports transformers for two ``isinstance``
 :func:`_import_streaming` creates both packages without running those files and imports the modules
 the trainer and tools use; ``from streaming import X`` gives the same objects, and what was skipped
 (``StreamingDataLoader``, ``streaming.text`` & co.) still imports on first access. The trainer's loader
-is :class:`StreamingDataLoader` here: Streaming's interface (samples counted per rank, the dataset's
+is ``data/counting_loader.py``'s: Streaming's interface (samples counted per rank, the dataset's
 ``state_dict`` at that count), without transformers.
 
 The one private piece replaced: Streaming 0.13 builds its ``Spanner`` (global sample index -> shard
@@ -31,22 +31,27 @@ reaches its entry (:func:`mds_reader`, no copy) and shares what shards have in c
 """
 from __future__ import annotations
 
+import fcntl
 import importlib
 import importlib.util
+import logging
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping
+import time
+from collections.abc import Callable
+from tempfile import gettempdir
 from typing import Any
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from torch.utils.data import DataLoader
 
 from rwkvclip_dist.versions import require_version
 
 WRITTEN_FOR = ("0.13", "0.14")
 """Lowest version read, first version not read (pyproject.toml's bounds; CI runs 0.13.0)."""
+
+log = logging.getLogger(__name__)
 
 require_version("mosaicml-streaming", WRITTEN_FOR, "rwkvclip_dist/data/streaming_compat.py")
 
@@ -105,50 +110,19 @@ from streaming.base.dataset import _ShardState  # noqa: E402
 from streaming.base.format import FileInfo, Reader, get_index_basename, reader_from_json  # noqa: E402
 from streaming.base.format.mds import MDSReader  # noqa: E402
 from streaming.base.shared import SharedScalar  # noqa: E402
-from streaming.base.shared.prefix import _get_path  # noqa: E402
+from streaming.base.constant import LOCALS, SHM_TO_CLEAN  # noqa: E402
+from streaming.base.shared import SharedMemory  # noqa: E402
+from streaming.base.shared import prefix as shm_prefix  # noqa: E402
+from streaming.base.shared.prefix import _get_path, get_shm_prefix  # noqa: E402
 from streaming.base.compression import decompress  # noqa: E402
 from streaming.base.format.mds.encodings import mds_decode  # noqa: E402
 from streaming.base.util import merge_index, wait_for_file_to_exist  # noqa: E402
 from streaming.base.world import World  # noqa: E402
 
-__all__ = ["LocalDataset", "MDSWriter", "Stream", "StreamingDataLoader", "StreamingDataset", "SharedScalar",
+__all__ = ["LocalDataset", "MDSWriter", "Stream", "StreamingDataset", "SharedScalar", "World",
            "decompress", "mds_decode", "merge_index", "reader_from_json",
-           "CompactSpanner", "EpochAwareDataset", "IndexedStream", "Reader", "install_compact_spanner", "mds_reader",
+           "CompactSpanner", "EpochAwareDataset", "IndexedStream", "Reader", "install_dataset_patches", "mds_reader",
            "node_shared_name", "shard_is_local"]
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, Mapping):
-        return len(next(iter(batch.values())))
-    return len(batch if isinstance(batch, torch.Tensor) else batch[0])
-
-
-class StreamingDataLoader(DataLoader):
-    """A DataLoader over a ``StreamingDataset`` that counts the samples it yielded on this rank, so that
-    ``state_dict()`` is the dataset's position after them (Streaming's ``StreamingDataLoader``
-    interface; its module imports transformers)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.num_samples_yielded = 0
-
-    def __iter__(self) -> Iterator[Any]:
-        self.num_samples_yielded = 0
-        for batch in super().__iter__():
-            self.num_samples_yielded += _batch_size(batch)
-            yield batch
-
-    def state_dict(self) -> dict[str, Any] | None:
-        """The dataset's resumption state after the samples every rank has yielded so far."""
-        if not isinstance(self.dataset, StreamingDataset):
-            return None
-        seen = self.num_samples_yielded * World.detect().num_ranks
-        # Ranks that share samples (``replication``) count each of them once.
-        return self.dataset.state_dict(seen // (self.dataset.replication or 1), False)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if isinstance(self.dataset, StreamingDataset):
-            self.dataset.load_state_dict(state)
 
 
 class EpochAwareDataset(StreamingDataset):
@@ -191,12 +165,94 @@ class CompactSpanner:
         return shard, int(index - self.shard_bounds[shard])
 
 
-def install_compact_spanner() -> None:
-    """Make ``StreamingDataset`` build a :class:`CompactSpanner` (idempotent; the version was checked
-    when this module was imported)."""
+PREFIX_LOCK = "rwkvclip_streaming_prefix.lock"  # in the temporary folder, beside Streaming's lock files
+PREFIX_LOCK_WAIT_S = 60.0
+
+
+def _node_shm_prefix(streams_local: list[str], streams_remote: list[str | None], world: World,
+                     retry: int = 100) -> tuple[int, SharedMemory]:
+    """Streaming's ``get_shm_prefix`` with the node's registrations one at a time.
+
+    Streaming's ranks each scan the node's shared-memory names for the first free prefix, then the local
+    leader creates it: two jobs starting together (two test workers, two runs on a node) pick the same
+    prefix and one fails, ``[Errno 17] File exists: '/000000_locals'``. Here each local leader scans and
+    creates under a node-wide ``flock`` (no collective while it is held: two "nodes" of one job may share
+    a machine) and the other ranks learn their leader's prefix from one all-gather. A leader's failure
+    (a reused local directory) reaches its node's ranks instead of leaving them in the collective."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if world.num_ranks > 1 and not distributed:
+        return get_shm_prefix(streams_local, streams_remote, world, retry)  # nothing to coordinate with
+    shm_prefix._check_self(streams_local)
+    prefix, shm, failure = -1, None, None
+    if world.is_local_leader:
+        lock = _node_lock()
+        try:
+            prefix = max(shm_prefix._check_and_find_retrying(streams_local, streams_remote, name, retry)
+                         for name in SHM_TO_CLEAN)
+            data = shm_prefix._pack_locals(streams_local, prefix)
+            shm = SharedMemory(_get_path(prefix, LOCALS), True, len(data))
+            shm.buf[:len(data)] = data
+        except Exception as err:  # noqa: BLE001 - raised below, after the ranks of the node heard of it
+            prefix, failure = -2, err
+        finally:
+            if lock is not None:
+                os.close(lock)  # closing releases the flock
+    if distributed:
+        device = torch.device("cuda", torch.cuda.current_device()) \
+            if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+        mine = torch.tensor([world.node, prefix], dtype=torch.int64, device=device)
+        every = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(every, mine)
+        if not world.is_local_leader:
+            prefix = next(p for n, p in (t.tolist() for t in every) if n == world.node and p != -1)
+            if prefix == -2:
+                raise RuntimeError("the node's local leader could not register Streaming's shared memory; "
+                                   "its error says why")
+            shm = SharedMemory(_get_path(prefix, LOCALS), False)
+            if shm_prefix._unpack_locals(bytes(shm.buf)) != (streams_local, prefix):
+                raise RuntimeError(f"Streaming shared memory prefix {prefix}: registered for other streams than "
+                                   f"{streams_local} (ranks of one node must give the same data.streams)")
+    if failure is not None:
+        raise failure
+    return prefix, shm
+
+
+def _node_lock() -> int | None:
+    """A file descriptor holding :data:`PREFIX_LOCK`, or None (with a warning) when it cannot be had."""
+    path = os.path.join(gettempdir(), PREFIX_LOCK)
+    try:  # read-only: another user's lock file may be read, and /tmp refuses O_CREAT on it
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError as err:
+            log.warning("cannot create %s (%s): registering Streaming's shared-memory prefix without it", path, err)
+            return None
+    except OSError as err:
+        log.warning("cannot open %s (%s): registering Streaming's shared-memory prefix without it", path, err)
+        return None
+    deadline = time.monotonic() + PREFIX_LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                log.warning("%s held for over %.0f s (a stopped process?): registering Streaming's shared-memory "
+                            "prefix without it", path, PREFIX_LOCK_WAIT_S)
+                os.close(fd)
+                return None
+            time.sleep(0.02)
+
+
+def install_dataset_patches() -> None:
+    """Make ``StreamingDataset`` build a :class:`CompactSpanner` and register its shared-memory prefix
+    under the node lock of :func:`_node_shm_prefix` (idempotent; the version was checked when this
+    module was imported)."""
     import streaming.base.dataset as dataset_module
 
     dataset_module.Spanner = CompactSpanner
+    dataset_module.get_shm_prefix = _node_shm_prefix
 
 
 def mds_reader(dirname: str, split: str | None, info: dict[str, Any]) -> Reader:

@@ -19,7 +19,7 @@ from rwkvclip_dist import ops
 from rwkvclip_dist.checkpoint.manager import CheckpointManager
 from rwkvclip_dist.data.dataset import ThreeTextDataset
 from rwkvclip_dist.data.loader import build_train_dataloader
-from rwkvclip_dist.data.streaming_compat import StreamingDataLoader
+from rwkvclip_dist.data.counting_loader import StreamingDataLoader
 from rwkvclip_dist.loss import build_loss
 from rwkvclip_dist.model.config import ModelConfig
 from rwkvclip_dist.model.registry import create_model
