@@ -127,6 +127,25 @@ def test_decision_is_made_once_and_never_traced(fresh_rule, monkeypatch):
     assert ops.dispatch_counts() == {"cuda": 0, "triton": 0, "chunked": 3}
 
 
+def test_the_rule_is_marked_constant_as_torch_marks_it_without_importing_dynamo():
+    """ops marks ``_implementation`` itself (importing torch._dynamo costs ~1.3 s of CPU per process):
+    the mark must be all that ``torch.compiler.assume_constant_result`` sets, and importing the ops
+    (with the model) must not import dynamo."""
+    import subprocess
+    import sys
+
+    def probe():
+        pass
+
+    before = dict(vars(probe))
+    torch.compiler.assume_constant_result(probe)
+    assert {k: v for k, v in vars(probe).items() if k not in before} == {ops.COMPILE_CONSTANT_MARK: True}
+    assert getattr(ops._implementation, ops.COMPILE_CONSTANT_MARK) is True
+    check = "import sys, rwkvclip_dist.ops, rwkvclip_dist.model; print('torch._dynamo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                          check=True).stdout.split() == ["False"]
+
+
 def test_cuda_tensors_reach_the_fused_op(fresh_rule, monkeypatch):
     """Fake CUDA tensors (FakeTensorMode: shapes and devices without a GPU) go through the rule to
     rwkvclip::bi_wkv's fake implementation: bf16 r, k, v with an fp32 w (autocast's mix) included."""
