@@ -80,3 +80,26 @@ def test_the_loader_counts_samples_as_streamings_does():
     count = counting_loader._batch_size
     assert count({"image": torch.zeros(5, 3), "text": torch.zeros(5)}) == 5
     assert count(torch.zeros(4, 2)) == 4 and count((torch.zeros(3, 2), torch.zeros(3))) == 3
+
+
+def test_deepspeeds_muon_module_imports_without_compiling_and_compiles_on_first_call():
+    """ZeRO's optimizers import DeepSpeed's Muon module when they are built; imported through
+    ``import_muon_lazily`` its ``torch.compile`` wrappers (which import dynamo and inductor, ~2.2 s
+    of CPU per rank) are made at a Muon function's first call, which still gets the compiled one."""
+    code = """if True:
+        import json, sys, torch
+        from rwkvclip_dist.parallel import deepspeed_compat
+        deepspeed_compat.import_muon_lazily()
+        from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+        from deepspeed.runtime.zero.muon import original_muon
+        heavy = [m for m in ("torch._dynamo", "torch._inductor.compile_fx") if m in sys.modules]
+        compiled = []
+        torch.compile = lambda fn: compiled.append(fn.__name__) or (lambda *a, **k: ("compiled", fn(*a, **k)))
+        g = torch.randn(8, 4)
+        first = original_muon.zeropower_via_newtonschulz5(g, steps=2)
+        again = original_muon.zeropower_via_newtonschulz5(g, steps=2)
+        print(json.dumps([heavy, compiled, first[0], again[0], MuonWithAuxAdam.__name__]))
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.splitlines()[-1]) == [[], ["zeropower_via_newtonschulz5"], "compiled", "compiled",
+                                                "MuonWithAuxAdam"]

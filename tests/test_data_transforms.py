@@ -120,3 +120,27 @@ def test_no_reduction_is_bit_identical(fmt, source):
 def test_normalized_tensor_equals_torchvision_bit_for_bit():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (31, 17, 3), dtype=np.uint8))
     assert torch.equal(normalized_tensor(img), T.Normalize(CLIP_MEAN, CLIP_STD)(F.to_tensor(img)))
+
+
+def test_the_transforms_import_torchvision_without_its_package_init():
+    """A training rank imports torchvision's transforms only (its package init imports every model,
+    the ops and torch._dynamo: ~1.3 s of CPU per process); what the init defines is still there on
+    first access, once, and the rest of torchvision imports as usual."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import sys
+        import rwkvclip_dist.data.transforms
+        left_out = [m for m in ("torchvision.models", "torchvision.ops", "torchvision.io", "torch._dynamo")
+                    if m in sys.modules]
+        import torch, torchvision
+        from torchvision import get_image_backend, transforms
+        from torchvision.datasets import ImageFolder
+        import torchvision.models
+        print(left_out, get_image_backend(), torchvision.__version__ == torchvision.version.__version__,
+              transforms is rwkvclip_dist.data.transforms.T, callable(torchvision.models.resnet18),
+              hasattr(torch.ops.torchvision, "nms"))
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[]", "PIL", "True", "True", "True", "True"], out

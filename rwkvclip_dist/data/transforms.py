@@ -17,9 +17,14 @@ import math
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms as T
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as F
+
+from rwkvclip_dist.data.torchvision_light import import_torchvision
+
+import_torchvision()  # without its package init (models, ops, dynamo): ~1.3 s of CPU per process
+
+from torchvision import transforms as T  # noqa: E402
+from torchvision.transforms import InterpolationMode  # noqa: E402
+from torchvision.transforms import functional as F  # noqa: E402
 
 # OpenAI CLIP normalisation statistics.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
