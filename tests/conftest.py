@@ -37,12 +37,9 @@ os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (``make test`` runs two workers) the Slurm test clusters, which listen on fixed
-    ports, run in one worker, one after the other (as do the users of each run of shared_runs.py)."""
-    for item in items:
-        if item.path.name.startswith("test_slurm"):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
-    group_nodeids(config, items)
+    """Under pytest-xdist (``make test`` runs two workers): which tests share a worker, and the order
+    the groups are handed out in (tests/scheduling.py)."""
+    plan_for_xdist(config, items)
 
 
 def dist_env(**extra: str) -> dict[str, str]:
@@ -296,4 +293,5 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 # Runs shared by several test files, registered as this folder's fixtures (last: shared_runs imports this module).
-from shared_runs import ema_eval_baseline, ema_zero2_run, group_nodeids, siglip_ema_run, source_run  # noqa: E402,F401
+from scheduling import plan_for_xdist  # noqa: E402
+from shared_runs import ema_eval_baseline, ema_zero2_run, siglip_ema_run, source_run  # noqa: E402,F401

@@ -3,7 +3,7 @@ tests of each feature share one launch instead of paying their own start-up (reg
 fixtures by conftest.py).
 
 Each run's users carry the same ``xdist_group`` (``ZERO2_GROUP``, ``SIGLIP_GROUP``, ``SOURCE_GROUP``), so
-that under pytest-xdist the run is made once, in one worker. A test that compares a run against one
+that under pytest-xdist the run is made once, in one worker (tests/scheduling.py). A test that compares a run against one
 WITHOUT its feature still gets that other run (:func:`ema_eval_baseline`); a shared run only adds
 features that its other users' claims do not depend on (wandb's files, the EMA, the in-loop
 evaluation of the EMA).
@@ -37,22 +37,6 @@ ZERO2_GROUP, SIGLIP_GROUP, SOURCE_GROUP = "ema_zero2_run", "siglip_ema_run", "so
 # Between steps of the resumed launch (so that the trained weights put back after it train step 4), and
 # at the end.
 EVAL_EVERY = 3
-
-
-def group_nodeids(config, items) -> None:
-    """In an xdist worker under ``--dist loadgroup``: each ``xdist_group`` item's node id ends in
-    ``@<group>``, which is how the controller sends a group to one worker. xdist 3.8 sets it through
-    ``item._nodeid``, which pytest 9.2 no longer reads (node ids live in ``item._id``), so without this
-    every group was silently spread over the workers."""
-    if not getattr(config.option, "loadgroup", False):
-        return
-    from _pytest.nodeid import coerce_node_id
-
-    for item in items:
-        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
-                        for m in item.iter_markers("xdist_group")})
-        if names and not item.nodeid.endswith("@" + "_".join(names)):
-            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
 
 
 def digits_eval(demo_data: Path, use_ema: bool) -> tuple[str, str]:
