@@ -63,6 +63,15 @@ def torchrun_cmd(nproc: int, *args: str) -> list[str]:
             f"--master-port={free_port()}", "--max-restarts=0", *args]
 
 
+def launch_cmd(nproc: int, *args: str) -> list[str]:
+    """``nproc`` ranks of ``args`` (a script and its arguments) started as the deepspeed launcher starts
+    them, without torchrun's ~1.9 s per launch (tests/launch_ranks.py); torchrun_cmd where the test is
+    about torchrun."""
+    from rwkvclip_dist.parallel.launch_env import free_port
+
+    return [PYTHON, str(REPO / "tests" / "launch_ranks.py"), str(nproc), str(free_port()), *args]
+
+
 def run_checked(cmd: list[str], timeout: float, env: dict[str, str] | None = None,
                 cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run ``cmd``; on failure show its output's tail in the assertion message."""
@@ -125,7 +134,7 @@ def reference_losses(demo_data, tmp_path_factory) -> dict[int, float]:
     """``{step: loss}`` of one uninterrupted 2-rank run of :func:`train_args` with ``REFERENCE_STEPS``,
     shared by every test that checks an interrupted run of that recipe against it."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    run_checked(torchrun_cmd(2, *train_args(run, demo_data, *REFERENCE_STEPS)), timeout=600, env=dist_env())
+    run_checked(launch_cmd(2, *train_args(run, demo_data, *REFERENCE_STEPS)), timeout=600, env=dist_env())
     losses = {r["step"]: r["loss"] for r in loss_log(run)}
     assert sorted(losses) == list(range(1, 13))
     return losses

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import dist_env, run_checked, torchrun_cmd, train_args
+from conftest import dist_env, launch_cmd, run_checked, train_args
 
 # The EMA (tests/test_ema.py) as the ZeRO-2 run's and the SigLIP run's: every step checkpointed and kept.
 EMA = ("train.ema.enabled=true", "train.ema.decay=0.6", "train.ema.warmup=true", "checkpoint.every_steps=1",
@@ -63,7 +63,7 @@ def ema_zero2_run(demo_data, tmp_path_factory) -> Path:
                    WANDB_DATA_DIR=str(root / "data"))
     for steps in (ZERO2_STOP, ZERO2_STEPS):
         args = train_args(run, demo_data, *_zero2_args(demo_data, True), WANDB, f"train.steps={steps}")
-        run_checked(torchrun_cmd(2, *args), timeout=600, env=env)
+        run_checked(launch_cmd(2, *args), timeout=600, env=env)
     return run
 
 
@@ -73,7 +73,7 @@ def ema_eval_baseline(demo_data, tmp_path_factory) -> Path:
     uninterrupted, with the same training otherwise (wandb only writes files)."""
     run = tmp_path_factory.mktemp("ema_eval_baseline") / "run"
     args = train_args(run, demo_data, *_zero2_args(demo_data, False), f"train.steps={ZERO2_STEPS}")
-    run_checked(torchrun_cmd(2, *args), timeout=600)
+    run_checked(launch_cmd(2, *args), timeout=600)
     return run
 
 
@@ -82,7 +82,7 @@ def siglip_ema_run(demo_data, tmp_path_factory) -> Path:
     """2 ranks, ZeRO-3, SigLIP with a learned bias, accumulation, the wsd schedule and an EMA, every
     step checkpointed. For tests/test_learned_bias_and_soups.py and the ZeRO-3 case of tests/test_ema.py."""
     run = tmp_path_factory.mktemp("siglip") / "run"
-    run_checked(torchrun_cmd(2, *train_args(run, demo_data, *SIGLIP, *EMA)), timeout=600)
+    run_checked(launch_cmd(2, *train_args(run, demo_data, *SIGLIP, *EMA)), timeout=600)
     return run
 
 
@@ -91,5 +91,5 @@ def source_run(demo_data, tmp_path_factory) -> Path:
     """2 ranks, ZeRO-2, 32 px, TP=1: trained weights that tests/test_finetune.py continues at 48 px and
     tests/test_tensor_parallel_finetune.py continues under TP=2."""
     run = tmp_path_factory.mktemp("source") / "run"
-    run_checked(torchrun_cmd(2, *train_args(run, demo_data, *SOURCE)), timeout=600)
+    run_checked(launch_cmd(2, *train_args(run, demo_data, *SOURCE)), timeout=600)
     return run

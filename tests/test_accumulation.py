@@ -154,10 +154,10 @@ def worker(out_path: str) -> None:
 
 @pytest.mark.slow
 def test_deepspeed_zero2_accumulation_equals_one_big_batch(tmp_path, clean_shm):
-    from conftest import dist_env, run_checked, torchrun_cmd
+    from conftest import dist_env, run_checked, launch_cmd
 
     out = tmp_path / "report.json"
-    run_checked(torchrun_cmd(2, __file__, str(out)), timeout=240, env=dist_env())
+    run_checked(launch_cmd(2, __file__, str(out)), timeout=240, env=dist_env())
     report = json.loads(out.read_text())
     assert report["steps_seen"] == [0, 1], "DeepSpeed stepped before the last micro-batch (or never)"
     worst = max(report["errors"].items(), key=lambda kv: kv[1])

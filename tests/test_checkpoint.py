@@ -15,7 +15,7 @@ from conftest import REPO, loss_log, rank_processes, train_args
 @pytest.mark.slow
 def test_sigkill_one_rank_then_resume_gives_the_uninterrupted_losses(tmp_path, demo_data, reference_losses,
                                                                      clean_shm):
-    from conftest import REFERENCE_STEPS, dist_env, run_checked, torchrun_cmd
+    from conftest import REFERENCE_STEPS, dist_env, launch_cmd, run_checked, torchrun_cmd
 
     steps, expected = REFERENCE_STEPS, reference_losses
     run = tmp_path / "interrupted"
@@ -34,7 +34,7 @@ def test_sigkill_one_rank_then_resume_gives_the_uninterrupted_losses(tmp_path, d
     assert killed_at < 12, "the run finished before the kill; the test did not interrupt it"
     latest = (run / "checkpoints" / "latest").read_text().strip()
 
-    run_checked(torchrun_cmd(2, *train_args(run, demo_data, *steps)), timeout=300, env=dist_env())
+    run_checked(launch_cmd(2, *train_args(run, demo_data, *steps)), timeout=300, env=dist_env())
     metrics = json.loads((run / "metrics.json").read_text())
     resumed = metrics["resumed_from_step"]
     assert latest == f"step_{resumed:08d}" and resumed in (6, 9)

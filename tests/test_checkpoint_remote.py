@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DEMO_RECIPE, REFERENCE_STEPS, REPO, dist_env, loss_log, rank_processes, run_checked, torchrun_cmd, train_args
+from conftest import DEMO_RECIPE, REFERENCE_STEPS, REPO, dist_env, launch_cmd, loss_log, rank_processes, run_checked, torchrun_cmd, train_args
 from rwkvclip_dist.checkpoint.integrity import MANIFEST_FILE, list_files, write_manifest
 from rwkvclip_dist.checkpoint.manager import CLIENT_FILE, _atomic_write_text
 from rwkvclip_dist.checkpoint.record import RunRecord
@@ -168,7 +168,7 @@ def test_killed_during_upload_then_wiped_resumes_from_the_newest_complete_remote
     # is the same, the resumed run redoes the steps after the newest complete remote copy.
 
     shutil.rmtree(run)  # the wiped scratch disk
-    proc = run_checked(torchrun_cmd(2, *args), timeout=300, env=env)
+    proc = run_checked(launch_cmd(2, *args), timeout=300, env=env)
     metrics = json.loads((run / "metrics.json").read_text())
     resumed = metrics["resumed_from_step"]
     assert f"step_{resumed:08d}" < caught and resumed > 0

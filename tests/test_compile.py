@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import DEMO_RECIPE, dist_env, loss_log, run_checked, torchrun_cmd, train_args
+from conftest import DEMO_RECIPE, dist_env, loss_log, launch_cmd, run_checked, train_args
 
 ARGS = ("parallel.zero_stage=1", "train.steps=2", "model.compile_backend=aot_eager")
 
@@ -15,9 +15,9 @@ ARGS = ("parallel.zero_stage=1", "train.steps=2", "model.compile_backend=aot_eag
 @pytest.mark.slow
 def test_compiled_blocks_train_with_the_eager_losses(demo_data, tmp_path):
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    run_checked(torchrun_cmd(1, *train_args(eager, demo_data, *ARGS, "model.compile=false")), timeout=600)
+    run_checked(launch_cmd(1, *train_args(eager, demo_data, *ARGS, "model.compile=false")), timeout=600)
     # TORCH_LOGS=graph_code prints each graph dynamo traced: the blocks really were compiled.
-    proc = run_checked(torchrun_cmd(1, *train_args(compiled, demo_data, *ARGS, "model.compile=true")),
+    proc = run_checked(launch_cmd(1, *train_args(compiled, demo_data, *ARGS, "model.compile=true")),
                        timeout=600, env=dist_env(TORCH_LOGS="graph_code"))
     output = proc.stdout + proc.stderr
     assert "TRACED GRAPH" in output, output[-3000:]

@@ -73,13 +73,13 @@ def _copy_mid_run_checkpoint(reference: Path, resumed: Path) -> None:
 
 @pytest.mark.slow
 def test_recipe_configurations_resume_mid_run_to_the_same_losses(tmp_path, demo_data, clean_shm):
-    from conftest import dist_env, run_checked, torchrun_cmd
+    from conftest import dist_env, run_checked, launch_cmd
 
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    run_checked(torchrun_cmd(2, __file__, str(reference), str(demo_data)), timeout=900, env=dist_env())
+    run_checked(launch_cmd(2, __file__, str(reference), str(demo_data)), timeout=900, env=dist_env())
     for row in ROWS:
         _copy_mid_run_checkpoint(reference / row, resumed / row)
-    run_checked(torchrun_cmd(2, __file__, str(resumed), str(demo_data)), timeout=900, env=dist_env())
+    run_checked(launch_cmd(2, __file__, str(resumed), str(demo_data)), timeout=900, env=dist_env())
 
     for row in ROWS:
         expected = {r["step"]: r["loss"] for r in loss_log(reference / row)}

@@ -228,7 +228,7 @@ def test_in_loop_zeroshot_equals_the_evaluate_tool_on_the_same_checkpoint(tmp_pa
     the global eval batch (2 x 64) nor the ranks, so padding must not count any image twice."""
     from streaming import MDSWriter
 
-    from conftest import REPO, dist_env, run_checked, torchrun_cmd, train_args
+    from conftest import REPO, dist_env, run_checked, launch_cmd, train_args
     from rwkvclip_dist.data.columns import columns
     from rwkvclip_dist.data.shards.demo_digits import _rows
 
@@ -237,7 +237,7 @@ def test_in_loop_zeroshot_equals_the_evaluate_tool_on_the_same_checkpoint(tmp_pa
         for row in _rows("heldout")[:181]:
             writer.write(row)
     run = tmp_path / "run"
-    run_checked(torchrun_cmd(2, *train_args(run, demo_data, "train.steps=6", "checkpoint.every_steps=0",
+    run_checked(launch_cmd(2, *train_args(run, demo_data, "train.steps=6", "checkpoint.every_steps=0",
                                             f"eval.zeroshot=[{{data: {heldout}, classes: {classes}, "
                                             f"batch_size: 64, num_workers: 0}}]")), timeout=400, env=dist_env())
     in_loop = json.loads((run / "metrics.json").read_text())["evals"]["6"]
@@ -246,7 +246,7 @@ def test_in_loop_zeroshot_equals_the_evaluate_tool_on_the_same_checkpoint(tmp_pa
     converted = tmp_path / "run.safetensors"
     assert tool_main("convert_checkpoint")(["from-zero", str(run / "checkpoints"), str(converted)]) == 0
     out = tmp_path / "eval.json"
-    run_checked(torchrun_cmd(2, str(REPO / "tools" / "evaluate.py"), "--model", str(converted), "--task", "zeroshot",
+    run_checked(launch_cmd(2, str(REPO / "tools" / "evaluate.py"), "--model", str(converted), "--task", "zeroshot",
                              "--data", str(heldout), "--templates", str(classes), "--batch-size", "64",
                              "--workers", "0", "--output", str(out)), timeout=300, env=dist_env())
     tool = json.loads(out.read_text())["results"]["zeroshot"]

@@ -294,10 +294,10 @@ def test_killed_evaluation_resumes_only_unfinished_tasks(tmp_path, model_file, d
 @pytest.mark.slow
 def test_two_ranks_equal_one_process(tmp_path, model_file, data_dir, subset_run):
     """2 gloo ranks: each encodes its shard of every set (24 and 22 images split unevenly)."""
-    from conftest import REPO, dist_env, run_checked, torchrun_cmd
+    from conftest import REPO, dist_env, run_checked, launch_cmd
 
     prefix = tmp_path / "r2"
-    run_checked(torchrun_cmd(2, str(REPO / "tools" / "evaluate.py"), "--model", str(model_file), "--suite", "datacomp",
+    run_checked(launch_cmd(2, str(REPO / "tools" / "evaluate.py"), "--model", str(model_file), "--suite", "datacomp",
                              "--data-dir", str(data_dir), "--output-prefix", str(prefix), "--workers", "0",
                              "--batch-size", "8", "--tasks", SUBSET), timeout=240, env=dist_env())
     two = _metrics(json.loads(prefix.with_suffix(".json").read_text()))

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, dist_env, loss_log, run_checked, torchrun_cmd, train_args
+from conftest import REPO, dist_env, loss_log, launch_cmd, run_checked, train_args
 from rwkvclip_dist import create_model
 from rwkvclip_dist.training.init_from import load_initial_weights
 from rwkvclip_dist.training.lock import LockSection, TowerLock, apply_lock
@@ -41,9 +41,9 @@ def finetune(source_run, demo_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune")
     whole, run = root / "whole", root / "run"
     common = (*FINETUNE, f"model.init_from={source_run}")
-    run_checked(torchrun_cmd(2, *train_args(whole, demo_data, *common, f"train.steps={STEPS}")), timeout=600)
-    first = run_checked(torchrun_cmd(2, *train_args(run, demo_data, *common, f"train.steps={STOP}")), timeout=600)
-    resumed = run_checked(torchrun_cmd(2, *train_args(run, demo_data, *common, f"train.steps={STEPS}")), timeout=600)
+    run_checked(launch_cmd(2, *train_args(whole, demo_data, *common, f"train.steps={STEPS}")), timeout=600)
+    first = run_checked(launch_cmd(2, *train_args(run, demo_data, *common, f"train.steps={STOP}")), timeout=600)
+    resumed = run_checked(launch_cmd(2, *train_args(run, demo_data, *common, f"train.steps={STEPS}")), timeout=600)
     return {"run": run, "whole": whole, "log": first.stdout + first.stderr,
             "resumed_log": resumed.stdout + resumed.stderr}
 

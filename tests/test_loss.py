@@ -148,10 +148,10 @@ def worker(out_path: str) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_equal_one_process_over_the_concatenated_batch(tmp_path, clean_shm):
-    from conftest import dist_env, run_checked, torchrun_cmd
+    from conftest import dist_env, run_checked, launch_cmd
 
     out = tmp_path / "report.json"
-    run_checked(torchrun_cmd(2, __file__, str(out)), timeout=180, env=dist_env())
+    run_checked(launch_cmd(2, __file__, str(out)), timeout=180, env=dist_env())
     report = json.loads(out.read_text())
     for kind, local in CASES:
         loss_err, grad_err = report[f"{kind}-local{int(local)}-gwg1"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import dist_env, loss_log, run_checked, torchrun_cmd, train_args
+from conftest import dist_env, loss_log, launch_cmd, run_checked, train_args
 
 STEPS = ("train.steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=5", "data.num_canonical_nodes=2")
 GLOBAL_BATCH = 32
@@ -24,7 +24,7 @@ UNIVERSAL_LINE = "loading it through DeepSpeed's universal checkpoint"
 def _train(run: Path, data: Path, ranks: int, *extra: str, batch: int | None = None) -> str:
     """One run on ``ranks`` ranks with the global batch kept at GLOBAL_BATCH (or ``batch`` per rank)."""
     per_rank = batch or GLOBAL_BATCH // ranks
-    proc = run_checked(torchrun_cmd(ranks, *train_args(run, data, *STEPS, *extra, f"data.batch_size={per_rank}")),
+    proc = run_checked(launch_cmd(ranks, *train_args(run, data, *STEPS, *extra, f"data.batch_size={per_rank}")),
                        timeout=600, env=dist_env())
     return proc.stdout + proc.stderr
 

@@ -91,10 +91,10 @@ def worker(out_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def tp_results(tmp_path_factory):
-    from conftest import dist_env, run_checked, torchrun_cmd
+    from conftest import dist_env, run_checked, launch_cmd
 
     out = tmp_path_factory.mktemp("tp") / "results.json"
-    run_checked(torchrun_cmd(2, __file__, str(out)), timeout=300, env=dist_env())
+    run_checked(launch_cmd(2, __file__, str(out)), timeout=300, env=dist_env())
     return json.loads(out.read_text())
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import digits_zeroshot, loss_log, run_checked, torchrun_cmd, train_args
+from conftest import digits_zeroshot, loss_log, launch_cmd, run_checked, train_args
 from shared_runs import SOURCE_GROUP
 from tool_loader import tool_main
 
@@ -37,7 +37,7 @@ def runs(source_run, demo_data, tmp_path_factory) -> dict[str, Path]:
                 f"{demo_data / 'zeroshot.json'}, every_steps: 2, batch_size: 128, num_workers: 0}}]")
     logs = []
     for steps in (2, STEPS):  # stopped after step 2, resumed: the EMA must continue exactly
-        proc = run_checked(torchrun_cmd(2, *train_args(tp2, demo_data, *TP2, zeroshot, f"train.steps={steps}",
+        proc = run_checked(launch_cmd(2, *train_args(tp2, demo_data, *TP2, zeroshot, f"train.steps={steps}",
                                                        f"model.init_from={source}")), timeout=400)
         logs.append(proc.stdout + proc.stderr)
     return {"source": source, "tp2": tp2, "log": logs[0]}

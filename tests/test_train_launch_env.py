@@ -42,3 +42,24 @@ def test_bad_values_are_named():
         detect_launch_env({"RANK": "0", "WORLD_SIZE": "two"})
     with pytest.raises(ValueError, match="SLURM_JOB_NODELIST"):
         detect_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+
+
+def test_the_tests_launcher_sets_the_rank_variables_and_stops_on_a_failed_rank(tmp_path):
+    """tests/launch_ranks.py (the tests' stand-in for torchrun where the launcher is not under test):
+    each rank gets the deepspeed launcher's variables; a failing rank ends the others and sets the
+    launcher's exit status, without waiting for the slower ranks."""
+    import subprocess
+    import time
+
+    from conftest import launch_cmd
+
+    script = tmp_path / "rank.py"
+    script.write_text("import os, sys, time\n"
+                      "print(*(os.environ[k] for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE')))\n"
+                      "if len(sys.argv) > 1 and os.environ['RANK'] == '1': sys.exit(3)\n"
+                      "if len(sys.argv) > 1: time.sleep(120)\n")
+    ok = subprocess.run(launch_cmd(2, str(script)), capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and sorted(ok.stdout.splitlines()) == ["0 0 2 2", "1 1 2 2"]
+    start = time.monotonic()
+    failed = subprocess.run(launch_cmd(2, str(script), "fail"), capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 3 and time.monotonic() - start < 30

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEMO_RECIPE, PYTHON, REPO, dist_env, loss_log, run_checked, torchrun_cmd, train_args
+from conftest import DEMO_RECIPE, PYTHON, REPO, dist_env, loss_log, run_checked, launch_cmd, train_args
 
 STEPS = ["train.steps=3", "checkpoint.every_steps=2", "checkpoint.keep_last=3",
          "model.overrides={text.pool: masked_mean, image.drop_path_rate: 0.2}"]
@@ -36,7 +36,7 @@ def _launch(run_dir: Path, data: Path, ranks: int, *extra: str) -> subprocess.Co
     evaluation = (f"eval.zeroshot=[{{name: digits, data: {data / 'heldout'}, classes: {data / 'zeroshot.json'}, "
                   "batch_size: 128, num_workers: 0}]")
     args = train_args(run_dir, data, *STEPS, *(evaluation if e == "eval" else e for e in extra))
-    cmd = [PYTHON, *args] if ranks == 1 else torchrun_cmd(ranks, *args)
+    cmd = [PYTHON, *args] if ranks == 1 else launch_cmd(ranks, *args)
     return run_checked(cmd, timeout=400, env=dist_env())
 
 
