@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Compiled ops (DeepSpeed's comm op, our Bi-WKV extension) are cached here between runs.
+# Compiled ops (DeepSpeed's CPU Adam, our Bi-WKV extension) are cached here between runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR ?= cpu
 export PYTHONUNBUFFERED := 1

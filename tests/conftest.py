@@ -5,7 +5,7 @@ shards and CSV corpora the data, caption and description tests build. No test fi
 (tools/ scripts), chat_server.py (the stand-in for vLLM), slurm_cluster.py (the Slurm test cluster).
 
 Multi-process tests start ``torchrun`` subprocesses with ``DS_ACCELERATOR=cpu`` and a cached
-``TORCH_EXTENSIONS_DIR`` so DeepSpeed's CPU communication op is compiled once per machine. Stale
+``TORCH_EXTENSIONS_DIR`` so compiled ops (DeepSpeed's CPU Adam, the kernels) are built once per machine. Stale
 Streaming shared memory of killed ranks is removed after each such test (only segments no live
 process uses, so concurrent runs on the machine are left alone).
 """

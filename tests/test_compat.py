@@ -3,6 +3,7 @@ were read from is refused in one line naming both, and pyproject.toml's bounds a
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -103,3 +104,21 @@ def test_deepspeeds_muon_module_imports_without_compiling_and_compiles_on_first_
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out.splitlines()[-1]) == [[], ["zeropower_via_newtonschulz5"], "compiled", "compiled",
                                                 "MuonWithAuxAdam"]
+
+
+def test_deepspeed_on_cpu_builds_no_shared_memory_all_reduce(tmp_path):
+    """DeepSpeed's CPU communication layer would compile its shared-memory all-reduce (~45 s of CPU on
+    a fresh machine) for ``inference_all_reduce`` alone; our set-up leaves it out, and that call still
+    reduces (through torch.distributed)."""
+    code = """if True:
+        import json, torch
+        from deepspeed.comm import comm as ds_comm
+        from rwkvclip_dist.parallel.engine import init_distributed
+        from rwkvclip_dist.parallel.launch_env import detect_launch_env
+        init_distributed(detect_launch_env({}), timeout_s=60)
+        print(json.dumps([ds_comm.cdb.shm_comm_op is None, ds_comm.inference_all_reduce(torch.ones(3), ds_comm.ReduceOp.SUM).tolist()]))
+    """
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "DS_ACCELERATOR": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert json.loads(out.splitlines()[-1]) == [True, [1.0, 1.0, 1.0]]
+    assert not [p.name for p in tmp_path.iterdir() if "shm" in p.name]

@@ -83,6 +83,18 @@ def import_muon_lazily() -> None:
         compiler.compile = stock
 
 
+def skip_cpu_inference_all_reduce() -> None:
+    """On the CPU accelerator, DeepSpeed's communication layer compiles and starts its shared-memory
+    all-reduce (``deepspeed_shm_comm``: ~45 s of CPU to build on a fresh machine, which every first
+    run waits for) for ``inference_all_reduce`` alone, which training never calls (its all-reduces are
+    torch.distributed's, and ``inference_all_reduce`` falls back to them without the op)."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        # importlib: ``import deepspeed.comm.torch as m`` binds deepspeed.comm's attribute ``torch``, torch
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
 def zero3_fp32_partition(param: Any) -> Any:
     """This rank's slice of ZeRO-3's fp32 master copy of ``param`` (a tensor to edit in place)."""
     partition, _ = param._z3_optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False)

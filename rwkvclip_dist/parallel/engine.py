@@ -19,7 +19,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from rwkvclip_dist.parallel.deepspeed_compat import ensure_world_group, import_muon_lazily, zero3_fp32_partition
+from rwkvclip_dist.parallel.deepspeed_compat import (ensure_world_group, import_muon_lazily,
+                                                     skip_cpu_inference_all_reduce, zero3_fp32_partition)
 from rwkvclip_dist.parallel.launch_env import LaunchEnv, export_to_environ
 from rwkvclip_dist.typed_config import FieldError
 
@@ -102,6 +103,7 @@ def init_distributed(launch: LaunchEnv, backend: str = "auto", timeout_s: float 
 
     backend = init_process_group(launch, backend, timeout_s)
     timeout = timedelta(seconds=timeout_s)
+    skip_cpu_inference_all_reduce()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     ensure_world_group(launch.world_size, timeout)
     return backend
