@@ -105,13 +105,11 @@ def _import_streaming() -> None:
 _import_streaming()
 
 from streaming.base import LocalDataset, MDSWriter, Stream, StreamingDataset  # noqa: E402
-from streaming.base.constant import TICK  # noqa: E402
+from streaming.base.constant import LOCALS, SHM_TO_CLEAN, TICK  # noqa: E402
 from streaming.base.dataset import _ShardState  # noqa: E402
 from streaming.base.format import FileInfo, Reader, get_index_basename, reader_from_json  # noqa: E402
 from streaming.base.format.mds import MDSReader  # noqa: E402
-from streaming.base.shared import SharedScalar  # noqa: E402
-from streaming.base.constant import LOCALS, SHM_TO_CLEAN  # noqa: E402
-from streaming.base.shared import SharedMemory  # noqa: E402
+from streaming.base.shared import SharedMemory, SharedScalar  # noqa: E402
 from streaming.base.shared import prefix as shm_prefix  # noqa: E402
 from streaming.base.shared.prefix import _get_path, get_shm_prefix  # noqa: E402
 from streaming.base.compression import decompress  # noqa: E402

@@ -189,7 +189,7 @@ def _implementation(device: str, dtype: torch.dtype, head_size: int) -> str:
 
 # What ``torch.compiler.assume_constant_result`` does, without the import of torch._dynamo it makes
 # (~1.3 s of CPU in every process that imports the ops: tools, evaluation, stage-0 ranks); dynamo reads
-# the mark when it traces a call. tests/test_compile.py checks that the decorator still sets only this.
+# the mark when it traces a call. tests/test_ops_dispatch.py checks that the decorator still sets only this.
 COMPILE_CONSTANT_MARK = "_dynamo_marked_constant"
 setattr(_implementation, COMPILE_CONSTANT_MARK, True)
 
