@@ -286,6 +286,49 @@ def test_jobs_starting_together_get_their_own_shared_memory_prefix(tmp_path):
     assert len(set(got)) == len(jobs), got
 
 
+def _open_while_an_unlocked_job_registers(data: str, results) -> None:
+    """One job whose prefix is taken, between its scan and its creation, by a registrant that does not
+    take the node lock (stock ``StreamingDataset``: a test reading shards the stock way, another user's
+    job): the scan is wrapped to create the found prefix's ``_locals`` the first time, as such a job would."""
+    import streaming.base.shared.prefix as prefix
+    from streaming.base.shared import SharedMemory
+
+    scan, taken = prefix._check_and_find, []
+
+    def scan_then_lose_the_race(streams_local, streams_remote, shm_name):
+        found = scan(streams_local, streams_remote, shm_name)
+        if not taken and shm_name == "locals":
+            taken.append((found, SharedMemory(prefix._get_path(found, "locals"), True, 64)))
+        return found
+
+    prefix._check_and_find = scan_then_lose_the_race
+    try:
+        _, dataset = build_train_dataloader(DataConfig(streams=[StreamConfig(remote=data)], batch_size=4,
+                                                       num_workers=0), image_size=8, seed=0)
+        results.put((taken[0][0], dataset._shm_prefix_int))
+    except Exception as err:  # noqa: BLE001 - the parent reports it
+        results.put(f"{type(err).__name__}: {err}")
+    finally:
+        for _, shm in taken:
+            shm.cleanup()
+
+
+def test_a_prefix_taken_by_a_job_outside_the_lock_is_not_fatal(tmp_path):
+    """The node lock orders the project's own registrations only; a registrant outside it that takes the
+    prefix between the leader's scan and creation made the job fail with ``[Errno 17] File exists:
+    '/NNNNNN_locals'`` (seen once with two test workers). The leader scans again instead."""
+    write_shards(str(tmp_path / "data"), 16)
+    context = mp.get_context("fork")
+    results = context.Queue()
+    job = context.Process(target=_open_while_an_unlocked_job_registers, args=(str(tmp_path / "data"), results))
+    job.start()
+    got = results.get(timeout=120)
+    job.join(30)
+    assert isinstance(got, tuple), got
+    theirs, mine = got
+    assert mine != theirs, got
+
+
 def _rank_with_a_failing_leader(rank: int, port: int, data: str, results) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

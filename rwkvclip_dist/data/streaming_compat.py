@@ -175,8 +175,9 @@ def _node_shm_prefix(streams_local: list[str], streams_remote: list[str | None],
     leader creates it: two jobs starting together (two test workers, two runs on a node) pick the same
     prefix and one fails, ``[Errno 17] File exists: '/000000_locals'``. Here each local leader scans and
     creates under a node-wide ``flock`` (no collective while it is held: two "nodes" of one job may share
-    a machine) and the other ranks learn their leader's prefix from one all-gather. A leader's failure
-    (a reused local directory) reaches its node's ranks instead of leaving them in the collective."""
+    a machine) and the other ranks learn their leader's prefix from one all-gather; a prefix taken by a
+    registrant outside the lock (stock Streaming) is scanned for again. A leader's failure (a reused local
+    directory) reaches its node's ranks instead of leaving them in the collective."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if world.num_ranks > 1 and not distributed:
         return get_shm_prefix(streams_local, streams_remote, world, retry)  # nothing to coordinate with
@@ -185,10 +186,16 @@ def _node_shm_prefix(streams_local: list[str], streams_remote: list[str | None],
     if world.is_local_leader:
         lock = _node_lock()
         try:
-            prefix = max(shm_prefix._check_and_find_retrying(streams_local, streams_remote, name, retry)
-                         for name in SHM_TO_CLEAN)
-            data = shm_prefix._pack_locals(streams_local, prefix)
-            shm = SharedMemory(_get_path(prefix, LOCALS), True, len(data))
+            for attempt in range(retry + 1):
+                prefix = max(shm_prefix._check_and_find_retrying(streams_local, streams_remote, name, retry)
+                             for name in SHM_TO_CLEAN)
+                data = shm_prefix._pack_locals(streams_local, prefix)
+                try:
+                    shm = SharedMemory(_get_path(prefix, LOCALS), True, len(data))
+                    break
+                except FileExistsError:  # taken by a registrant outside the lock (stock Streaming): scan again
+                    if attempt == retry:
+                        raise
             shm.buf[:len(data)] = data
         except Exception as err:  # noqa: BLE001 - raised below, after the ranks of the node heard of it
             prefix, failure = -2, err
