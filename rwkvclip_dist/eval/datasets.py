@@ -13,7 +13,6 @@ from pathlib import Path
 
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets import ImageFolder
 
 from rwkvclip_dist.data.mds_in_place import LocalShards
 
@@ -65,16 +64,16 @@ class SkipUnreadable(Dataset):
 
     def labels(self) -> list[int]:
         """Every sample's label, without decoding an image."""
-        if isinstance(self.dataset, ImageFolder):
-            return list(self.dataset.targets)
-        return [int(self.dataset.sample(i)["label"]) for i in range(len(self.dataset))]
+        if isinstance(self.dataset, MDSLabelledImages):
+            return [int(self.dataset.sample(i)["label"]) for i in range(len(self.dataset))]
+        return list(self.dataset.targets)
 
     def __getitem__(self, index: int):
         try:
             image, label = self.dataset[index]
             return image, label, 1
         except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
-            label = self.dataset.targets[index] if isinstance(self.dataset, ImageFolder) else -1
+            label = -1 if isinstance(self.dataset, MDSLabelledImages) else self.dataset.targets[index]
             log.warning("%s: sample %d: unreadable image, left out (%s)", self.name, index, err)
             return self.transform(Image.new("RGB", (32, 32))), label, 0
 
@@ -86,5 +85,9 @@ def open_labelled_images(path: str | Path, transform) -> tuple[SkipUnreadable, l
         raise FileNotFoundError(f"evaluation data {path} is not a directory")
     if (path / "index.json").is_file():
         return SkipUnreadable(MDSLabelledImages(path, transform), transform, str(path)), None
+    # Here, not at the top: torchvision.datasets imports every data set's module (~1.4 s of CPU), which
+    # every training rank would pay through the in-loop evaluation's imports, for folders few runs read.
+    from torchvision.datasets import ImageFolder
+
     folder = ImageFolder(str(path), transform=transform)
     return SkipUnreadable(folder, transform, str(path)), [c.replace("_", " ") for c in folder.classes]
