@@ -24,7 +24,6 @@ import ctypes
 import gc
 import importlib
 import os
-import random
 import runpy
 import signal
 import subprocess
@@ -63,8 +62,7 @@ def _run_rank(command: list[str]) -> None:
     script = os.path.abspath(command[0])
     sys.argv = [command[0], *command[1:]]
     sys.path[0] = os.path.dirname(script)
-    random.seed()
-    if "numpy" in sys.modules:
+    if "numpy" in sys.modules:  # (``random`` reseeds itself in a forked child; NumPy does not)
         sys.modules["numpy"].random.seed()
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(write_through=True)

@@ -51,15 +51,44 @@ def test_the_tests_launcher_sets_the_rank_variables_and_stops_on_a_failed_rank(t
     import subprocess
     import time
 
-    from conftest import launch_cmd
+    from conftest import dist_env, launch_cmd
 
     script = tmp_path / "rank.py"
     script.write_text("import os, sys, time\n"
                       "print(*(os.environ[k] for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE')))\n"
                       "if len(sys.argv) > 1 and os.environ['RANK'] == '1': sys.exit(3)\n"
                       "if len(sys.argv) > 1: time.sleep(120)\n")
-    ok = subprocess.run(launch_cmd(2, str(script)), capture_output=True, text=True, timeout=60)
+    ok = subprocess.run(launch_cmd(2, str(script)), capture_output=True, text=True, timeout=60, env=dist_env())
     assert ok.returncode == 0 and sorted(ok.stdout.splitlines()) == ["0 0 2 2", "1 1 2 2"]
     start = time.monotonic()
-    failed = subprocess.run(launch_cmd(2, str(script), "fail"), capture_output=True, text=True, timeout=60)
+    failed = subprocess.run(launch_cmd(2, str(script), "fail"), capture_output=True, text=True, timeout=60,
+                            env=dist_env())
     assert failed.returncode == 3 and time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize("exec_ranks", ["0", "1"])
+def test_the_tests_launcher_runs_each_rank_as_its_own_interpreter_would(tmp_path, exec_ranks):
+    """Forked after its imports (the default) or exec'd (RWKVCLIP_LAUNCH_EXEC=1), a rank sees what
+    ``python -u SCRIPT`` sees: ``__main__``, the script's folder first on ``sys.path``, its own
+    arguments, seeds of its own for ``random`` and NumPy, unbuffered output, and its exit status."""
+    import json
+    import subprocess
+
+    from conftest import dist_env, launch_cmd
+
+    script = tmp_path / "rank.py"
+    script.write_text("import json, os, random, sys\n"
+                      "import numpy as np\n"
+                      "print(json.dumps([os.environ['RANK'], __name__, sys.path[0], sys.argv, random.random(),\n"
+                      "                  float(np.random.random())]))\n"
+                      "import pathlib, time\n"
+                      "done = pathlib.Path(__file__).with_name('rank0_printed')\n"
+                      "if os.environ['RANK'] == '0': done.touch()\n"
+                      "while os.environ['RANK'] == '1' and not done.exists(): time.sleep(0.01)\n"
+                      "if os.environ['RANK'] == '1': raise SystemExit(7)  # after rank 0, which the launcher then stops\n")
+    proc = subprocess.run(launch_cmd(2, str(script), "--flag", "x"), capture_output=True, text=True, timeout=60,
+                          env=dist_env(RWKVCLIP_LAUNCH_EXEC=exec_ranks))
+    assert proc.returncode == 7, proc.stderr
+    rows = sorted(json.loads(line) for line in proc.stdout.splitlines())
+    assert [r[:4] for r in rows] == [[rank, "__main__", str(tmp_path), [str(script), "--flag", "x"]] for rank in "01"]
+    assert rows[0][4] != rows[1][4] and rows[0][5] != rows[1][5]
