@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import pytest
 
-# Seconds each took on a two-worker run (2 cores, December 2026), longest first.
+# Seconds each took on a two-worker run (2 cores, 8 December 2026; "fresh": with its compile, which a
+# fresh clone pays and a warm extension cache does not), longest first.
 LONGEST_FIRST = (
-    "slurm",                       # 258 s: the Slurm test clusters, four files
-    "test_reshard",                # 180 s
-    "test_train_tensor_parallel",  # 171 s
-    "source_run",                  # 170 s: test_finetune + test_tensor_parallel_finetune
-    "wkv_emulation",               # 127 s: the CUDA kernels' CPU emulation (v1 and v2 files)
-    "test_cuda_build",             # 127 s when built in both workers; ~60 s once
-    "test_optim",                  # 75 s
+    "slurm",                       # 143 s: the Slurm test clusters, four files
+    "wkv_emulation",               # 100 s: the CUDA kernels' CPU emulation (v1 and v2 files)
+    "test_reshard",                # 92 s
+    "source_run",                  # 62 s: test_finetune + test_tensor_parallel_finetune
+    "test_cuda_build",             # ~60 s fresh (4 s warm)
+    "test_optim",                  # ~50 s fresh: DeepSpeed's CPU Adam build (4 s warm)
+    "test_train_tensor_parallel",  # 49 s
 )
 SHARED_FILES = {"test_slurm": "slurm", "test_cuda_kernel_on_cpu": "wkv_emulation",
                 "test_cuda_kernel_v2_on_cpu": "wkv_emulation"}
