@@ -20,10 +20,10 @@ env: $(STAMP)
 $(STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch/torchvision first: the pinned CUDA 13 builds come from local disk on CI machines. --no-compile:
+	# torch/torchvision first: the pinned CUDA 13 builds come from local disk on CI machines.:
 	# byte-compiling all ~39,000 installed files costs ~80 s; Python compiles the few thousand it imports.
-	$(PY) -m pip install --quiet --no-compile -c constraints.txt torch torchvision
-	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt torch torchvision
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
 demo: env
