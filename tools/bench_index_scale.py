@@ -159,14 +159,13 @@ def run_case(layout: Path, ranks: int, epoch_size: int, granularity: int, code: 
     import subprocess
 
     from rwkvclip_dist.data.shm import clean_stale_shm
-    from rwkvclip_dist.parallel.launch_env import free_port
+    from rwkvclip_dist.parallel.launch_env import LaunchEnv, free_port, rank_variables
 
     clean_stale_shm()
     port = free_port()
     procs = []
     for rank in range(ranks):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(ranks), "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+        env = {**os.environ, **rank_variables(LaunchEnv(rank, ranks, rank, ranks, "127.0.0.1", port, "torchrun")),
                "PYTHONPATH": str(code)}
         procs.append(subprocess.Popen([sys.executable, __file__, "--rank-of", str(layout),
                                        "--epoch-size", str(epoch_size), "--granularity", str(granularity)], env=env, stdout=subprocess.PIPE,

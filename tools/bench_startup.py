@@ -42,23 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _one_run(args: argparse.Namespace, data: str, run_dir: str, frozen: bool) -> tuple[float, float]:
     """(wall s, CPU s of every process of the run) of one short training run."""
-    from rwkvclip_dist.parallel.launch_env import free_port
+    from rwkvclip_dist.parallel.launch_env import LaunchEnv, free_port, rank_variables
 
     command = [sys.executable, "-u", str(TRAIN)] if frozen else [sys.executable, "-u", "-c", UNFROZEN, str(TRAIN)]
     command += ["--recipe", str(REPO / "recipes" / "demo_digits.yaml"), "--run-dir", run_dir,
                 f"data.streams=[{{remote: {data}/train}}]", "data.batch_size=16", "eval.zeroshot=[]",
                 "logging.progress_bar=false", "logging.tensorboard=false", f"train.steps={args.steps}",
                 "parallel.zero_stage=2"]
-    port = str(free_port())
+    port, n = free_port(), args.ranks
     before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    ranks = [subprocess.Popen(command, env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(args.ranks),
-                                                LOCAL_WORLD_SIZE=str(args.ranks), MASTER_ADDR="127.0.0.1",
-                                                MASTER_PORT=port),
+    ranks = [subprocess.Popen(command, env={**os.environ, **rank_variables(LaunchEnv(r, n, r, n, "127.0.0.1", port,
+                                                                                      "torchrun"))},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for r in range(args.ranks)]
-    failures = [(rank, proc.communicate()[1]) for rank, proc in enumerate(ranks)]
+             for r in range(n)]
+    errors = [proc.communicate()[1] for proc in ranks]
     wall = time.perf_counter() - started
-    for (rank, err), proc in zip(failures, ranks):
+    for rank, (err, proc) in enumerate(zip(errors, ranks)):
         if proc.returncode != 0:
             raise RuntimeError(f"rank {rank} exited with status {proc.returncode}: {err[-2000:]}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)

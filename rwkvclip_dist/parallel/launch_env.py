@@ -108,13 +108,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def export_to_environ(launch: LaunchEnv) -> None:
-    """Publish ``launch`` as the variables torch.distributed's env:// rendezvous and DeepSpeed read."""
-    os.environ.update({
+def rank_variables(launch: LaunchEnv) -> dict[str, str]:
+    """``launch`` as the variables torch.distributed's env:// rendezvous and DeepSpeed read (what the
+    deepspeed launcher gives each rank)."""
+    return {
         "RANK": str(launch.rank),
         "WORLD_SIZE": str(launch.world_size),
         "LOCAL_RANK": str(launch.local_rank),
         "LOCAL_WORLD_SIZE": str(launch.local_world_size),
         "MASTER_ADDR": launch.master_addr,
         "MASTER_PORT": str(launch.master_port),
-    })
+    }
+
+
+def export_to_environ(launch: LaunchEnv) -> None:
+    """Publish ``launch`` in this process's environment (:func:`rank_variables`)."""
+    os.environ.update(rank_variables(launch))

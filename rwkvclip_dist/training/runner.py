@@ -40,7 +40,7 @@ def run_training(recipe: Recipe, run_dir: Path, launch: LaunchEnv, debug: bool =
 
     # What exists once the libraries are imported (millions of objects: torch, DeepSpeed, dynamo), and
     # again once the run is set up, lives as long as the process: frozen, Python's full collections stop
-    # walking it over and over (measured: ~17% of a short 2-rank run's CPU; benchmarks/startup.md).
+    # walking it over and over (measured: ~1.2 s of CPU per rank at start; benchmarks/startup.md).
     # Set-up's own garbage is collected first, so that no tensor left in a cycle is frozen with it.
     gc.freeze()
     trainer = None
